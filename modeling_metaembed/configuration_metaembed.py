@@ -1,0 +1,132 @@
+"""Configuration of a MetaEmbed model.
+
+This file ships inside every checkpoint (remote code): it imports only public torch/transformers APIs.
+Everything needed to rebuild and run a checkpoint lives here and therefore in its `config.json`.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+ROLES = ("query", "candidate")
+
+DEFAULT_MATRYOSHKA_GROUPS = [[1, 1], [2, 4], [4, 8], [8, 16], [16, 64]]
+
+# Families whose attention over the appended meta tokens is bidirectional: a query must then be encoded with
+# the full official layout [content; M_q; M_c], because the candidate tokens after M_q can change M_q's states.
+BIDIRECTIONAL_FAMILIES = ("bert", "paligemma")
+
+
+class MetaEmbedConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MetaEmbedModel`]: a backbone plus learnable meta tokens whose last-layer states are the
+    multi-vector embedding (paper: "MetaEmbed", arXiv 2509.18095).
+
+    Args:
+        vlm_config (`dict` or `PreTrainedConfig`):
+            The backbone's configuration: a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, PaliGemma,
+            Llama-3.2-Vision) or a text-only model (a causal LM such as Qwen3, a BERT-style encoder).
+        num_query_vectors (`int`, defaults to 16): R_q, meta tokens (and vectors) per query.
+        num_candidate_vectors (`int`, defaults to 64): R_c, meta tokens (and vectors) per candidate.
+        matryoshka_groups (`list[list[int]]`): the nested budgets (r_q, r_c) the model was trained with.
+        embedding_dim (`int`, *optional*): size of an output projection; `None` keeps the backbone's hidden size.
+        query_meta_tokens / candidate_meta_tokens (`list[str]`): the meta tokens' strings in the vocabulary.
+        query_meta_token_ids / candidate_meta_token_ids (`list[int]`): their ids.
+        query_layout (`str`): "query_only" encodes a query as `[content; M_q]` (exact under causal attention);
+            "full" appends `M_q; M_c` to queries too (needed under bidirectional attention). Derived from the
+            backbone family when not given.
+        prompt_templates (`dict[str, str]`): per role, how the instruction and the text are joined
+            (`{instruction}` and `{text}` placeholders).
+        default_instructions (`dict[str, str]`): per role, the instruction used when the caller gives none.
+        max_image_tokens (`int`, defaults to 1024): images are downscaled so they take at most about this
+            many visual tokens (the Qwen default of 16,384 runs out of memory).
+        padding_side (`str`): side the processor pads on; embeddings do not depend on it.
+    """
+
+    model_type = "metaembed"
+    sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl")}
+
+    vlm_config: dict | PreTrainedConfig | None = None
+    num_query_vectors: int = 16
+    num_candidate_vectors: int = 64
+    matryoshka_groups: list | None = None
+    embedding_dim: int | None = None
+    query_meta_tokens: list | None = None
+    candidate_meta_tokens: list | None = None
+    query_meta_token_ids: list | None = None
+    candidate_meta_token_ids: list | None = None
+    query_layout: str | None = None
+    prompt_templates: dict | None = None
+    default_instructions: dict | None = None
+    max_image_tokens: int = 1024
+    padding_side: str = "right"
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        r_q, r_c = self.num_query_vectors, self.num_candidate_vectors
+        for name, value in (("num_query_vectors", r_q), ("num_candidate_vectors", r_c)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.matryoshka_groups is None:
+            self.matryoshka_groups = [g for g in DEFAULT_MATRYOSHKA_GROUPS if g[0] <= r_q and g[1] <= r_c]
+            if [r_q, r_c] not in self.matryoshka_groups:
+                self.matryoshka_groups.append([r_q, r_c])
+        self.matryoshka_groups = [[int(a), int(b)] for a, b in self.matryoshka_groups]
+        for r_q_g, r_c_g in self.matryoshka_groups:
+            if not (1 <= r_q_g <= r_q and 1 <= r_c_g <= r_c):
+                raise ValueError(
+                    f"matryoshka group ({r_q_g}, {r_c_g}) lies outside (1..{r_q}, 1..{r_c}) vectors per role"
+                )
+        if self.query_meta_tokens is None:
+            self.query_meta_tokens = [f"<|meta_query_{i}|>" for i in range(r_q)]
+        if self.candidate_meta_tokens is None:
+            self.candidate_meta_tokens = [f"<|meta_candidate_{i}|>" for i in range(r_c)]
+        if len(self.query_meta_tokens) != r_q or len(self.candidate_meta_tokens) != r_c:
+            raise ValueError("there must be one meta token per query vector and one per candidate vector")
+        if self.query_layout is None:
+            self.query_layout = "full" if self.vlm_config.model_type in BIDIRECTIONAL_FAMILIES else "query_only"
+        if self.query_layout not in ("query_only", "full"):
+            raise ValueError(f"query_layout must be 'query_only' or 'full', got {self.query_layout!r}")
+        if self.prompt_templates is None:
+            self.prompt_templates = {"query": "{instruction}{text}", "candidate": "{instruction}{text}"}
+        if self.default_instructions is None:
+            self.default_instructions = {"query": "Query: ", "candidate": ""}
+        for name in ("prompt_templates", "default_instructions"):
+            missing = [role for role in ROLES if role not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"{name} has no entry for role(s) {missing}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+
+    @property
+    def backbone_hidden_size(self) -> int:
+        """The backbone's (language model's) hidden size: the size of a meta embedding before projection."""
+        return self.vlm_config.get_text_config().hidden_size
+
+    @property
+    def output_dim(self) -> int:
+        """D, the size of each output vector."""
+        return self.embedding_dim or self.backbone_hidden_size
+
+    def num_vectors(self, role: str) -> int:
+        """How many vectors an input of this role gets (R_q or R_c)."""
+        check_role(role)
+        return self.num_query_vectors if role == "query" else self.num_candidate_vectors
+
+    def meta_tokens(self, role: str) -> list:
+        """The meta tokens appended to an input of this role, in order (the layout, not only the ones read)."""
+        check_role(role)
+        if role == "query" and self.query_layout == "query_only":
+            return list(self.query_meta_tokens)
+        return list(self.query_meta_tokens) + list(self.candidate_meta_tokens)
+
+    def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
+        return self.vlm_config.get_text_config(*args, **kwargs)
+
+
+def check_role(role) -> None:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: expected one of {ROLES}")
+
+
+__all__ = ["MetaEmbedConfig"]

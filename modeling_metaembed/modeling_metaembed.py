@@ -1,0 +1,325 @@
+"""MetaEmbed: a backbone whose appended meta tokens give a small, nested set of embedding vectors.
+
+This file ships inside every checkpoint (remote code): it imports only public torch/transformers APIs and its
+flat siblings. Layout of every input (official MetaEmbed layout):
+
+    [visual tokens; text tokens (the whole chat-templated prompt); M_q (R_q query tokens); M_c (R_c candidate tokens)]
+
+A query reads the last-layer states at its R_q positions, a candidate at its R_c positions; L2-normalised.
+Under causal attention M_c cannot change M_q, so queries are encoded as [content; M_q] only (`query_layout`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoProcessor, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.logging import get_logger, tqdm
+
+from .configuration_metaembed import MetaEmbedConfig, check_role
+from .processing_metaembed import MetaEmbedProcessor, parse_inputs
+from .scoring_metaembed import maxsim
+
+logger = get_logger(__name__)
+
+# Backbones that compute their own (3-D rotary) positions from the attention mask; for every other family
+# MetaEmbed passes positions counted over real tokens, so left and right padding give identical embeddings.
+FAMILIES_WITH_OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama")
+FIRST_POSITION = {"paligemma": 1}  # PaliGemma counts positions from 1
+MLLAMA_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
+
+@dataclass
+class MetaEmbedOutput(ModelOutput):
+    """
+    Args:
+        embeddings (`torch.FloatTensor` of shape `(batch_size, num_vectors, dim)`):
+            L2-normalised float32 meta embeddings of the requested role (R_q vectors for queries, R_c for
+            candidates).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            The backbone's last-layer states, returned when `output_hidden_states=True`.
+    """
+
+    embeddings: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class MetaEmbedPreTrainedModel(PreTrainedModel):
+    config_class = MetaEmbedConfig
+    base_model_prefix = "vlm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class MetaEmbedModel(MetaEmbedPreTrainedModel):
+    """A MetaEmbed retriever: the backbone's base model (no generation head) plus an optional projection.
+
+    Load a checkpoint with `AutoModel.from_pretrained(path_or_id, trust_remote_code=True)`, build a fresh one
+    from a backbone with `MetaEmbedModel.from_vlm(...)`, embed with `encode` / `encode_queries` /
+    `encode_candidates`, and score with `similarity` at any budget (r_q, r_c).
+    """
+
+    def __init__(self, config: MetaEmbedConfig, vlm: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vlm = vlm if vlm is not None else AutoModel.from_config(config.vlm_config)
+        self.proj = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
+        self.processor: MetaEmbedProcessor | None = None  # attached by from_pretrained / from_vlm
+        self.post_init()
+
+    # ---------------------------------------------------------------------------------------------------- forward
+    def _role_token_ids(self, role: str, device) -> torch.Tensor:
+        ids = self.config.query_meta_token_ids if role == "query" else self.config.candidate_meta_token_ids
+        if ids is None:
+            raise ValueError("config has no meta-token ids: build the model with MetaEmbedModel.from_vlm")
+        return torch.as_tensor(ids, device=device)
+
+    def _backbone_states(self, input_ids, attention_mask, backbone_inputs: dict) -> torch.Tensor:
+        """The backbone's last-layer states [B, L, H]."""
+        cross_mask = backbone_inputs.get("cross_attention_mask")
+        if self.config.vlm_config.model_type == "mllama" and cross_mask is not None:
+            # Mllama gives a row whose cross-attention is fully masked a gated average of the vision states, so a
+            # text row inside a batch with images would differ from the same row alone. Run text rows apart.
+            has_image = cross_mask.flatten(1).any(dim=1)
+            if not bool(has_image.all()):
+                hidden = None
+                text_inputs = {k: v for k, v in backbone_inputs.items() if k not in MLLAMA_IMAGE_INPUTS}
+                for rows, inputs in ((has_image, backbone_inputs), (~has_image, text_inputs)):
+                    if not bool(rows.any()):
+                        continue
+                    sliced = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+                    part = self.vlm(input_ids=input_ids[rows], attention_mask=attention_mask[rows], **sliced)
+                    if hidden is None:
+                        hidden = part.last_hidden_state.new_empty(input_ids.shape + part.last_hidden_state.shape[-1:])
+                    hidden[rows] = part.last_hidden_state
+                return hidden
+        return self.vlm(input_ids=input_ids, attention_mask=attention_mask, **backbone_inputs).last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        role: str = "candidate",
+        output_hidden_states: bool = False,
+        **backbone_inputs,
+    ) -> MetaEmbedOutput:
+        """Embed a processed batch (from `MetaEmbedProcessor`) of one role.
+
+        Args:
+            input_ids: (B, L) token ids, each row holding the role's meta tokens.
+            attention_mask: (B, L) 1 for real tokens, 0 for padding (either side).
+            role: "query" reads the R_q query meta tokens, "candidate" the R_c candidate ones.
+            **backbone_inputs: everything else the processor produced (pixel_values, image_grid_thw,
+                mm_token_type_ids, token_type_ids, cross_attention_mask, ...), passed to the backbone.
+        """
+        check_role(role)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        family = self.config.vlm_config.model_type
+        if family not in FAMILIES_WITH_OWN_POSITIONS and "position_ids" not in backbone_inputs:
+            first = FIRST_POSITION.get(family, 0)
+            backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1 + first).clamp(min=first)
+        if getattr(self.config.get_text_config(), "use_cache", False):
+            backbone_inputs["use_cache"] = False
+        hidden = self._backbone_states(input_ids, attention_mask, backbone_inputs)  # [B, L, H]
+
+        # Find each meta token of the role in each row: robust to padding on either side and to suffixes that
+        # a tokenizer adds after the prompt (BERT's [SEP], PaliGemma's "\n").
+        role_ids = self._role_token_ids(role, input_ids.device)  # [R]
+        matches = input_ids.unsqueeze(-1) == role_ids  # [B, L, R]
+        if not bool(matches.any(dim=1).all()):
+            raise ValueError(f"some rows lack the {role} meta tokens: process inputs with role={role!r}")
+        positions = matches.int().argmax(dim=1)  # [B, R]
+        states = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
+        if self.proj is not None:
+            states = self.proj(states)
+        embeddings = nn.functional.normalize(states.float(), p=2, dim=-1)  # [B, R, D] float32
+        return MetaEmbedOutput(embeddings=embeddings, last_hidden_state=hidden if output_hidden_states else None)
+
+    # ----------------------------------------------------------------------------------------------------- encode
+    def _require_processor(self) -> MetaEmbedProcessor:
+        if self.processor is None:
+            raise ValueError(
+                "this model has no processor: load it with from_pretrained from a folder that holds the processor "
+                "files, or set model.processor = MetaEmbedProcessor(...)"
+            )
+        return self.processor
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        inputs,
+        num_vectors: int | None = None,
+        role: str = "candidate",
+        instruction: str | None = None,
+        batch_size: int = 8,
+        show_progress_bar: bool | None = None,
+        device: str | torch.device | None = None,
+    ) -> torch.Tensor:
+        """Embed texts, images and text+image pairs into (N, num_vectors, D) float32 unit vectors.
+
+        Args:
+            inputs: a list mixing `str` (text), `PIL.Image.Image`, image paths (a whitespace-free `str` ending in an
+                image suffix, or a `pathlib.Path`), and `{"text": ..., "image": ...}` dicts.
+            num_vectors: how many vectors to keep (a prefix: `encode(x, k)` equals `encode(x)[:, :k]`); defaults to
+                the role's full count (R_q = 16 for queries, R_c = 64 for candidates by default).
+            role: "candidate" (the default: what you index) or "query" (what you search with).
+            instruction: replaces the role's default instruction (config.default_instructions).
+            batch_size: inputs per forward pass; inputs are sorted by length and returned in input order.
+            show_progress_bar: defaults to showing one when there is more than one batch.
+            device: where to run (the model is moved there); defaults to where the model is. On CUDA a float32
+                model runs under bf16 autocast; on CPU the model runs in its own dtype (float32 recommended).
+        """
+        check_role(role)
+        full = self.config.num_vectors(role)
+        if num_vectors is None:
+            num_vectors = full
+        if not isinstance(num_vectors, int) or isinstance(num_vectors, bool):
+            raise ValueError(f"num_vectors must be an integer, got {num_vectors!r}")
+        if not 1 <= num_vectors <= full:
+            raise ValueError(f"num_vectors={num_vectors} is outside 1..{full}, the number of {role} vectors")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        processor = self._require_processor()
+        items = parse_inputs(inputs)  # validates every item before any compute: no partial output
+        if device is not None:
+            self.to(device)
+        device = self.device
+        was_training = self.training
+        self.eval()
+
+        order = sorted(range(len(items)), key=lambda i: items[i].length_key, reverse=True)
+        output = torch.empty(len(items), num_vectors, self.config.output_dim, dtype=torch.float32)
+        use_autocast = device.type == "cuda" and self.dtype == torch.float32
+        num_batches = (len(items) + batch_size - 1) // batch_size
+        if show_progress_bar is None:
+            show_progress_bar = num_batches > 1
+        try:
+            for start in tqdm(
+                range(0, len(items), batch_size), desc="Encoding", disable=not show_progress_bar, total=num_batches
+            ):
+                batch_order = order[start : start + batch_size]
+                features = processor([items[i] for i in batch_order], role=role, instruction=instruction)
+                features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+                if "pixel_values" in features and features["pixel_values"].is_floating_point():
+                    features["pixel_values"] = features["pixel_values"].to(self.dtype)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                    embeddings = self(**features, role=role).embeddings
+                output[batch_order] = embeddings[:, :num_vectors].float().cpu()
+        finally:
+            self.train(was_training)
+        return output
+
+    def encode_queries(self, inputs, num_vectors: int | None = None, **kwargs) -> torch.Tensor:
+        """`encode` with role="query": (N, num_vectors or R_q, D)."""
+        return self.encode(inputs, num_vectors=num_vectors, role="query", **kwargs)
+
+    def encode_candidates(self, inputs, num_vectors: int | None = None, **kwargs) -> torch.Tensor:
+        """`encode` with role="candidate": (N, num_vectors or R_c, D)."""
+        return self.encode(inputs, num_vectors=num_vectors, role="candidate", **kwargs)
+
+    @staticmethod
+    def similarity(queries: torch.Tensor, candidates: torch.Tensor, budget: tuple | None = None) -> torch.Tensor:
+        """MaxSim scores (Nq, Nc) float32 at budget (r_q, r_c); see `maxsim`."""
+        return maxsim(queries, candidates, budget=budget)
+
+    # ---------------------------------------------------------------------------------------- building and saving
+    @classmethod
+    def from_vlm(
+        cls,
+        pretrained_model_name_or_path,
+        num_query_vectors: int = 16,
+        num_candidate_vectors: int = 64,
+        matryoshka_groups=None,
+        embedding_dim: int | None = None,
+        max_image_tokens: int = 1024,
+        seed: int = 0,
+        dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
+        **config_kwargs,
+    ) -> "MetaEmbedModel":
+        """Turn a backbone checkpoint (a local folder, or a Hub id where the Hub is reachable) into a fresh
+        MetaEmbed: its base model, its processor (or tokenizer), and R_q + R_c new special tokens whose embedding
+        rows are drawn at random with the per-dimension mean and spread of the existing rows (identical rows would
+        give near-identical vectors). `config_kwargs` go to `MetaEmbedConfig` (prompt templates, instructions...).
+        """
+        vlm = AutoModel.from_pretrained(pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        backbone_processor = AutoProcessor.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=trust_remote_code
+        )
+        config = MetaEmbedConfig(
+            vlm_config=vlm.config,
+            num_query_vectors=num_query_vectors,
+            num_candidate_vectors=num_candidate_vectors,
+            matryoshka_groups=matryoshka_groups,
+            embedding_dim=embedding_dim,
+            max_image_tokens=max_image_tokens,
+            **config_kwargs,
+        )
+        tokenizer = getattr(backbone_processor, "tokenizer", backbone_processor)
+        new_tokens = config.query_meta_tokens + config.candidate_meta_tokens
+        clashes = [t for t in new_tokens if t in tokenizer.get_vocab()]
+        if clashes:
+            raise ValueError(f"the backbone vocabulary already holds meta token(s) {clashes[:3]}")
+        tokenizer.add_special_tokens({"additional_special_tokens": new_tokens}, replace_extra_special_tokens=False)
+        config.query_meta_token_ids = tokenizer.convert_tokens_to_ids(config.query_meta_tokens)
+        config.candidate_meta_token_ids = tokenizer.convert_tokens_to_ids(config.candidate_meta_tokens)
+
+        new_ids = config.query_meta_token_ids + config.candidate_meta_token_ids
+        num_rows = vlm.get_input_embeddings().weight.shape[0]
+        if max(new_ids) >= num_rows:  # some vocabularies keep spare rows (Qwen): resize only when needed
+            vlm.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+        model = cls(config, vlm=vlm)
+        model._init_meta_token_rows(new_ids, seed)
+        model.processor = MetaEmbedProcessor(backbone_processor, config)
+        return model
+
+    @torch.no_grad()
+    def _init_meta_token_rows(self, new_ids: list, seed: int) -> None:
+        weight = self.vlm.get_input_embeddings().weight  # [V, H]
+        is_new = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        is_new[new_ids] = True
+        existing = weight[~is_new].float()
+        mean, std = existing.mean(dim=0), existing.std(dim=0)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(new_ids), weight.shape[1], generator=generator).to(weight.device)
+        weight[new_ids] = (mean + std * noise).to(weight.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the MetaEmbed processor stored beside the weights."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub_kwargs = {
+            k: kwargs[k]
+            for k in ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
+            if k in kwargs
+        }
+        try:
+            model.processor = MetaEmbedProcessor.from_pretrained(
+                pretrained_model_name_or_path, config=model.config, **hub_kwargs
+            )
+        except (OSError, ValueError) as error:
+            logger.warning(f"no MetaEmbed processor loaded from {pretrained_model_name_or_path}: {error}")
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write a self-contained Hub folder: config.json (with auto_map), code files, safetensors weights, and
+        the processor and tokenizer files."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+
+
+MetaEmbedConfig.register_for_auto_class()
+MetaEmbedModel.register_for_auto_class("AutoModel")
+
+__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput"]
