@@ -1,0 +1,189 @@
+import json
+
+import pytest
+import torch
+from conftest import random_image
+from transformers import AutoModel
+
+from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel
+from modeling_metaembed.testing import FAMILIES, VISION_FAMILIES, make_tiny_backbone
+
+TOL = 1e-5  # fp32 max abs difference allowed between an input alone and inside a mixed, padded batch
+
+
+def mixed_inputs(family):
+    texts = ["hello world", "a much longer piece of text, which pads the shorter rows"]
+    if family not in VISION_FAMILIES:
+        return texts
+    return texts + [random_image(90, 60, seed=1), {"text": "a cat", "image": random_image(40, 70, seed=2)}]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("role", ["query", "candidate"])
+def test_every_family_encodes_and_is_batch_and_padding_invariant(tiny_model, family, role):
+    model = tiny_model(family)
+    inputs = mixed_inputs(family)
+    batched = model.encode(inputs, role=role)
+    full = model.config.num_vectors(role)
+    assert batched.shape == (len(inputs), full, model.config.output_dim)
+    assert batched.dtype == torch.float32
+    torch.testing.assert_close(batched.norm(dim=-1), torch.ones(len(inputs), full), atol=1e-5, rtol=0)
+    alone = torch.cat([model.encode([item], role=role) for item in inputs])
+    assert (batched - alone).abs().max() <= TOL
+    tokenizer = model.processor.tokenizer
+    original_side = tokenizer.padding_side
+    try:
+        tokenizer.padding_side = "left" if original_side == "right" else "right"
+        other_side = model.encode(inputs, role=role)
+    finally:
+        tokenizer.padding_side = original_side
+    assert (batched - other_side).abs().max() <= TOL
+    # the inputs differ, so must their embeddings (a constant output would pass the checks above)
+    assert (batched[0] - batched[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3"])
+def test_prefix_property(tiny_model, family):
+    model = tiny_model(family)
+    inputs = mixed_inputs(family)
+    everything = model.encode(inputs)
+    for k in (1, 3, model.config.num_candidate_vectors):
+        assert torch.equal(model.encode(inputs, num_vectors=k), everything[:, :k])
+    queries = model.encode_queries(inputs)
+    assert torch.equal(model.encode_queries(inputs, num_vectors=2), queries[:, :2])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "mllama", "qwen3"])
+def test_causal_query_layout_equals_full_official_layout(tiny_model, family):
+    model = tiny_model(family)
+    assert model.config.query_layout == "query_only"
+    inputs = mixed_inputs(family)
+    short = model.encode_queries(inputs)
+    model.config.query_layout = "full"  # [content; M_q; M_c], as the official code encodes queries
+    try:
+        official = model.encode_queries(inputs)
+        ids = model.processor(inputs, role="query")["input_ids"]
+        assert all(i in ids for i in model.config.candidate_meta_token_ids)  # the layout really changed
+    finally:
+        model.config.query_layout = "query_only"
+    assert (short - official).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["bert", "paligemma"])
+def test_bidirectional_families_keep_the_full_layout(tiny_model, family):
+    model = tiny_model(family)
+    assert model.config.query_layout == "full"
+    ids = model.processor(["some text"], role="query")["input_ids"][0].tolist()
+    assert all(i in ids for i in model.config.query_meta_token_ids + model.config.candidate_meta_token_ids)
+
+
+def test_meta_tokens_follow_the_whole_prompt(tiny_model):
+    model = tiny_model("qwen2_5_vl")
+    config, tokenizer = model.config, model.processor.tokenizer
+    ids = model.processor([{"text": "a cat", "image": random_image()}], role="candidate")["input_ids"][0].tolist()
+    tail = ids[-(config.num_query_vectors + config.num_candidate_vectors) :]
+    assert tail == config.query_meta_token_ids + config.candidate_meta_token_ids
+    before = tokenizer.decode(ids[: -len(tail)])
+    assert before.endswith("<|im_end|>\n")  # the chat template closed the turn before the meta tokens
+    query_ids = model.processor(["a cat"], role="query")["input_ids"][0].tolist()
+    assert query_ids[-config.num_query_vectors :] == config.query_meta_token_ids
+    assert "Query: a cat" in tokenizer.decode(query_ids)  # the default query instruction
+    custom = model.processor(["a cat"], role="query", instruction="Find the image: ")["input_ids"][0].tolist()
+    assert "Find the image: a cat" in tokenizer.decode(custom)
+
+
+def test_instruction_changes_query_embedding(tiny_model):
+    model = tiny_model("qwen3")
+    plain = model.encode_queries(["a cat"])
+    instructed = model.encode_queries(["a cat"], instruction="Retrieve a photo: ")
+    assert (plain - instructed).abs().max() > 1e-3
+
+
+def test_similarity_is_maxsim_at_budget(tiny_model):
+    model = tiny_model("qwen2_5_vl")
+    queries = model.encode_queries(["a cat", "a dog"])
+    candidates = model.encode_candidates(["cats", random_image(), "dogs"])
+    full = model.similarity(queries, candidates)
+    manual = torch.einsum("aid,bjd->abij", queries, candidates).amax(-1).sum(-1)
+    torch.testing.assert_close(full, manual, atol=1e-5, rtol=0)
+    small = model.similarity(queries, candidates, budget=(1, 1))
+    torch.testing.assert_close(small, torch.einsum("ad,bd->ab", queries[:, 0], candidates[:, 0]), atol=1e-6, rtol=0)
+
+
+def test_default_config_matches_the_paper():
+    config = MetaEmbedConfig()
+    assert (config.num_query_vectors, config.num_candidate_vectors) == (16, 64)
+    assert config.matryoshka_groups == [[1, 1], [2, 4], [4, 8], [8, 16], [16, 64]]
+    assert config.embedding_dim is None and config.max_image_tokens == 1024
+    assert config.vlm_config.model_type == "qwen2_5_vl" and config.query_layout == "query_only"
+    restored = MetaEmbedConfig.from_dict(config.to_dict())
+    assert restored.matryoshka_groups == config.matryoshka_groups
+    assert restored.vlm_config.to_dict() == config.vlm_config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"matryoshka_groups": [[1, 1], [32, 64]]}, "outside"), ({"num_query_vectors": 0}, "positive integer"),
+     ({"query_layout": "sideways"}, "query_layout"), ({"padding_side": "middle"}, "padding_side"),
+     ({"default_instructions": {"query": ""}}, "no entry for role")],
+)  # fmt: skip
+def test_config_rejects_inconsistent_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MetaEmbedConfig(**kwargs)
+
+
+def test_from_vlm_keeps_backbone_weights_and_draws_distinct_meta_rows(tmp_path):
+    backbone_dir = make_tiny_backbone(tmp_path / "backbone", family="qwen2_5_vl")
+    original = AutoModel.from_pretrained(backbone_dir).state_dict()
+    model = MetaEmbedModel.from_vlm(backbone_dir, num_query_vectors=4, num_candidate_vectors=8, embedding_dim=32)
+    state = model.vlm.state_dict()
+    embed_key = "language_model.embed_tokens.weight"
+    assert set(state) == set(original)
+    for key, value in original.items():
+        if key != embed_key:
+            assert torch.equal(state[key], value), key
+    old_rows = original[embed_key].shape[0]
+    assert torch.equal(state[embed_key][:old_rows], original[embed_key])  # existing rows untouched
+    meta_ids = model.config.query_meta_token_ids + model.config.candidate_meta_token_ids
+    assert min(meta_ids) >= old_rows and state[embed_key].shape[0] == max(meta_ids) + 1
+    meta = state[embed_key][meta_ids]
+    # random rows at the scale of the existing ones, not copies of the mean
+    assert torch.cdist(meta, meta).fill_diagonal_(float("inf")).min() > 0.1 * meta.norm(dim=-1).mean()
+    ratio = meta.std() / original[embed_key].std()
+    assert 0.5 < ratio < 2.0
+    assert model.config.output_dim == 32 and model.encode(["x"]).shape == (1, 8, 32)
+
+
+def test_save_pretrained_writes_a_self_contained_hub_folder(tiny_checkpoint):
+    folder = tiny_checkpoint("qwen2_5_vl")
+    files = {path.name for path in folder.iterdir()}
+    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py"}
+    assert code <= files and "model.safetensors" in files and "tokenizer.json" in files
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_metaembed.MetaEmbedConfig",
+        "AutoModel": "modeling_metaembed.MetaEmbedModel",
+    }
+    assert config["query_meta_token_ids"] and config["vlm_config"]["model_type"] == "qwen2_5_vl"
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_metaembed.MetaEmbedProcessor"}
+    assert processor_config["backbone_processor_class"] == "Qwen2_5_VLProcessor"
+
+
+def test_shipped_code_imports_only_public_torch_transformers_pil(tiny_checkpoint):
+    import ast
+
+    allowed = {"torch", "transformers", "PIL", "json", "math", "os", "pathlib", "dataclasses", "__future__"}
+    folder = tiny_checkpoint("qwen2_5_vl")
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # flat sibling import: must be another shipped file
+                    assert (folder / f"{node.module}.py").exists(), (path.name, node.module)
+                    continue
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, (path.name, roots)
