@@ -65,11 +65,14 @@ def _bert_tokenizer(folder: Path):
     return transformers.BertTokenizer(str(folder / "vocab.txt"))
 
 
-def _tiny_text(vocab_size: int, **extra) -> dict:
-    """A tiny decoder text config: hidden 64, 2 layers, 4 heads / 2 KV heads."""
-    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
-    return {**base, **extra}
+# Sizes of the tiny text models; `make_tiny_backbone(text_overrides=...)` changes them (benchmarks use bigger ones).
+_TEXT_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 512}  # fmt: skip
+
+
+def _tiny_text(vocab_size: int, sizes: dict, **extra) -> dict:
+    """A tiny decoder text config: hidden 64, 2 layers, 4 heads / 2 KV heads unless `sizes` says otherwise."""
+    return {"vocab_size": vocab_size, **sizes, **extra}
 
 
 def _special_ids(tokenizer) -> dict:
@@ -78,14 +81,14 @@ def _special_ids(tokenizer) -> dict:
             "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
 
 
-def _qwen_vl(family: str):
+def _qwen_vl(family: str, sizes: dict):
     tokenizer = _byte_level_tokenizer(_QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     vocab = len(tokenizer)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
     if family == "qwen3_vl":
-        text = _tiny_text(vocab, **_special_ids(tokenizer), head_dim=16, rope_parameters={
+        text = _tiny_text(vocab, sizes, **_special_ids(tokenizer), head_dim=16, rope_parameters={
             "rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True})  # fmt: skip
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
@@ -95,7 +98,7 @@ def _qwen_vl(family: str):
             transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLProcessor, 16)
         video_processor = transformers.Qwen3VLVideoProcessor(patch_size=16)
     else:
-        text = _tiny_text(vocab, **_special_ids(tokenizer),
+        text = _tiny_text(vocab, sizes, **_special_ids(tokenizer),
                           rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
         if family == "qwen2_5_vl":
             vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
@@ -119,13 +122,13 @@ def _qwen_vl(family: str):
     return model_class(config), processor
 
 
-def _paligemma():
+def _paligemma(sizes: dict):
     tokenizer = _byte_level_tokenizer(_GEMMA_SPECIALS, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                       unk_token="<unk>")  # fmt: skip
     image_size, patch = 28, 14  # 4 image tokens
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   image_size=image_size, patch_size=patch, projection_dim=64)  # fmt: skip
-    text = _tiny_text(len(tokenizer), **_special_ids(tokenizer), head_dim=16, model_type="gemma")
+    text = _tiny_text(len(tokenizer), sizes, **_special_ids(tokenizer), head_dim=16, model_type="gemma")
     config = transformers.PaliGemmaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projection_dim=64, hidden_size=64, vocab_size=len(tokenizer),
@@ -136,12 +139,12 @@ def _paligemma():
     return transformers.PaliGemmaForConditionalGeneration(config), processor
 
 
-def _mllama():
+def _mllama(sizes: dict):
     tokenizer = _byte_level_tokenizer(_LLAMA_SPECIALS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                       pad_token="<|finetune_right_pad_id|>")  # fmt: skip
     vocab = len(tokenizer)
     image_token = tokenizer.convert_tokens_to_ids("<|image|>")
-    text = _tiny_text(vocab + 8, **_special_ids(tokenizer), num_hidden_layers=3, cross_attention_layers=[1],
+    text = _tiny_text(vocab + 8, sizes, **_special_ids(tokenizer), num_hidden_layers=3, cross_attention_layers=[1],
                       rope_parameters={"rope_type": "default", "rope_theta": 5e5})  # fmt: skip
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
                   image_size=28, patch_size=14, max_num_tiles=2, vision_output_dim=64,
@@ -153,10 +156,10 @@ def _mllama():
     return transformers.MllamaForConditionalGeneration(config), processor
 
 
-def _qwen3():
+def _qwen3(sizes: dict):
     tokenizer = _byte_level_tokenizer(_QWEN_SPECIALS[:3], eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = _QWEN_TEMPLATE
-    config = transformers.Qwen3Config(**_tiny_text(len(tokenizer), **_special_ids(tokenizer), head_dim=16))
+    config = transformers.Qwen3Config(**_tiny_text(len(tokenizer), sizes, **_special_ids(tokenizer), head_dim=16))
     return transformers.Qwen3ForCausalLM(config), tokenizer
 
 
@@ -167,22 +170,27 @@ def _bert(folder: Path):
     return transformers.BertModel(config, add_pooling_layer=False), tokenizer
 
 
-def make_tiny_backbone(path, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
+def make_tiny_backbone(path, family: str = "qwen2_5_vl", seed: int = 0, text_overrides: dict | None = None) -> Path:
     """Write a tiny random backbone checkpoint of `family` (weights, config, processor or tokenizer) to `path`,
-    in the layout its family's published checkpoints have."""
+    in the layout its family's published checkpoints have. `text_overrides` resizes the decoder text model of the
+    causal families (hidden_size, intermediate_size, num_hidden_layers, heads; keep hidden_size equal to the
+    tiny vision towers' output, 64, for the vision families)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
+    if text_overrides and family == "bert":
+        raise ValueError("text_overrides applies to the decoder families, not bert")
+    sizes = {**_TEXT_SIZES, **(text_overrides or {})}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        model, processor = _qwen_vl(family)
+        model, processor = _qwen_vl(family, sizes)
     elif family == "paligemma":
-        model, processor = _paligemma()
+        model, processor = _paligemma(sizes)
     elif family == "mllama":
-        model, processor = _mllama()
+        model, processor = _mllama(sizes)
     elif family == "qwen3":
-        model, processor = _qwen3()
+        model, processor = _qwen3(sizes)
     else:
         model, processor = _bert(path)
     model.save_pretrained(path)
@@ -190,14 +198,16 @@ def make_tiny_backbone(path, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_checkpoint(path, family: str = "qwen2_5_vl", seed: int = 0, **overrides) -> Path:
+def make_tiny_checkpoint(
+    path, family: str = "qwen2_5_vl", seed: int = 0, text_overrides: dict | None = None, **overrides
+) -> Path:
     """Write a self-contained tiny MetaEmbed checkpoint (code files, config, weights, processor) of a backbone
     `family` to `path`. `overrides` go to `MetaEmbedModel.from_vlm` (e.g. num_query_vectors=4,
-    num_candidate_vectors=8, embedding_dim=32). Returns the path."""
+    num_candidate_vectors=8, embedding_dim=32); `text_overrides` to `make_tiny_backbone`. Returns the path."""
     overrides.setdefault("num_query_vectors", 4)
     overrides.setdefault("num_candidate_vectors", 8)
     with tempfile.TemporaryDirectory(prefix=f"tiny-{family}-") as backbone_dir:
-        make_tiny_backbone(backbone_dir, family=family, seed=seed)
+        make_tiny_backbone(backbone_dir, family=family, seed=seed, text_overrides=text_overrides)
         model = MetaEmbedModel.from_vlm(backbone_dir, seed=seed, **overrides)
     model.save_pretrained(path)
     return Path(path)
