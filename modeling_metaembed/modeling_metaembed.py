@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.logging import get_logger, tqdm
 
 from .configuration_metaembed import MetaEmbedConfig, check_role
-from .processing_metaembed import MetaEmbedProcessor, parse_inputs
+from .processing_metaembed import HUB_KWARGS, MetaEmbedProcessor, parse_inputs
 from .scoring_metaembed import maxsim
 
 logger = get_logger(__name__)
@@ -298,11 +298,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, plus the MetaEmbed processor stored beside the weights."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        hub_kwargs = {
-            k: kwargs[k]
-            for k in ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
-            if k in kwargs
-        }
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         try:
             model.processor = MetaEmbedProcessor.from_pretrained(
                 pretrained_model_name_or_path, config=model.config, **hub_kwargs

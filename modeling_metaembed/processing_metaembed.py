@@ -15,12 +15,15 @@ import math
 import os
 from pathlib import Path
 
+import torch
 import transformers
 from PIL import Image, UnidentifiedImageError
 
 from .configuration_metaembed import MetaEmbedConfig, check_role
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+# from_pretrained keyword arguments that say where files come from; forwarded to every file lookup.
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Pixels per visual token when a backbone has no merge-based image processor (a generous generic bound).
 FALLBACK_PIXELS_PER_TOKEN = 28 * 28
@@ -256,8 +259,6 @@ class MetaEmbedProcessor:
         """Mllama's image processor refuses a batch where some rows have no image: process the image rows and
         the text rows apart, then merge them into one padded batch. Text rows get a zero cross-attention mask
         and blank image tensors (the model runs those rows without the vision path)."""
-        import torch
-
         image_rows = [i for i, image in enumerate(images) if image is not None]
         text_rows = [i for i, image in enumerate(images) if image is None]
         with_images = self.processor(
@@ -293,8 +294,6 @@ class MetaEmbedProcessor:
     def _check_meta_tokens(self, input_ids, items, role: str) -> None:
         """Every row must hold each meta token exactly once (a tokenizer that split one would corrupt the
         embedding silently)."""
-        import torch
-
         ids = torch.as_tensor(self._meta_ids[role], device=input_ids.device)
         counts = (input_ids.unsqueeze(-1) == ids).sum(dim=1)  # [B, num meta tokens]
         bad = (counts != 1).any(dim=1).nonzero().flatten().tolist()
@@ -330,11 +329,7 @@ class MetaEmbedProcessor:
     def from_pretrained(cls, pretrained_model_name_or_path, config: MetaEmbedConfig | None = None, **kwargs):
         """Load from a MetaEmbed checkpoint folder or Hub id (config.json plus the backbone processor files)."""
         kwargs.pop("trust_remote_code", None)
-        hub_kwargs = {
-            k: kwargs[k]
-            for k in ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
-            if k in kwargs
-        }
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         if config is None:
             config = MetaEmbedConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         config_file = transformers.utils.cached_file(
