@@ -191,6 +191,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         processor = self._require_processor()
         items = parse_inputs(inputs)  # validates every item before any compute: no partial output
+        processor.check_items(items)
         if device is not None:
             self.to(device)
         device = self.device

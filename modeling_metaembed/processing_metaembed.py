@@ -196,15 +196,10 @@ class MetaEmbedProcessor:
             prompt = body
         return prompt
 
-    # -------------------------------------------------------------------------------------------------- batching
-    def __call__(self, inputs, role: str = "candidate", instruction=None, return_tensors: str = "pt"):
-        """Model inputs for a batch of raw inputs (see `parse_inputs`) or already parsed `EncodeItem`s."""
-        check_role(role)
-        items = inputs if inputs and all(isinstance(i, EncodeItem) for i in inputs) else parse_inputs(inputs)
-        if not items:
-            raise ValueError("inputs are empty: nothing to process")
+    def check_items(self, items: list) -> None:
+        """Checks that need this checkpoint (beyond `parse_inputs`): no meta-token strings in texts, no images
+        for a text-only backbone. Raises ValueError naming the first offending item."""
         forbidden = self.config.query_meta_tokens + self.config.candidate_meta_tokens
-        images, prompts = [], []
         for item in items:
             if item.text is not None and any(token in item.text for token in forbidden):
                 raise ValueError(f"item {item.index}: text contains a MetaEmbed meta token string")
@@ -212,6 +207,17 @@ class MetaEmbedProcessor:
                 raise ValueError(
                     f"item {item.index}: has an image but this MetaEmbed backbone ({self.family}) is text-only"
                 )
+
+    # -------------------------------------------------------------------------------------------------- batching
+    def __call__(self, inputs, role: str = "candidate", instruction=None, return_tensors: str = "pt"):
+        """Model inputs for a batch of raw inputs (see `parse_inputs`) or already parsed `EncodeItem`s."""
+        check_role(role)
+        items = inputs if inputs and all(isinstance(i, EncodeItem) for i in inputs) else parse_inputs(inputs)
+        if not items:
+            raise ValueError("inputs are empty: nothing to process")
+        self.check_items(items)
+        images, prompts = [], []
+        for item in items:
             image = None if item.image is None else load_image(item.image, item.index, self.max_image_pixels)
             images.append(image)
             prompts.append(self.build_prompt(item, role, instruction))

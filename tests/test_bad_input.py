@@ -96,10 +96,17 @@ def test_budget_larger_than_tensors(model):
         maxsim(queries, candidates, budget=(5, 1))
 
 
-def test_nothing_is_encoded_before_a_late_bad_item(model, monkeypatch):
+@pytest.mark.parametrize(
+    "family, bad, message",
+    [("qwen2_5_vl", "", "item 40: text is empty"),
+     ("qwen2_5_vl", "<|meta_candidate_3|>", "item 40: text contains a MetaEmbed meta token")],
+)  # fmt: skip
+def test_nothing_is_encoded_before_a_late_bad_item(tiny_model, monkeypatch, family, bad, message):
+    model = tiny_model(family)
     calls = []
     original = type(model).forward
     monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    with pytest.raises(ValueError, match="item 40: text is empty"):
-        model.encode(["fine"] * 40 + [""], batch_size=4)
+    with pytest.raises(ValueError, match=message):
+        # longer texts sort first, so the short bad item would be in the last batch
+        model.encode(["a fine and rather long text"] * 40 + [bad], batch_size=4)
     assert calls == []  # validated up front: no compute wasted, no partial output
