@@ -72,7 +72,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
     def __init__(self, config: MetaEmbedConfig, vlm: PreTrainedModel | None = None):
         super().__init__(config)
         self.vlm = vlm if vlm is not None else AutoModel.from_config(config.vlm_config)
-        self.proj = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
+        # Named so that a PEFT `modules_to_save` suffix match cannot also hit every q_proj/o_proj of the backbone.
+        self.output_projection = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
         self.processor: MetaEmbedProcessor | None = None  # attached by from_pretrained / from_vlm
         self.post_init()
 
@@ -140,8 +141,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             raise ValueError(f"some rows lack the {role} meta tokens: process inputs with role={role!r}")
         positions = matches.int().argmax(dim=1)  # [B, R]
         states = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
-        if self.proj is not None:
-            states = self.proj(states)
+        if self.output_projection is not None:
+            states = self.output_projection(states)
         embeddings = nn.functional.normalize(states.float(), p=2, dim=-1)  # [B, R, D] float32
         return MetaEmbedOutput(embeddings=embeddings, last_hidden_state=hidden if output_hidden_states else None)
 
@@ -173,7 +174,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             num_vectors: how many vectors to keep (a prefix: `encode(x, k)` equals `encode(x)[:, :k]`); defaults to
                 the role's full count (R_q = 16 for queries, R_c = 64 for candidates by default).
             role: "candidate" (the default: what you index) or "query" (what you search with).
-            instruction: replaces the role's default instruction (config.default_instructions).
+            instruction: replaces the role's default instruction (config.default_instructions); a list gives one
+                per input (None entries keep the default).
             batch_size: inputs per forward pass; inputs are sorted by length and returned in input order.
             show_progress_bar: defaults to showing one when there is more than one batch.
             device: where to run (the model is moved there); defaults to where the model is. On CUDA a float32
@@ -192,6 +194,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         processor = self._require_processor()
         items = parse_inputs(inputs)  # validates every item before any compute: no partial output
         processor.check_items(items)
+        instructions = processor._per_item_instructions(instruction, len(items))
         if device is not None:
             self.to(device)
         device = self.device
@@ -209,7 +212,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
                 range(0, len(items), batch_size), desc="Encoding", disable=not show_progress_bar, total=num_batches
             ):
                 batch_order = order[start : start + batch_size]
-                features = processor([items[i] for i in batch_order], role=role, instruction=instruction)
+                features = processor(
+                    [items[i] for i in batch_order], role=role, instruction=[instructions[i] for i in batch_order]
+                )
                 features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
                 if "pixel_values" in features and features["pixel_values"].is_floating_point():
                     features["pixel_values"] = features["pixel_values"].to(self.dtype)

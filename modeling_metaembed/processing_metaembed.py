@@ -216,11 +216,12 @@ class MetaEmbedProcessor:
         if not items:
             raise ValueError("inputs are empty: nothing to process")
         self.check_items(items)
+        instructions = self._per_item_instructions(instruction, len(items))
         images, prompts = [], []
-        for item in items:
+        for item, item_instruction in zip(items, instructions):
             image = None if item.image is None else load_image(item.image, item.index, self.max_image_pixels)
             images.append(image)
-            prompts.append(self.build_prompt(item, role, instruction))
+            prompts.append(self.build_prompt(item, role, item_instruction))
         meta_suffix = "".join(self.config.meta_tokens(role))  # appended after the whole prompt
 
         kwargs = {"padding": True, "return_tensors": return_tensors}
@@ -241,6 +242,20 @@ class MetaEmbedProcessor:
                 batch = self.processor(text=texts, images=present or None, **kwargs)
         self._check_meta_tokens(batch["input_ids"], items, role)
         return batch
+
+    @staticmethod
+    def _per_item_instructions(instruction, count: int) -> list:
+        """One instruction (or None: the role's default) per item, from a single value or a list."""
+        if isinstance(instruction, (list, tuple)):
+            if len(instruction) != count:
+                raise ValueError(f"got {len(instruction)} instructions for {count} inputs: give one per input")
+            for index, value in enumerate(instruction):
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"instruction {index} must be a string or None, got {type(value).__name__}")
+            return list(instruction)
+        if instruction is not None and not isinstance(instruction, str):
+            raise ValueError(f"instruction must be a string, a list of strings or None, got {type(instruction).__name__}")
+        return [instruction] * count
 
     def _paligemma_batch(self, prompts: list, images: list, meta_suffix: str, kwargs: dict):
         """PaliGemma's processor requires an image in every row; MetaEmbed mixes text-only rows in. Rows are

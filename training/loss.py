@@ -1,0 +1,134 @@
+"""Matryoshka Multi-Vector Retrieval (MMR) loss: an InfoNCE per nested budget, all from one score pass.
+
+Paper Eq. 6-7: for each group g = (r_q, r_c),
+
+    L_g = -1/B sum_u log( exp(S_g(u,u)/tau) / (sum_v exp(S_g(u,v)/tau) + sum_{n in neg(u)} exp(S_g(u,n)/tau)) )
+
+where v runs over every positive of the (global) batch and neg(u) are query u's own hard negatives; the loss
+is sum_g w_g L_g. Every group is a prefix slice of one late-interaction pass (`matryoshka_maxsim`).
+
+Many processes: queries stay on their rank; positives (and, with `hard_negatives="shared"`, the hard negatives)
+are gathered from every rank with gradients. Gradient convention: each rank returns its queries' summed losses
+times world_size / B_global. Data-parallel training averages gradients over ranks, so the update is exactly the
+gradient of the mean loss over the global batch, as one process would compute it on the concatenated batch
+(ranks may hold unequal numbers of queries). The value a rank returns is its share of that mean times world_size;
+the mean of the ranks' values is the global loss (what the Trainer logs).
+"""
+
+import torch
+from torch import nn
+
+from .distributed import all_reduce_sum, gather_rows_with_grad, rank, world_size
+from .similarity import DEFAULT_MAX_BLOCK_BYTES, check_groups, matryoshka_maxsim, paired_matryoshka_maxsim
+
+HARD_NEGATIVE_SCOPES = ("own", "shared")
+
+
+def group_name(group) -> str:
+    return f"{group[0]}x{group[1]}"
+
+
+class MatryoshkaContrastiveLoss(nn.Module):
+    """InfoNCE at every Matryoshka group, weighted and summed.
+
+    Args:
+        groups: nested budgets [(r_q, r_c), ...] (e.g. `config.matryoshka_groups`).
+        weights: one weight per group (default 1 each: the paper's plain sum).
+        temperature: tau of the softmax (paper: 0.03).
+        hard_negatives: "own" (paper): a query's hard negatives are extra columns of its own row only;
+            "shared": every hard negative of the global batch is a negative for every query.
+        gather_across_ranks: gather candidates from every rank (in-batch negatives across GPUs).
+        compute_dtype / max_block_bytes: see `matryoshka_maxsim`.
+
+    Inputs (forward):
+        queries (B, R_q, D), positives (B, R_c, D): row u of positives is query u's positive.
+        negatives (K, R_c, D) and negative_owners (K,): hard negatives and the local query each belongs to.
+
+    Returns:
+        (loss, {"r_qxr_c": group loss}) where loss = sum_g w_g L_g.
+    """
+
+    def __init__(
+        self,
+        groups,
+        weights=None,
+        temperature: float = 0.03,
+        hard_negatives: str = "own",
+        gather_across_ranks: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    ):
+        super().__init__()
+        self.groups = check_groups(groups)
+        if weights is None:
+            weights = [1.0] * len(self.groups)
+        if len(weights) != len(self.groups) or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
+            raise ValueError(
+                f"group weights must be {len(self.groups)} non-negative numbers (one per group), got {weights!r}"
+            )
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if hard_negatives not in HARD_NEGATIVE_SCOPES:
+            raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVE_SCOPES}, got {hard_negatives!r}")
+        self.weights = [float(w) for w in weights]
+        self.temperature = float(temperature)
+        self.hard_negatives = hard_negatives
+        self.gather_across_ranks = gather_across_ranks
+        self.compute_dtype = compute_dtype
+        self.max_block_bytes = max_block_bytes
+
+    def forward(self, queries, positives, negatives=None, negative_owners=None):
+        num_queries = queries.shape[0]
+        if num_queries == 0:
+            raise ValueError(f"rank {rank()} received an empty batch: every rank needs at least one query")
+        if positives.shape[0] != num_queries:
+            raise ValueError(f"got {num_queries} queries but {positives.shape[0]} positives: one positive per query")
+        has_negatives = negatives is not None and negatives.shape[0] > 0
+        if has_negatives and (negative_owners is None or negative_owners.shape[0] != negatives.shape[0]):
+            raise ValueError("negative_owners must give, for each hard negative, the index of its query")
+
+        distributed = self.gather_across_ranks and world_size() > 1
+        if distributed:
+            candidates, counts = gather_rows_with_grad(positives)
+            offset = sum(counts[: rank()])
+        else:
+            candidates, offset = positives, 0
+        if has_negatives and self.hard_negatives == "shared":
+            shared = gather_rows_with_grad(negatives)[0] if distributed else negatives
+            candidates = torch.cat([candidates, shared])
+
+        # [G, B, N]: every local query against every in-batch candidate, all groups from one pass.
+        scores = matryoshka_maxsim(
+            queries, candidates, self.groups, compute_dtype=self.compute_dtype, max_block_bytes=self.max_block_bytes
+        )
+        if has_negatives and self.hard_negatives == "own":
+            scores = torch.cat([scores, self._own_negative_scores(queries, negatives, negative_owners)], dim=-1)
+
+        targets = torch.arange(offset, offset + num_queries, device=queries.device)
+        global_queries = all_reduce_sum(num_queries, queries.device) if distributed else num_queries
+        scale = (world_size() if distributed else 1) / global_queries
+        total, per_group = 0.0, {}
+        for g, group in enumerate(self.groups):
+            loss_g = nn.functional.cross_entropy(scores[g] / self.temperature, targets, reduction="sum") * scale
+            per_group[group_name(group)] = loss_g.detach()
+            total = total + self.weights[g] * loss_g
+        return total, per_group
+
+    def _own_negative_scores(self, queries, negatives, owners) -> torch.Tensor:
+        """[G, B, K_max] scores of each query against its own hard negatives, -inf where a query has fewer."""
+        owners = owners.to(queries.device)
+        if int(owners.min()) < 0 or int(owners.max()) >= queries.shape[0]:
+            raise ValueError(f"negative_owners must index the {queries.shape[0]} queries of this batch")
+        paired = paired_matryoshka_maxsim(queries, negatives, owners, self.groups)  # [G, K]
+        counts = torch.bincount(owners, minlength=queries.shape[0])
+        # Slot of each negative among its owner's: position in a stable sort by owner minus the owner's start.
+        order = torch.sort(owners, stable=True).indices
+        starts = torch.cumsum(counts, 0) - counts
+        slots = torch.empty_like(owners)
+        slots[order] = torch.arange(owners.shape[0], device=owners.device) - starts[owners[order]]
+        padded = paired.new_full((len(self.groups), queries.shape[0], int(counts.max())), float("-inf"))
+        padded[:, owners, slots] = paired
+        return padded
+
+
+__all__ = ["MatryoshkaContrastiveLoss", "group_name", "HARD_NEGATIVE_SCOPES"]
