@@ -251,6 +251,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         seed: int = 0,
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
         **config_kwargs,
     ) -> "MetaEmbedModel":
         """Turn a backbone checkpoint (a local folder, or a Hub id where the Hub is reachable) into a fresh
@@ -258,7 +259,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         rows are drawn at random with the per-dimension mean and spread of the existing rows (identical rows would
         give near-identical vectors). `config_kwargs` go to `MetaEmbedConfig` (prompt templates, instructions...).
         """
-        vlm = AutoModel.from_pretrained(pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        load_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        vlm = AutoModel.from_pretrained(
+            pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
+        )
         backbone_processor = AutoProcessor.from_pretrained(
             pretrained_model_name_or_path, trust_remote_code=trust_remote_code
         )
