@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_image
+from tests.conftest import random_image
 from PIL import Image
 
 from modeling_metaembed import maxsim

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_image
+from tests.conftest import random_image
 from transformers import AutoModel
 
 from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_image
+from tests.conftest import random_image
 
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import VISION_FAMILIES
