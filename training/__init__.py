@@ -1,0 +1,40 @@
+"""MetaEmbed training: the Matryoshka multi-vector contrastive loss on transformers.Trainer (see README, Training).
+
+Depends on the model package (`modeling_metaembed`); the model package never imports this one, so checkpoints
+stay free of training code.
+"""
+
+from .data import (
+    ContrastiveDataset,
+    MetaEmbedCollator,
+    RecordError,
+    SourceBatchSampler,
+    load_colpali_train,
+    load_jsonl,
+    load_mmeb_train,
+    split_holdout,
+)
+from .evaluation import retrieval_metrics
+from .lora import apply_lora, save_adapter, save_merged
+from .loss import MatryoshkaContrastiveLoss
+from .similarity import matryoshka_maxsim
+from .trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
+
+__all__ = [
+    "ContrastiveDataset",
+    "MetaEmbedCollator",
+    "RecordError",
+    "SourceBatchSampler",
+    "load_colpali_train",
+    "load_jsonl",
+    "load_mmeb_train",
+    "split_holdout",
+    "retrieval_metrics",
+    "apply_lora",
+    "save_adapter",
+    "save_merged",
+    "MatryoshkaContrastiveLoss",
+    "matryoshka_maxsim",
+    "MetaEmbedTrainer",
+    "MetaEmbedTrainingArguments",
+]
