@@ -16,6 +16,9 @@ DEFAULT_MATRYOSHKA_GROUPS = [[1, 1], [2, 4], [4, 8], [8, 16], [16, 64]]
 BIDIRECTIONAL_FAMILIES = ("bert", "paligemma")
 
 
+POOLINGS = ("meta_tokens", "last_token", "mean", "segment_mean")
+
+
 class MetaEmbedConfig(PreTrainedConfig):
     r"""
     Configuration of [`MetaEmbedModel`]: a backbone plus learnable meta tokens whose last-layer states are the
@@ -40,6 +43,10 @@ class MetaEmbedConfig(PreTrainedConfig):
         max_image_tokens (`int`, defaults to 1024): images are downscaled so they take at most about this
             many visual tokens (the Qwen default of 16,384 runs out of memory).
         padding_side (`str`): side the processor pads on; embeddings do not depend on it.
+        pooling (`str`, defaults to "meta_tokens"): how states become vectors. "meta_tokens" is MetaEmbed. The
+            paper's Table 5 baselines append no meta tokens: "last_token" and "mean" (one vector per input: set
+            R_q = R_c = 1) and "segment_mean" (the real tokens cut into R_q or R_c contiguous segments, each
+            mean-pooled).
     """
 
     model_type = "metaembed"
@@ -59,6 +66,7 @@ class MetaEmbedConfig(PreTrainedConfig):
     default_instructions: dict | None = None
     max_image_tokens: int = 1024
     padding_side: str = "right"
+    pooling: str = "meta_tokens"
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -95,6 +103,13 @@ class MetaEmbedConfig(PreTrainedConfig):
             missing = [role for role in ROLES if role not in getattr(self, name)]
             if missing:
                 raise ValueError(f"{name} has no entry for role(s) {missing}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.pooling in ("last_token", "mean") and (r_q, r_c) != (1, 1):
+            raise ValueError(
+                f"pooling={self.pooling!r} gives one vector per input: set num_query_vectors = "
+                f"num_candidate_vectors = 1 (got {r_q}, {r_c})"
+            )
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
 
@@ -116,6 +131,8 @@ class MetaEmbedConfig(PreTrainedConfig):
     def meta_tokens(self, role: str) -> list:
         """The meta tokens appended to an input of this role, in order (the layout, not only the ones read)."""
         check_role(role)
+        if self.pooling != "meta_tokens":  # pooling baselines read the content tokens themselves
+            return []
         if role == "query" and self.query_layout == "query_only":
             return list(self.query_meta_tokens)
         return list(self.query_meta_tokens) + list(self.candidate_meta_tokens)

@@ -133,6 +133,16 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             backbone_inputs["use_cache"] = False
         hidden = self._backbone_states(input_ids, attention_mask, backbone_inputs)  # [B, L, H]
 
+        if self.config.pooling != "meta_tokens":
+            states = self._pool_content(hidden, attention_mask, role)  # [B, R, H]
+        else:
+            states = self._meta_states(hidden, input_ids, role)  # [B, R, H]
+        if self.output_projection is not None:
+            states = self.output_projection(states)
+        embeddings = nn.functional.normalize(states.float(), p=2, dim=-1)  # [B, R, D] float32
+        return MetaEmbedOutput(embeddings=embeddings, last_hidden_state=hidden if output_hidden_states else None)
+
+    def _meta_states(self, hidden, input_ids, role: str) -> torch.Tensor:
         # Find each meta token of the role in each row: robust to padding on either side and to suffixes that
         # a tokenizer adds after the prompt (BERT's [SEP], PaliGemma's "\n").
         role_ids = self._role_token_ids(role, input_ids.device)  # [R]
@@ -140,11 +150,24 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if not bool(matches.any(dim=1).all()):
             raise ValueError(f"some rows lack the {role} meta tokens: process inputs with role={role!r}")
         positions = matches.int().argmax(dim=1)  # [B, R]
-        states = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
-        if self.output_projection is not None:
-            states = self.output_projection(states)
-        embeddings = nn.functional.normalize(states.float(), p=2, dim=-1)  # [B, R, D] float32
-        return MetaEmbedOutput(embeddings=embeddings, last_hidden_state=hidden if output_hidden_states else None)
+        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
+
+    def _pool_content(self, hidden, attention_mask, role: str) -> torch.Tensor:
+        """The paper's Table 5 baselines: last real token, mean of real tokens, or R mean-pooled segments."""
+        mask = attention_mask.bool()  # [B, L]
+        if self.config.pooling == "last_token":
+            last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # [B], padding on either side
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].unsqueeze(1)
+        rank = mask.long().cumsum(dim=1) - 1  # [B, L] index of each real token among its row's real tokens
+        length = mask.sum(dim=1, keepdim=True)  # [B, 1]
+        segments = 1 if self.config.pooling == "mean" else self.config.num_vectors(role)
+        j = torch.arange(segments, device=hidden.device)  # segment j holds ranks [start_j, end_j)
+        start = (j * length) // segments  # [B, R]
+        end = torch.maximum(((j + 1) * length) // segments, start + 1)  # never empty, even when L < R
+        member = mask.unsqueeze(-1) & (rank.unsqueeze(-1) >= start.unsqueeze(1)) & (rank.unsqueeze(-1) < end.unsqueeze(1))
+        weights = member.to(hidden.dtype)  # [B, L, R]
+        sums = torch.einsum("blr,blh->brh", weights, hidden)
+        return sums / weights.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, R, H]
 
     # ----------------------------------------------------------------------------------------------------- encode
     def _require_processor(self) -> MetaEmbedProcessor:

@@ -18,6 +18,7 @@ A query's `instruction` replaces the model's default query instruction ("Query: 
 import json
 import math
 import random
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -372,6 +373,9 @@ class MetaEmbedCollator:
         if placeholder_image and not processor.has_vision:
             raise ValueError("placeholder_image needs a vision backbone; this processor is text-only")
         self.processor = processor
+        # A model loaded with trust_remote_code has its own copy of the processing module: build items with that
+        # copy's EncodeItem, or the processor would not recognise them.
+        self.item_class = getattr(sys.modules.get(type(processor).__module__), "EncodeItem", EncodeItem)
         self.image_root = image_root
         self.chunk_size = chunk_size
         self.placeholder_image = placeholder_image
@@ -381,7 +385,7 @@ class MetaEmbedCollator:
         image = side.get("image")
         if image is not None:
             image = open_image(image, self.image_root, f"{name}: {label}")
-        return EncodeItem(position, side.get("text"), image), side.get("instruction")
+        return self.item_class(position, side.get("text"), image), side.get("instruction")
 
     def __call__(self, records: list) -> dict:
         queries, candidates, negatives, owners = [], [], [], []
@@ -407,12 +411,12 @@ class MetaEmbedCollator:
         chunks = []
         for start in range(0, len(entries), size):
             part = entries[start : start + size]
-            items = [EncodeItem(i, item.text, item.image) for i, (item, _) in enumerate(part)]
+            items = [self.item_class(i, item.text, item.image) for i, (item, _) in enumerate(part)]
             instructions = [instruction for _, instruction in part]
             placeholders = 0
             if self.placeholder_image and all(item.image is None for item in items):
                 gray = Image.new("RGB", (PLACEHOLDER_IMAGE_SIZE, PLACEHOLDER_IMAGE_SIZE), (128, 128, 128))
-                items.append(EncodeItem(len(items), None, gray))
+                items.append(self.item_class(len(items), None, gray))
                 instructions.append(None)
                 placeholders = 1
             if all(instruction is None for instruction in instructions):
