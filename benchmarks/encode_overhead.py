@@ -11,14 +11,12 @@ predict ((L + extra) / L, linear in length; attention makes the real cost slight
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import torch
 
-from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.processing_metaembed import parse_inputs
-from modeling_metaembed.testing import make_tiny_checkpoint
+from common import sized_model  # benchmarks/common.py (the script folder is on sys.path)
 
 
 def timed(fn, repeats: int) -> float:
@@ -45,12 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
-    with tempfile.TemporaryDirectory() as folder:
-        sizes = {"hidden_size": args.hidden_size, "intermediate_size": 3 * args.hidden_size,
-                 "num_hidden_layers": args.layers, "num_attention_heads": 8, "num_key_value_heads": 4}  # fmt: skip
-        make_tiny_checkpoint(folder, family="qwen3", num_query_vectors=16, num_candidate_vectors=64,
-                             text_overrides=sizes)  # fmt: skip
-        model = MetaEmbedModel.from_pretrained(folder).to(args.device).eval()
+    model = sized_model(args.hidden_size, args.layers, args.device).eval()
     processor = model.processor
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     texts = [("lorem ipsum dolor sit amet " * 200)[: args.text_tokens - i] for i in range(args.batch_size)]

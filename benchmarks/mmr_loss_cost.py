@@ -11,16 +11,14 @@ the loss alone (similarity + InfoNCE + backward through the embeddings).
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import torch
 
-from modeling_metaembed import MetaEmbedModel
-from modeling_metaembed.testing import make_tiny_checkpoint
 from training.data import MetaEmbedCollator
 from training.loss import MatryoshkaContrastiveLoss
 from training.synthetic import synthetic_records
+from common import sized_model  # benchmarks/common.py (the script folder is on sys.path)
 
 PAPER_GROUPS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
 
@@ -49,12 +47,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as folder:
-        sizes = {"hidden_size": args.hidden_size, "intermediate_size": 3 * args.hidden_size,
-                 "num_hidden_layers": args.layers, "num_attention_heads": 8, "num_key_value_heads": 4}  # fmt: skip
-        make_tiny_checkpoint(folder, family="qwen3", num_query_vectors=16, num_candidate_vectors=64,
-                             text_overrides=sizes)  # fmt: skip
-        model = MetaEmbedModel.from_pretrained(folder).to(args.device).train()
+    model = sized_model(args.hidden_size, args.layers, args.device).train()
     records = synthetic_records(args.batch_size, seed=0, words_per_record=12)
     batch = MetaEmbedCollator(model.processor)(records)
     queries_in = {k: v.to(args.device) for k, v in batch["queries"][0]["inputs"].items()}

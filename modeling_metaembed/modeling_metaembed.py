@@ -129,6 +129,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if family not in FAMILIES_WITH_OWN_POSITIONS and "position_ids" not in backbone_inputs:
             first = FIRST_POSITION.get(family, 0)
             backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1 + first).clamp(min=first)
+        pixel_values = backbone_inputs.get("pixel_values")
+        if pixel_values is not None and pixel_values.is_floating_point():  # processors give float32 pixels
+            backbone_inputs["pixel_values"] = pixel_values.to(self.dtype)
         if getattr(self.config.get_text_config(), "use_cache", False):
             backbone_inputs["use_cache"] = False
         hidden = self._backbone_states(input_ids, attention_mask, backbone_inputs)  # [B, L, H]
@@ -239,8 +242,6 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
                     [items[i] for i in batch_order], role=role, instruction=[instructions[i] for i in batch_order]
                 )
                 features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-                if "pixel_values" in features and features["pixel_values"].is_floating_point():
-                    features["pixel_values"] = features["pixel_values"].to(self.dtype)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                     embeddings = self(**features, role=role).embeddings
                 output[batch_order] = embeddings[:, :num_vectors].float().cpu()

@@ -38,7 +38,7 @@ def _check_embeddings(tensor, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with float32 accumulation and a float32 result, whatever the inputs' precision."""
     if a.dtype == torch.float32:
         return a @ b
@@ -50,6 +50,17 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             pass
     # CPU (and older torch): upcast this chunk only.
     return a.float() @ b.float()
+
+
+def score_blocks(num_queries: int, num_candidates: int, r_q: int, r_c: int, max_block_bytes: int):
+    """Yield (query slice, candidate slice) pairs whose float32 score block [nq * r_q, nc * r_c] fits
+    max_block_bytes. Queries are chunked too, so a huge query batch cannot blow the bound either."""
+    query_chunk = max(1, min(num_queries, max_block_bytes // (4 * r_q * r_c)))
+    for q_start in range(0, num_queries, query_chunk):
+        nq = min(query_chunk, num_queries - q_start)
+        candidate_chunk = max(1, max_block_bytes // (4 * nq * r_q * r_c))
+        for c_start in range(0, num_candidates, candidate_chunk):
+            yield slice(q_start, q_start + nq), slice(c_start, min(c_start + candidate_chunk, num_candidates))
 
 
 def maxsim(
@@ -86,21 +97,15 @@ def maxsim(
         return scores
 
     compute_dtype = torch.promote_types(queries.dtype, candidates.dtype)
-    # Queries are chunked too, so a huge query batch cannot blow the block bound either.
-    query_chunk = max(1, min(num_queries, max_block_bytes // (4 * r_q * r_c)))
-    for q_start in range(0, num_queries, query_chunk):
-        q = queries[q_start : q_start + query_chunk, :r_q].to(compute_dtype)
-        nq = q.shape[0]
+    for q_slice, c_slice in score_blocks(num_queries, num_candidates, r_q, r_c, max_block_bytes):
+        q = queries[q_slice, :r_q].to(compute_dtype)
+        c = candidates[c_slice, :r_c].to(compute_dtype)
+        nq, nc = q.shape[0], c.shape[0]
         q_flat = q.reshape(nq * r_q, dim)  # [nq * r_q, D]
-        candidate_chunk = max(1, max_block_bytes // (4 * nq * r_q * r_c))
-        for c_start in range(0, num_candidates, candidate_chunk):
-            c = candidates[c_start : c_start + candidate_chunk, :r_c].to(compute_dtype)
-            nc = c.shape[0]
-            c_flat = c.reshape(nc * r_c, dim)  # [nc * r_c, D] (a copy only when the prefix is not contiguous)
-            block = _matmul_fp32(q_flat, c_flat.T)  # [nq * r_q, nc * r_c] float32
-            block = block.view(nq, r_q, nc, r_c).amax(dim=3).sum(dim=1)  # [nq, nc]
-            scores[q_start : q_start + nq, c_start : c_start + nc] = block
+        c_flat = c.reshape(nc * r_c, dim)  # [nc * r_c, D] (a copy only when the prefix is not contiguous)
+        block = matmul_fp32(q_flat, c_flat.T)  # [nq * r_q, nc * r_c] float32
+        scores[q_slice, c_slice] = block.view(nq, r_q, nc, r_c).amax(dim=3).sum(dim=1)  # [nq, nc]
     return scores
 
 
-__all__ = ["maxsim", "check_budget"]
+__all__ = ["maxsim", "check_budget", "score_blocks", "matmul_fp32"]

@@ -15,6 +15,7 @@ Each side needs a non-empty text, an image, or both. Relative image paths resolv
 A query's `instruction` replaces the model's default query instruction ("Query: ").
 """
 
+import io
 import json
 import math
 import random
@@ -78,8 +79,6 @@ def open_image(image, image_root=None, where: str = "image") -> Image.Image:
         return image
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):  # datasets.Image(decode=False)
         if image.get("bytes"):
-            import io
-
             return _open(io.BytesIO(image["bytes"]), where)
         image = image["path"]
     if isinstance(image, (str, Path)):
@@ -341,12 +340,9 @@ class SourceBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for batch in self._global_batches():
-            share = math.ceil(len(batch) / self.world_size)  # a short last batch is split as evenly as possible
-            if len(batch) < self.batch_size * self.world_size:
-                bounds = [round(i * len(batch) / self.world_size) for i in range(self.world_size + 1)]
-                yield batch[bounds[self.rank] : bounds[self.rank + 1]]
-            else:
-                yield batch[self.rank * share : (self.rank + 1) * share]
+            # Contiguous, as even as possible: a full batch gives every rank batch_size; a short last one is shared.
+            bounds = [round(i * len(batch) / self.world_size) for i in range(self.world_size + 1)]
+            yield batch[bounds[self.rank] : bounds[self.rank + 1]]
 
     def __len__(self) -> int:
         global_batch = self.batch_size * self.world_size

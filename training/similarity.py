@@ -14,6 +14,8 @@ by `max_block_bytes` plus the (G, Nq, Nc) scores, however large the batch.
 
 import torch
 
+from modeling_metaembed.scoring_metaembed import matmul_fp32, score_blocks
+
 # Float32 bytes of one block of token similarities [nq * R_q, nc * R_c] (the backward holds two such blocks).
 DEFAULT_MAX_BLOCK_BYTES = 128 * 1024 * 1024
 
@@ -47,18 +49,6 @@ def check_groups(groups, num_query_vectors: int | None = None, num_candidate_vec
     return checked
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in float32 (bf16/fp16 tensor cores on CUDA, an upcast elsewhere)."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            pass
-    return a.float() @ b.float()
-
-
 def _group_scores(block: torch.Tensor, groups: list) -> torch.Tensor:
     """block [nq, R_q, nc, R_c] float32 -> scores [G, nq, nc]."""
     scores, running_max, previous_r_c = [], None, 0
@@ -82,16 +72,6 @@ def _block_weights(block: torch.Tensor, grad_scores: torch.Tensor, groups: list)
     return weights
 
 
-def _chunks(num_queries: int, num_candidates: int, r_q: int, r_c: int, max_block_bytes: int):
-    """Yield (query slice, candidate slice) pairs whose token-similarity block fits max_block_bytes."""
-    query_chunk = max(1, min(num_queries, max_block_bytes // (4 * r_q * r_c)))
-    for q_start in range(0, num_queries, query_chunk):
-        nq = min(query_chunk, num_queries - q_start)
-        candidate_chunk = max(1, max_block_bytes // (4 * nq * r_q * r_c))
-        for c_start in range(0, num_candidates, candidate_chunk):
-            yield slice(q_start, q_start + nq), slice(c_start, min(c_start + candidate_chunk, num_candidates))
-
-
 class MatryoshkaMaxSim(torch.autograd.Function):
     """scores[g] = MaxSim at group g for every query against every candidate, with a block-recomputing backward."""
 
@@ -102,9 +82,9 @@ class MatryoshkaMaxSim(torch.autograd.Function):
         c = candidates[:, :r_c].to(compute_dtype)  # [Nc, r_c, D]
         num_q, num_c, dim = q.shape[0], c.shape[0], q.shape[-1]
         scores = torch.empty(len(groups), num_q, num_c, dtype=torch.float32, device=queries.device)
-        for qs, cs in _chunks(num_q, num_c, r_q, r_c, max_block_bytes):
+        for qs, cs in score_blocks(num_q, num_c, r_q, r_c, max_block_bytes):
             q_flat, c_flat = q[qs].reshape(-1, dim), c[cs].reshape(-1, dim)
-            block = _matmul_fp32(q_flat, c_flat.T).view(q_flat.shape[0] // r_q, r_q, c_flat.shape[0] // r_c, r_c)
+            block = matmul_fp32(q_flat, c_flat.T).view(q_flat.shape[0] // r_q, r_q, c_flat.shape[0] // r_c, r_c)
             scores[:, qs, cs] = _group_scores(block, groups)
         ctx.save_for_backward(q, c)
         ctx.groups, ctx.max_block_bytes = groups, max_block_bytes
@@ -120,15 +100,15 @@ class MatryoshkaMaxSim(torch.autograd.Function):
         grad_q = torch.zeros(num_q, r_q, dim, dtype=torch.float32, device=q.device)
         grad_c = torch.zeros(num_c, r_c, dim, dtype=torch.float32, device=c.device)
         grad_scores = grad_scores.float()
-        for qs, cs in _chunks(num_q, num_c, r_q, r_c, ctx.max_block_bytes):
+        for qs, cs in score_blocks(num_q, num_c, r_q, r_c, ctx.max_block_bytes):
             q_flat, c_flat = q[qs].reshape(-1, dim), c[cs].reshape(-1, dim)
             nq, nc = q_flat.shape[0] // r_q, c_flat.shape[0] // r_c
-            block = _matmul_fp32(q_flat, c_flat.T).view(nq, r_q, nc, r_c)
+            block = matmul_fp32(q_flat, c_flat.T).view(nq, r_q, nc, r_c)
             weights = _block_weights(block, grad_scores[:, qs, cs], groups).view(nq * r_q, nc * r_c)
             del block
             weights = weights.to(q.dtype)
-            grad_q[qs] += _matmul_fp32(weights, c_flat).view(nq, r_q, dim)
-            grad_c[cs] += _matmul_fp32(weights.T, q_flat).view(nc, r_c, dim)
+            grad_q[qs] += matmul_fp32(weights, c_flat).view(nq, r_q, dim)
+            grad_c[cs] += matmul_fp32(weights.T, q_flat).view(nc, r_c, dim)
         # Vectors beyond the largest group get no gradient.
         full_q = grad_q.new_zeros(q_shape)
         full_q[:, :r_q] = grad_q

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     recipe = load_recipe(options.config, options.overrides)
 
-    from training.lora import apply_lora, save_merged
+    from training.lora import apply_lora, save_adapter, save_merged
     from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     try:
@@ -142,12 +142,11 @@ def main(argv=None) -> int:
     if trainer.is_world_process_zero():
         final = Path(args.output_dir) / "final"
         if recipe.get("lora") is not None:
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
             if (recipe.get("export") or {}).get("merged", True):
-                save_merged(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module, final)
+                save_merged(peft_model, final)
             else:
-                from training.lora import save_adapter
-
-                save_adapter(trainer.model, final)
+                save_adapter(peft_model, final)
         else:
             trainer.save_model(str(final))
         print(f"saved {final}")

@@ -113,7 +113,6 @@ class MetaEmbedTrainer(Trainer):
         if metaembed.processor is None:
             raise ValueError("the model has no processor: load it with from_pretrained or build it with from_vlm")
         self.metaembed = metaembed
-        self.world_size_at_start = args.world_size
         has_vision = metaembed.processor.has_vision
         placeholder = args.placeholder_image == "always" or (
             args.placeholder_image == "auto" and args.world_size > 1 and has_vision
@@ -186,10 +185,7 @@ class MetaEmbedTrainer(Trainer):
     def _embed_chunk(self, model, chunk: dict, role: str) -> torch.Tensor:
         """Embeddings [rows, R, D] of one processed chunk; a placeholder row runs but only adds 0 * its output,
         which keeps the vision tower in the graph (its collectives and gradient hooks run on every process)."""
-        inputs = dict(chunk["inputs"])
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.metaembed.dtype)
-        embeddings = model(**inputs, role=role).embeddings
+        embeddings = model(**chunk["inputs"], role=role).embeddings
         placeholders = int(chunk.get("num_placeholders", 0))
         if placeholders:
             real, extra = embeddings[:-placeholders], embeddings[-placeholders:]
@@ -213,7 +209,7 @@ class MetaEmbedTrainer(Trainer):
         return loss
 
     def _record_groups(self, per_group: dict) -> None:
-        sums, _ = (self._group_sums, None) if self.model.training else (self._eval_group_sums, None)
+        sums = self._group_sums if self.model.training else self._eval_group_sums
         for name, value in per_group.items():
             sums[name] = sums.get(name, 0.0) + float(value)
         if self.model.training:
@@ -239,11 +235,9 @@ class MetaEmbedTrainer(Trainer):
             for chunk, role in plan:
                 states.append(RandomState(device))
                 parts.append(self._embed_chunk(model, chunk, role))
-        num_query_rows = sum(p.shape[0] for p, (_, role) in zip(parts, plan) if role == "query")
         cached = [p.detach().requires_grad_() for p in parts]
         queries = torch.cat([p for p, (_, role) in zip(cached, plan) if role == "query"])
         candidates = torch.cat([p for p, (_, role) in zip(cached, plan) if role == "candidate"])
-        assert queries.shape[0] == num_query_rows
         loss, per_group = self._loss_from_embeddings(queries, candidates, inputs["negative_owners"])
         self._record_groups(per_group)
         loss = loss / self.current_gradient_accumulation_steps

@@ -1,0 +1,16 @@
+"""What the benchmarks share: a random Qwen3-shaped MetaEmbed of a chosen size (R_q = 16, R_c = 64), built offline."""
+
+import tempfile
+
+from modeling_metaembed import MetaEmbedModel
+from modeling_metaembed.testing import make_tiny_checkpoint
+
+
+def sized_model(hidden_size: int, layers: int, device: str = "cpu") -> MetaEmbedModel:
+    """A random MetaEmbed on a Qwen3 decoder of `layers` layers and width `hidden_size` (MLP 3x), on `device`."""
+    sizes = {"hidden_size": hidden_size, "intermediate_size": 3 * hidden_size, "num_hidden_layers": layers,
+             "num_attention_heads": 8, "num_key_value_heads": 4}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        make_tiny_checkpoint(folder, family="qwen3", num_query_vectors=16, num_candidate_vectors=64,
+                             text_overrides=sizes)  # fmt: skip
+        return MetaEmbedModel.from_pretrained(folder).to(device)
