@@ -9,12 +9,16 @@ A query reads the last-layer states at its R_q positions, a candidate at its R_c
 Under causal attention M_c cannot change M_q, so queries are encoded as [content; M_q] only (`query_layout`).
 """
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 from transformers.utils.logging import get_logger, tqdm
 
 from .configuration_metaembed import MetaEmbedConfig, check_role
@@ -28,6 +32,49 @@ logger = get_logger(__name__)
 FAMILIES_WITH_OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama")
 FIRST_POSITION = {"paligemma": 1}  # PaliGemma counts positions from 1
 MLLAMA_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
+MODEL_CARD_NAME = "README.md"
+# sentence-transformers names the module class by its file at the checkpoint root (sentence_metaembed.py).
+SENTENCE_TRANSFORMERS_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_metaembed.MetaEmbedModule"}]
+SENTENCE_TRANSFORMERS_CONFIG = {
+    "model_type": "MultiVectorEncoder",
+    "similarity_fn_name": "maxsim",
+    "prompts": {},  # no prompts: the MetaEmbed config's default instructions apply
+    "default_prompt_name": None,
+}
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a file so that a reader sees the old content or the new one, never a part."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upload_folder_to_hub(
+    folder, repo_id: str, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
+    commit_message: str | None = None, token=None,
+):
+    """Create the Hub repository if needed (and the branch `revision`), then upload `folder` as one commit."""
+    from huggingface_hub import HfApi  # a dependency of transformers
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message or "Upload MetaEmbed model",
+    )
 
 
 @dataclass
@@ -75,6 +122,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         # Named so that a PEFT `modules_to_save` suffix match cannot also hit every q_proj/o_proj of the backbone.
         self.output_projection = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
         self.processor: MetaEmbedProcessor | None = None  # attached by from_pretrained / from_vlm
+        self.model_card: str | None = None  # the checkpoint's README.md, written back by save_pretrained
         self.post_init()
 
     # ---------------------------------------------------------------------------------------------------- forward
@@ -339,17 +387,51 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             )
         except (OSError, ValueError) as error:
             logger.warning(f"no MetaEmbed processor loaded from {pretrained_model_name_or_path}: {error}")
+        try:
+            card_file = cached_file(pretrained_model_name_or_path, MODEL_CARD_NAME, **hub_kwargs)
+        except OSError:  # no card in this checkpoint
+            card_file = None
+        if card_file is not None:
+            model.model_card = Path(card_file).read_text(encoding="utf-8")
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write a self-contained Hub folder: config.json (with auto_map), code files, safetensors weights, and
-        the processor and tokenizer files."""
+        """Write a self-contained Hub folder: config.json (with auto_map), code files, safetensors weights, the
+        processor and tokenizer files, the sentence-transformers files (modules.json and its config) and, when
+        the model carries one, its model card (README.md)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
+        folder = Path(save_directory)
+        write_text_atomic(folder / "modules.json", json.dumps(SENTENCE_TRANSFORMERS_MODULES, indent=2) + "\n")
+        write_text_atomic(
+            folder / "config_sentence_transformers.json", json.dumps(SENTENCE_TRANSFORMERS_CONFIG, indent=2) + "\n"
+        )
+        if self.model_card is not None:
+            write_text_atomic(folder / MODEL_CARD_NAME, self.model_card)
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
+        commit_message: str | None = None, token=None, max_shard_size="50GB", **unused,
+    ):
+        """Upload exactly the folder `save_pretrained` writes (code, weights, processor, sentence-transformers
+        files and `model.model_card` as README.md) to `repo_id`, as `metaembed publish` does."""
+        if unused:
+            raise TypeError(f"push_to_hub got unexpected arguments {sorted(unused)}")
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            return upload_folder_to_hub(folder, repo_id, private, revision, create_pr, commit_message, token)
+
+    def to_sentence_transformer(self, **encoder_kwargs):
+        """This model (same weights) as a sentence-transformers `MultiVectorEncoder`; needs
+        sentence-transformers>=6.2. A saved checkpoint loads the same way:
+        `MultiVectorEncoder(path_or_id, trust_remote_code=True)`."""
+        from .sentence_metaembed import to_multi_vector_encoder
+
+        return to_multi_vector_encoder(self, **encoder_kwargs)
 
 
 MetaEmbedConfig.register_for_auto_class()
 MetaEmbedModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput"]
+__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput", "upload_folder_to_hub"]

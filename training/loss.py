@@ -45,7 +45,7 @@ class MatryoshkaContrastiveLoss(nn.Module):
         negatives (K, R_c, D) and negative_owners (K,): hard negatives and the local query each belongs to.
 
     Returns:
-        (loss, {"r_qxr_c": group loss}) where loss = sum_g w_g L_g.
+        (loss, {"r_qxr_c": L_g}) where loss = sum_g w_g L_g; the unweighted group losses keep their graph.
     """
 
     def __init__(
@@ -110,7 +110,7 @@ class MatryoshkaContrastiveLoss(nn.Module):
         total, per_group = 0.0, {}
         for g, group in enumerate(self.groups):
             loss_g = nn.functional.cross_entropy(scores[g] / self.temperature, targets, reduction="sum") * scale
-            per_group[group_name(group)] = loss_g.detach()
+            per_group[group_name(group)] = loss_g
             total = total + self.weights[g] * loss_g
         return total, per_group
 

@@ -211,7 +211,7 @@ class MetaEmbedTrainer(Trainer):
     def _record_groups(self, per_group: dict) -> None:
         sums = self._group_sums if self.model.training else self._eval_group_sums
         for name, value in per_group.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
         if self.model.training:
             self._group_steps += 1
         else:
