@@ -338,6 +338,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         backbone_processor = AutoProcessor.from_pretrained(
             pretrained_model_name_or_path, trust_remote_code=trust_remote_code
         )
+        # Building the composite config resets the backbone config's attention implementation to None, and a
+        # backbone run with None gets no causal mask. Restore the one it was loaded with after building.
+        backbone_attention = vlm.config._attn_implementation
         config = MetaEmbedConfig(
             vlm_config=vlm.config,
             num_query_vectors=num_query_vectors,
@@ -361,6 +364,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if max(new_ids) >= num_rows:  # some vocabularies keep spare rows (Qwen): resize only when needed
             vlm.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
         model = cls(config, vlm=vlm)
+        model.set_attn_implementation(backbone_attention)
         model._init_meta_token_rows(new_ids, seed)
         model.processor = MetaEmbedProcessor(backbone_processor, config)
         return model

@@ -154,6 +154,20 @@ def test_from_vlm_keeps_backbone_weights_and_draws_distinct_meta_rows(tmp_path):
     assert model.config.output_dim == 32 and model.encode(["x"]).shape == (1, 8, 32)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_fresh_from_from_vlm_embeds_as_its_saved_checkpoint(tmp_path, family):
+    # Regression: building the composite config once reset the backbone's attention implementation to None,
+    # and the fresh (training) model then attended without a causal mask while the saved one did not.
+    backbone_dir = make_tiny_backbone(tmp_path / "backbone", family=family)
+    model = MetaEmbedModel.from_vlm(backbone_dir, num_query_vectors=4, num_candidate_vectors=8).eval()
+    assert model.vlm.config._attn_implementation == AutoModel.from_pretrained(backbone_dir).config._attn_implementation
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = MetaEmbedModel.from_pretrained(tmp_path / "saved")
+    inputs = ["a short text", "a longer text with several more words in it"]
+    for role in ("query", "candidate"):
+        torch.testing.assert_close(model.encode(inputs, role=role), reloaded.encode(inputs, role=role), atol=1e-5, rtol=0)
+
+
 def test_save_pretrained_writes_a_self_contained_hub_folder(tiny_checkpoint):
     folder = tiny_checkpoint("qwen2_5_vl")
     files = {path.name for path in folder.iterdir()}
