@@ -1,0 +1,1 @@
+"""The `metaembed` command line and Hub tooling: encode, score, publish, convert, card."""
