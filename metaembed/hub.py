@@ -130,21 +130,31 @@ def _root_module_refs(folder: Path) -> None:
 def stage_checkpoint(checkpoint, output_dir, *, results=None, **card_kwargs) -> list:
     """Write the exact upload folder to `output_dir` (which must not exist or be empty): the checkpoint's files
     without training leftovers, module refs at the root, the card rendered from `results` (default: the
-    checkpoint's eval_results.json). Returns the staged file names; raises PublishError when incomplete."""
+    checkpoint's eval_results.json). Returns the staged file names; raises PublishError when incomplete, in
+    which case `output_dir` is left as it was (the folder is built aside and moved into place when complete)."""
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     if not checkpoint.is_dir():
         raise PublishError(f"checkpoint {checkpoint} is not a folder")
-    if output_dir.exists() and any(output_dir.iterdir()):
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise PublishError(f"output folder {output_dir} is not empty")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(checkpoint.iterdir()):
-        if path.is_file() and not TRAINING_LEFTOVERS.match(path.name):
-            shutil.copy2(path, output_dir / path.name)
-    _root_module_refs(output_dir)
-    if results is None and (checkpoint / RESULTS_NAME).is_file():
-        results = checkpoint / RESULTS_NAME
-    write_model_card(output_dir, results, **card_kwargs)
-    return check_publishable(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        for path in sorted(checkpoint.iterdir()):
+            if path.is_file() and not TRAINING_LEFTOVERS.match(path.name):
+                shutil.copy2(path, staging / path.name)
+        _root_module_refs(staging)
+        if results is None and (checkpoint / RESULTS_NAME).is_file():
+            results = checkpoint / RESULTS_NAME
+        write_model_card(staging, results, **card_kwargs)
+        files = check_publishable(staging)
+        if output_dir.exists():
+            output_dir.rmdir()  # empty (checked above)
+        staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return files
 
 
 def publish(

@@ -116,6 +116,8 @@ def test_incomplete_checkpoints_are_refused(checkpoint, tmp_path, breakage, mess
     breakage(checkpoint)
     with pytest.raises(PublishError, match=message):
         stage_checkpoint(checkpoint, tmp_path / "upload")
+    assert not (tmp_path / "upload").exists()  # no half-staged folder left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
 def test_module_refs_to_the_installed_package_are_rewritten_to_the_root_file(checkpoint, tmp_path):

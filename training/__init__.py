@@ -17,6 +17,7 @@ from .data import (
 from .evaluation import retrieval_metrics
 from .lora import apply_lora, save_adapter, save_merged
 from .loss import MatryoshkaContrastiveLoss
+from .multi_vector_encoder import MatryoshkaMultiVectorLoss
 from .similarity import matryoshka_maxsim
 from .trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
@@ -34,6 +35,7 @@ __all__ = [
     "save_adapter",
     "save_merged",
     "MatryoshkaContrastiveLoss",
+    "MatryoshkaMultiVectorLoss",
     "matryoshka_maxsim",
     "MetaEmbedTrainer",
     "MetaEmbedTrainingArguments",
