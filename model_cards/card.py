@@ -2,13 +2,12 @@
 and an evaluation results file: every number in the card is computed from those two, none is typed in."""
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modeling_metaembed import MetaEmbedConfig
+from modeling_metaembed.modeling_metaembed import write_atomic
 
 from .results import budget_key, load_results, parse_budget
 
@@ -16,7 +15,6 @@ TEMPLATE_PATH = Path(__file__).with_name("metaembed_card.md")
 PLOT_NAME = "budget_quality.png"
 RESULTS_NAME = "eval_results.json"
 TAGS = ["metaembed", "multi-vector", "late-interaction", "matryoshka", "retrieval", "sentence-transformers"]
-TEXT_ONLY_FAMILIES = ("bert", "qwen3", "qwen2", "llama", "gemma", "gemma2", "gemma3_text", "mistral")
 
 
 def _human_bytes(count: int) -> str:
@@ -94,7 +92,7 @@ def render_model_card(
     """The card's text: YAML metadata (with a model-index entry per benchmark and budget) and the body."""
     model_name = model_name or repo_id.split("/")[-1]
     family = config.vlm_config.model_type
-    text_only = family in TEXT_ONLY_FAMILIES
+    text_only = getattr(config.vlm_config, "vision_config", None) is None  # VLM configs hold a vision part
     eval_results = []
     for benchmark in (results or {}).get("benchmarks", []):
         for key, value in sorted(benchmark["scores"].items(), key=lambda item: parse_budget(item[0])):
@@ -143,17 +141,6 @@ def render_model_card(
     return str(card)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_model_card(folder, results_path=None, **card_kwargs) -> Path:
     """Render README.md (and budget_quality.png when there are results) into a checkpoint folder.
 
@@ -166,10 +153,10 @@ def write_model_card(folder, results_path=None, **card_kwargs) -> Path:
     results = load_results(results_path) if results_path is not None else None
     if results is not None:
         if Path(results_path).resolve() != (folder / RESULTS_NAME).resolve():
-            _write_atomic(folder / RESULTS_NAME, Path(results_path).read_bytes())
-        _write_atomic(folder / PLOT_NAME, plot_quality(results))
+            write_atomic(folder / RESULTS_NAME, Path(results_path).read_bytes())
+        write_atomic(folder / PLOT_NAME, plot_quality(results))
     text = render_model_card(config, results, **card_kwargs)
-    _write_atomic(folder / "README.md", text.encode("utf-8"))
+    write_atomic(folder / "README.md", text)
     return folder / "README.md"
 
 

@@ -18,9 +18,9 @@ Format (JSON, written by the evaluation code, read by the card renderer):
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from modeling_metaembed.modeling_metaembed import write_atomic
 
 RESULTS_FORMAT = "metaembed-results/1"
 
@@ -94,11 +94,7 @@ def save_results(path, benchmarks: list, command: str | None = None) -> dict:
     check_results(data, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=2)
-        file.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
     return data
 
 

@@ -44,13 +44,13 @@ SENTENCE_TRANSFORMERS_CONFIG = {
 }
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write a file so that a reader sees the old content or the new one, never a part."""
+def write_atomic(path, data: str | bytes) -> None:
+    """Write a file (text as UTF-8, or bytes) so that a reader sees the old content or the new one, never a part."""
     path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -407,12 +407,12 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
         folder = Path(save_directory)
-        write_text_atomic(folder / "modules.json", json.dumps(SENTENCE_TRANSFORMERS_MODULES, indent=2) + "\n")
-        write_text_atomic(
+        write_atomic(folder / "modules.json", json.dumps(SENTENCE_TRANSFORMERS_MODULES, indent=2) + "\n")
+        write_atomic(
             folder / "config_sentence_transformers.json", json.dumps(SENTENCE_TRANSFORMERS_CONFIG, indent=2) + "\n"
         )
         if self.model_card is not None:
-            write_text_atomic(folder / MODEL_CARD_NAME, self.model_card)
+            write_atomic(folder / MODEL_CARD_NAME, self.model_card)
 
     def push_to_hub(
         self, repo_id: str, *, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
@@ -438,4 +438,4 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
 MetaEmbedConfig.register_for_auto_class()
 MetaEmbedModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput", "upload_folder_to_hub"]
+__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput", "upload_folder_to_hub", "write_atomic"]

@@ -238,3 +238,10 @@ def test_users_load_a_published_checkpoint_by_repo_id_from_the_hub_cache_offline
     torch.testing.assert_close(out["model"], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["encoder"], expected, atol=1e-5, rtol=0)
     assert out["card"] == (staged / "README.md").read_text()
+
+
+def test_card_of_a_text_only_backbone_is_a_text_feature_extractor(tiny_checkpoint):
+    card = render_model_card(MetaEmbedConfig.from_pretrained(tiny_checkpoint("qwen3")))
+    metadata = huggingface_hub.ModelCard(card).data.to_dict()
+    assert metadata["pipeline_tag"] == "feature-extraction" and "multimodal" not in metadata["tags"]
+    assert '"a document"' in card and "image" not in card.split("## Usage")[1].split("### sentence")[0]
