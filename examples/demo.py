@@ -48,6 +48,16 @@ def main() -> None:
         print(f"{str((r_q, r_c)):>9} | {r_c * dim * 2:>17,} | {row}")
     assert torch.isfinite(scores).all()
 
+    # The same folder is a sentence-transformers MultiVectorEncoder with the same vectors and scores.
+    from sentence_transformers import MultiVectorEncoder
+
+    encoder = MultiVectorEncoder(folder, trust_remote_code=True)
+    st_scores = encoder.similarity(encoder.encode_query(queries), encoder.encode_document(candidates))
+    full = model.similarity(query_vectors, candidate_vectors)
+    difference = (st_scores - full).abs().max().item()
+    print(f"\nsentence-transformers MultiVectorEncoder on the same folder: max |score difference| = {difference:.1e}")
+    assert difference < 1e-4
+
 
 if __name__ == "__main__":
     main()
