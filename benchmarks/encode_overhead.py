@@ -41,7 +41,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
 
     model = sized_model(args.hidden_size, args.layers, args.device).eval()
     processor = model.processor

@@ -17,7 +17,6 @@ patches it) on probe inputs and compares.
 
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modeling_metaembed import MetaEmbedModel
+from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.processing_metaembed import load_image, parse_inputs
 
 META_KEYS = ("prompt_embed_tokens.weight", "custom_text_proj.weight", "custom_text_proj.bias")
@@ -176,10 +176,7 @@ def convert(
                 raise ConversionError(
                     f"converted embeddings differ from the official forward by {difference:.2e} (> {tolerance:.0e})"
                 )
-        model.save_pretrained(work / "converted")
-        if output.exists():
-            output.rmdir()  # empty (checked above)
-        os.replace(work / "converted", output)
+        save_folder_atomically(model.save_pretrained, output)
     return difference
 
 

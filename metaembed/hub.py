@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from model_cards import RESULTS_NAME, write_model_card
+from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.modeling_metaembed import upload_folder_to_hub
 
 # Files a Trainer checkpoint holds that are not part of a published model.
@@ -137,24 +138,20 @@ def stage_checkpoint(checkpoint, output_dir, *, results=None, **card_kwargs) -> 
         raise PublishError(f"checkpoint {checkpoint} is not a folder")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise PublishError(f"output folder {output_dir} is not empty")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    if results is None and (checkpoint / RESULTS_NAME).is_file():
+        results = checkpoint / RESULTS_NAME
+    staged = []
+
+    def build(folder: Path) -> None:
         for path in sorted(checkpoint.iterdir()):
             if path.is_file() and not TRAINING_LEFTOVERS.match(path.name):
-                shutil.copy2(path, staging / path.name)
-        _root_module_refs(staging)
-        if results is None and (checkpoint / RESULTS_NAME).is_file():
-            results = checkpoint / RESULTS_NAME
-        write_model_card(staging, results, **card_kwargs)
-        files = check_publishable(staging)
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above)
-        staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return files
+                shutil.copy2(path, folder / path.name)
+        _root_module_refs(folder)
+        write_model_card(folder, results, **card_kwargs)
+        staged.extend(check_publishable(folder))  # raising here leaves output_dir untouched
+
+    save_folder_atomically(build, output_dir)
+    return staged
 
 
 def publish(

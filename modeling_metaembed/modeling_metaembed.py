@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput, cached_file
 from transformers.utils.logging import get_logger, tqdm
 
 from .configuration_metaembed import MetaEmbedConfig, check_role
-from .processing_metaembed import HUB_KWARGS, MetaEmbedProcessor, parse_inputs
+from .processing_metaembed import HUB_KWARGS, MetaEmbedProcessor, parse_inputs, write_atomic
 from .scoring_metaembed import maxsim
 
 logger = get_logger(__name__)
@@ -42,19 +42,6 @@ SENTENCE_TRANSFORMERS_CONFIG = {
     "prompts": {},  # no prompts: the MetaEmbed config's default instructions apply
     "default_prompt_name": None,
 }
-
-
-def write_atomic(path, data: str | bytes) -> None:
-    """Write a file (text as UTF-8, or bytes) so that a reader sees the old content or the new one, never a part."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def upload_folder_to_hub(
@@ -438,4 +425,4 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
 MetaEmbedConfig.register_for_auto_class()
 MetaEmbedModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput", "upload_folder_to_hub", "write_atomic"]
+__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput", "upload_folder_to_hub"]

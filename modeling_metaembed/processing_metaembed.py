@@ -13,6 +13,7 @@ single ids; the processor checks that they did.
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +28,19 @@ HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_downl
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Pixels per visual token when a backbone has no merge-based image processor (a generous generic bound).
 FALLBACK_PIXELS_PER_TOKEN = 28 * 28
+
+
+def write_atomic(path, data: str | bytes) -> None:
+    """Write a file (text as UTF-8, or bytes) so that a reader sees the old content or the new one, never a part."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class EncodeItem:
@@ -342,9 +356,7 @@ class MetaEmbedProcessor:
         data["backbone_processor_class"] = type(self.processor).__name__ if self.has_vision else "AutoTokenizer"
         data["processor_class"] = "MetaEmbedProcessor"
         data["auto_map"] = {"AutoProcessor": "processing_metaembed.MetaEmbedProcessor"}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, config: MetaEmbedConfig | None = None, **kwargs):
@@ -375,4 +387,4 @@ class MetaEmbedProcessor:
         """Called by AutoProcessor after loading remote code; the auto_map is written by `save_pretrained`."""
 
 
-__all__ = ["MetaEmbedProcessor", "EncodeItem", "parse_inputs", "load_image"]
+__all__ = ["MetaEmbedProcessor", "EncodeItem", "parse_inputs", "load_image", "write_atomic"]

@@ -6,11 +6,11 @@ The meta tokens are rows of the backbone's input embedding; PEFT trains exactly 
 `trainable_token_indices` (a raw `nn.Parameter` in `modules_to_save` would silently stay frozen).
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 from torch import nn
+
+from modeling_metaembed.folders import save_folder_atomically
 
 # Linear layers of the language model that LoRA adapts (Llama/Qwen/Gemma names; BERT names).
 LANGUAGE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,23 +79,9 @@ def apply_lora(
     return get_peft_model(model, lora_config)
 
 
-def _atomic_save(save, directory) -> Path:
-    """Run save(tmp) into a sibling temporary folder, then move it into place: a crash leaves no half folder."""
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory} exists and is not empty; choose a new folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    save(staging)
-    if directory.exists():
-        directory.rmdir()
-    os.replace(staging, directory)
-    return directory
-
-
 def save_adapter(peft_model, directory) -> Path:
     """The LoRA adapter (and trained meta-token rows) alone; load it over the base checkpoint with PEFT."""
-    return _atomic_save(peft_model.save_pretrained, directory)
+    return save_folder_atomically(peft_model.save_pretrained, directory)
 
 
 def save_merged(peft_model, directory) -> Path:
@@ -104,7 +90,7 @@ def save_merged(peft_model, directory) -> Path:
     The merge happens in place (no second copy of a large model in memory): the PEFT wrapper is used up, and the
     returned folder is the way to go on."""
     merged = peft_model.merge_and_unload()
-    return _atomic_save(merged.save_pretrained, directory)
+    return save_folder_atomically(merged.save_pretrained, directory)
 
 
 __all__ = ["apply_lora", "lora_target_modules", "save_adapter", "save_merged", "LANGUAGE_PROJECTIONS"]
