@@ -43,7 +43,7 @@ def budget_rows(config: MetaEmbedConfig, results: dict | None) -> list:
         values = []
         for benchmark in benchmarks:
             value = benchmark["scores"].get(budget_key((r_q, r_c)))
-            values.append("–" if value is None else f"{value:.4f}".rstrip("0").rstrip(".") if value else "0")
+            values.append("–" if value is None else f"{value:.4f}".rstrip("0").rstrip("."))  # 0.5000 -> 0.5
         rows.append({
             "r_q": r_q, "r_c": r_c, "bytes": _human_bytes(r_c * dim * 2), "flops": _human_flops(2 * r_q * r_c * dim),
             "scores": values,
