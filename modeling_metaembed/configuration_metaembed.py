@@ -7,16 +7,21 @@ Everything needed to rebuild and run a checkpoint lives here and therefore in it
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .configuration_litevl import LiteVLConfig  # noqa: F401  importing it registers the LiteVL backbone with AutoConfig
+
 ROLES = ("query", "candidate")
 
 DEFAULT_MATRYOSHKA_GROUPS = [[1, 1], [2, 4], [4, 8], [8, 16], [16, 64]]
 
 # Families whose attention over the appended meta tokens is bidirectional: a query must then be encoded with
 # the full official layout [content; M_q; M_c], because the candidate tokens after M_q can change M_q's states.
-BIDIRECTIONAL_FAMILIES = ("bert", "paligemma")
+BIDIRECTIONAL_FAMILIES = ("bert", "paligemma", "litevl")
 
 
 POOLINGS = ("meta_tokens", "last_token", "mean", "segment_mean")
+META_ATTENTIONS = ("backbone", "segments")
+# Bidirectional families that take an explicit [B, 1, L, L] attention mask, so "segments" can be applied.
+SEGMENT_MASK_FAMILIES = ("bert", "litevl")
 
 
 class MetaEmbedConfig(PreTrainedConfig):
@@ -43,6 +48,10 @@ class MetaEmbedConfig(PreTrainedConfig):
         max_image_tokens (`int`, defaults to 1024): images are downscaled so they take at most about this
             many visual tokens (the Qwen default of 16,384 runs out of memory).
         padding_side (`str`): side the processor pads on; embeddings do not depend on it.
+        meta_attention (`str`): "backbone" leaves attention as the backbone has it. "segments" (bidirectional
+            encoders: bert, litevl) masks it by segment as a causal backbone would: content tokens do not see
+            the meta tokens (they keep their pretrained states), M_q does not see M_c, so queries are exactly
+            `[content; M_q]`. Defaults to "segments" for litevl, "backbone" otherwise.
         pooling (`str`, defaults to "meta_tokens"): how states become vectors. "meta_tokens" is MetaEmbed. The
             paper's Table 5 baselines append no meta tokens: "last_token" and "mean" (one vector per input: set
             R_q = R_c = 1) and "segment_mean" (the real tokens cut into R_q or R_c contiguous segments, each
@@ -67,6 +76,7 @@ class MetaEmbedConfig(PreTrainedConfig):
     max_image_tokens: int = 1024
     padding_side: str = "right"
     pooling: str = "meta_tokens"
+    meta_attention: str | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -91,8 +101,17 @@ class MetaEmbedConfig(PreTrainedConfig):
             self.candidate_meta_tokens = [f"<|meta_candidate_{i}|>" for i in range(r_c)]
         if len(self.query_meta_tokens) != r_q or len(self.candidate_meta_tokens) != r_c:
             raise ValueError("there must be one meta token per query vector and one per candidate vector")
+        family = self.vlm_config.model_type
+        if self.meta_attention is None:
+            self.meta_attention = "segments" if family == "litevl" else "backbone"
+        if self.meta_attention not in META_ATTENTIONS:
+            raise ValueError(f"meta_attention must be one of {META_ATTENTIONS}, got {self.meta_attention!r}")
+        if self.meta_attention == "segments" and family not in SEGMENT_MASK_FAMILIES:
+            raise ValueError(f"meta_attention='segments' needs a bidirectional encoder {SEGMENT_MASK_FAMILIES}, not {family}")
         if self.query_layout is None:
-            self.query_layout = "full" if self.vlm_config.model_type in BIDIRECTIONAL_FAMILIES else "query_only"
+            # Segment masking makes M_c invisible to M_q, as causal attention does.
+            bidirectional = family in BIDIRECTIONAL_FAMILIES and self.meta_attention == "backbone"
+            self.query_layout = "full" if bidirectional else "query_only"
         if self.query_layout not in ("query_only", "full"):
             raise ValueError(f"query_layout must be 'query_only' or 'full', got {self.query_layout!r}")
         if self.prompt_templates is None:

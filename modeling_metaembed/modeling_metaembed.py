@@ -21,6 +21,8 @@ from transformers import AutoModel, AutoProcessor, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils.logging import get_logger, tqdm
 
+from .modeling_litevl import LiteVLModel
+from .processing_litevl import LiteVLProcessor
 from .configuration_metaembed import MetaEmbedConfig, check_role
 from .processing_metaembed import HUB_KWARGS, MetaEmbedProcessor, parse_inputs, write_atomic
 from .scoring_metaembed import maxsim
@@ -32,6 +34,9 @@ logger = get_logger(__name__)
 FAMILIES_WITH_OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama")
 FIRST_POSITION = {"paligemma": 1}  # PaliGemma counts positions from 1
 MLLAMA_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
+# Backbones whose code ships with MetaEmbed itself (not in transformers), by model type.
+BACKBONES_SHIPPED_HERE = {"litevl": LiteVLModel}
 
 MODEL_CARD_NAME = "README.md"
 # sentence-transformers names the module class by its file at the checkpoint root (sentence_metaembed.py).
@@ -105,7 +110,12 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
 
     def __init__(self, config: MetaEmbedConfig, vlm: PreTrainedModel | None = None):
         super().__init__(config)
-        self.vlm = vlm if vlm is not None else AutoModel.from_config(config.vlm_config)
+        if vlm is None:
+            # LiteVL is built directly: under remote code its config class comes from another module copy than the
+            # one AutoModel registered, so a lookup by config class would miss it.
+            backbone_class = BACKBONES_SHIPPED_HERE.get(config.vlm_config.model_type)
+            vlm = backbone_class(config.vlm_config) if backbone_class else AutoModel.from_config(config.vlm_config)
+        self.vlm = vlm
         # Named so that a PEFT `modules_to_save` suffix match cannot also hit every q_proj/o_proj of the backbone.
         self.output_projection = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
         self.processor: MetaEmbedProcessor | None = None  # attached by from_pretrained / from_vlm
@@ -169,7 +179,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             backbone_inputs["pixel_values"] = pixel_values.to(self.dtype)
         if getattr(self.config.get_text_config(), "use_cache", False):
             backbone_inputs["use_cache"] = False
-        hidden = self._backbone_states(input_ids, attention_mask, backbone_inputs)  # [B, L, H]
+        backbone_mask = attention_mask
+        if self.config.meta_attention == "segments" and self.config.pooling == "meta_tokens":
+            backbone_mask = self._segment_mask(input_ids, attention_mask)
+        hidden = self._backbone_states(input_ids, backbone_mask, backbone_inputs)  # [B, L, H]
 
         if self.config.pooling != "meta_tokens":
             states = self._pool_content(hidden, attention_mask, role)  # [B, R, H]
@@ -179,6 +192,25 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             states = self.output_projection(states)
         embeddings = nn.functional.normalize(states.float(), p=2, dim=-1)  # [B, R, D] float32
         return MetaEmbedOutput(embeddings=embeddings, last_hidden_state=hidden if output_hidden_states else None)
+
+    def _segment_mask(self, input_ids, attention_mask) -> torch.Tensor:
+        """[B, 1, L, L] attention mask of meta_attention="segments": a token sees the real tokens of its own segment
+        and of earlier ones (content = 0, M_q = 1, M_c = 2), as under causal attention between segments. Tokens
+        the tokenizer puts after the meta tokens (BERT's [SEP]) form a last segment (3) that no meta token sees:
+        its position differs between the query layouts."""
+        is_query_meta = torch.isin(input_ids, self._role_token_ids("query", input_ids.device))
+        is_candidate_meta = torch.isin(input_ids, self._role_token_ids("candidate", input_ids.device))
+        is_meta = is_query_meta | is_candidate_meta
+        segment = torch.where(is_meta.long().cummax(dim=1).values.bool(), 3, 0)  # 3 after the first meta token
+        segment[is_query_meta] = 1
+        segment[is_candidate_meta] = 2
+        visible = (segment.unsqueeze(2) >= segment.unsqueeze(1)) & attention_mask.bool().unsqueeze(1)  # [B, Lq, Lk]
+        if self.config.vlm_config._attn_implementation == "sdpa":
+            return visible.unsqueeze(1)  # boolean: True attends
+        dtype = self.vlm.get_input_embeddings().weight.dtype  # eager adds the mask to the scores
+        return torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill(
+            ~visible, torch.finfo(dtype).min
+        ).unsqueeze(1)
 
     def _meta_states(self, hidden, input_ids, role: str) -> torch.Tensor:
         # Find each meta token of the role in each row: robust to padding on either side and to suffixes that
@@ -322,9 +354,12 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         vlm = AutoModel.from_pretrained(
             pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
         )
-        backbone_processor = AutoProcessor.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=trust_remote_code
-        )
+        if vlm.config.model_type == "litevl":  # its processor ships here, not in transformers
+            backbone_processor = LiteVLProcessor.from_pretrained(pretrained_model_name_or_path, config=vlm.config)
+        else:
+            backbone_processor = AutoProcessor.from_pretrained(
+                pretrained_model_name_or_path, trust_remote_code=trust_remote_code
+            )
         # Building the composite config resets the backbone config's attention implementation to None, and a
         # backbone run with None gets no causal mask. Restore the one it was loaded with after building.
         backbone_attention = vlm.config._attn_implementation

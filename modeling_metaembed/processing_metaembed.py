@@ -206,6 +206,8 @@ class MetaEmbedProcessor:
             else:
                 content = body
             prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        elif self.has_vision and item.image is not None and self.family != "paligemma":
+            prompt = self.processor.image_token + body  # no chat template: the image placeholder leads the text
         else:
             prompt = body
         return prompt
@@ -371,6 +373,8 @@ class MetaEmbedProcessor:
         with open(config_file, encoding="utf-8") as handle:
             class_name = json.load(handle).get("backbone_processor_class")
         backbone_class = getattr(transformers, class_name, None) if class_name else None
+        if class_name == "LiteVLProcessor":  # the one backbone processor that ships with MetaEmbed itself
+            from .processing_litevl import LiteVLProcessor as backbone_class
         if backbone_class is None:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: {PROCESSOR_CONFIG_NAME} names backbone processor class "

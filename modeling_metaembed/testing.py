@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerFast
 
 from .modeling_metaembed import MetaEmbedModel
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "mllama", "qwen3", "bert")
-VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "mllama")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "mllama", "qwen3", "bert", "litevl")
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "mllama", "litevl")
 
 # Chat templates in the families' own formats, reduced to what an embedding prompt needs: user turns with text
 # and image placeholders, closed turns, no generation prompt.
@@ -170,6 +170,30 @@ def _bert(folder: Path):
     return transformers.BertModel(config, add_pooling_layer=False), tokenizer
 
 
+def _litevl(folder: Path):
+    """A narrow EfficientNet-Lite (width 0.25, 64-channel head) on 64-px images (a 2x2 grid: 4 image tokens)
+    inside the tiny BERT."""
+    from .configuration_litevl import EfficientNetLiteConfig, LiteVLConfig
+    from .modeling_litevl import LiteVLModel
+    from .processing_litevl import LiteVLImageProcessor, LiteVLProcessor
+
+    tokenizer = _bert_tokenizer(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[IMG]"]}, replace_extra_special_tokens=False)
+    text = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)  # fmt: skip
+    vision = EfficientNetLiteConfig(width_coefficient=0.25, image_size=64, hidden_size=64)
+    config = LiteVLConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("[IMG]"))
+    model = LiteVLModel(config)
+    with torch.no_grad():  # non-trivial batch-norm statistics, so the frozen norms are exercised
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    processor = LiteVLProcessor(tokenizer, LiteVLImageProcessor(64), "[IMG]", config.num_image_tokens)
+    return model, processor
+
+
 def make_tiny_backbone(path, family: str = "qwen2_5_vl", seed: int = 0, text_overrides: dict | None = None) -> Path:
     """Write a tiny random backbone checkpoint of `family` (weights, config, processor or tokenizer) to `path`,
     in the layout its family's published checkpoints have. `text_overrides` resizes the decoder text model of the
@@ -177,8 +201,8 @@ def make_tiny_backbone(path, family: str = "qwen2_5_vl", seed: int = 0, text_ove
     tiny vision towers' output, 64, for the vision families)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
-    if text_overrides and family == "bert":
-        raise ValueError("text_overrides applies to the decoder families, not bert")
+    if text_overrides and family in ("bert", "litevl"):
+        raise ValueError(f"text_overrides applies to the decoder families, not {family}")
     sizes = {**_TEXT_SIZES, **(text_overrides or {})}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -191,6 +215,8 @@ def make_tiny_backbone(path, family: str = "qwen2_5_vl", seed: int = 0, text_ove
         model, processor = _mllama(sizes)
     elif family == "qwen3":
         model, processor = _qwen3(sizes)
+    elif family == "litevl":
+        model, processor = _litevl(path)
     else:
         model, processor = _bert(path)
     model.save_pretrained(path)

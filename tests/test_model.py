@@ -53,8 +53,9 @@ def test_prefix_property(tiny_model, family):
     assert torch.equal(model.encode_queries(inputs, num_vectors=2), queries[:, :2])
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "mllama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "mllama", "qwen3", "litevl"])
 def test_causal_query_layout_equals_full_official_layout(tiny_model, family):
+    # litevl is bidirectional, but its default meta_attention="segments" hides M_c from M_q as causal attention does
     model = tiny_model(family)
     assert model.config.query_layout == "query_only"
     inputs = mixed_inputs(family)
@@ -75,6 +76,22 @@ def test_bidirectional_families_keep_the_full_layout(tiny_model, family):
     assert model.config.query_layout == "full"
     ids = model.processor(["some text"], role="query")["input_ids"][0].tolist()
     assert all(i in ids for i in model.config.query_meta_token_ids + model.config.candidate_meta_token_ids)
+
+
+def test_segment_attention_is_what_makes_the_short_query_layout_exact(tiny_model, tmp_path):
+    model = tiny_model("litevl")
+    inputs = mixed_inputs("litevl")
+    for attention, should_match in (("segments", True), ("backbone", False)):
+        model.config.meta_attention = attention
+        try:
+            short = model.encode_queries(inputs)
+            model.config.query_layout = "full"
+            full = model.encode_queries(inputs)
+        finally:
+            model.config.query_layout, model.config.meta_attention = "query_only", "segments"
+        assert ((short - full).abs().max() <= TOL) == should_match, attention
+    with pytest.raises(ValueError, match="segments"):
+        MetaEmbedConfig(vlm_config={"model_type": "qwen3"}, meta_attention="segments")
 
 
 def test_meta_tokens_follow_the_whole_prompt(tiny_model):
@@ -171,7 +188,8 @@ def test_a_model_fresh_from_from_vlm_embeds_as_its_saved_checkpoint(tmp_path, fa
 def test_save_pretrained_writes_a_self_contained_hub_folder(tiny_checkpoint):
     folder = tiny_checkpoint("qwen2_5_vl")
     files = {path.name for path in folder.iterdir()}
-    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py"}
+    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py",
+            "configuration_litevl.py", "modeling_litevl.py", "processing_litevl.py", "sentence_metaembed.py"}
     assert code <= files and "model.safetensors" in files and "tokenizer.json" in files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {

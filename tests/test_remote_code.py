@@ -40,7 +40,7 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "bert"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "bert", "litevl"])
 def test_fresh_process_loads_with_trust_remote_code_and_embeds_bit_identically(tiny_checkpoint, tmp_path, family):
     folder = tiny_checkpoint(family)
     image_path = "-"
