@@ -11,10 +11,8 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 from transformers.utils import cached_file
 
-from .processing_metaembed import write_atomic
+from .processing_metaembed import HUB_KWARGS, PROCESSOR_CONFIG_NAME, write_atomic
 
-PROCESSOR_CONFIG_NAME = "processor_config.json"
-HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
 # EfficientNet-Lite was trained on pixels scaled as (x - 127) / 128.
 LITE_MEAN, LITE_STD = [127.0 / 255] * 3, [128.0 / 255] * 3
 
