@@ -21,6 +21,7 @@ from pathlib import Path
 
 from metaembed.quickstart import QuickstartSettings, load_data, ridge_reference, run_quickstart
 from metaembed.twemoji import DIRECTIONS
+from modeling_metaembed.processing_metaembed import write_atomic
 
 VARIANTS = {
     "metaembed": {},
@@ -97,8 +98,8 @@ def main(argv=None) -> None:
         "chance": 1 / len(test_pairs), "variants": variants, "ridge": ridge_reference(train_pairs, test_pairs, base.image_size),
     }  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (output / "results.md").write_text(markdown(results))
+    write_atomic(output / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(output / "results.md", markdown(results))
     print(markdown(results))
 
 

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from modeling_metaembed.configuration_litevl import EfficientNetLiteConfig, LiteVLConfig
 from modeling_metaembed.folders import save_folder_atomically
-from modeling_metaembed.modeling_litevl import LiteVLModel
+from modeling_metaembed.modeling_litevl import EfficientNetLite, LiteVLModel
 from modeling_metaembed.processing_litevl import LiteVLImageProcessor, LiteVLProcessor
 
 IMAGE_TOKEN = "[IMG]"
@@ -61,6 +61,14 @@ def efficientnet_lite_state_dict(weights_path) -> dict:
             continue
         mapped[".".join(part.lstrip("_") for part in name.split("."))] = tensor
     return mapped
+
+
+def pretrained_efficientnet_lite(variant: str = "lite0", image_size: int | None = None) -> EfficientNetLite:
+    """The packaged ImageNet EfficientNet-Lite (up to its head), in eval mode; `image_size` defaults to the variant's."""
+    config = EfficientNetLiteConfig.from_variant(variant, **({"image_size": image_size} if image_size else {}))
+    tower = EfficientNetLite(config).eval()
+    tower.load_state_dict(efficientnet_lite_state_dict(efficientnet_lite_weights(variant)), strict=True)
+    return tower
 
 
 def build_litevl(
@@ -112,4 +120,4 @@ def build_litevl(
     return save_folder_atomically(write, output_dir)
 
 
-__all__ = ["build_litevl", "minilm_path", "efficientnet_lite_weights", "efficientnet_lite_state_dict"]
+__all__ = ["build_litevl", "pretrained_efficientnet_lite", "minilm_path", "efficientnet_lite_weights", "efficientnet_lite_state_dict"]

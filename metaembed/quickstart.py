@@ -23,6 +23,7 @@ import torch
 from model_cards.card import PLOT_NAME, RESULTS_NAME, write_model_card
 from model_cards.results import budget_key, save_results
 from modeling_metaembed import MetaEmbedModel
+from modeling_metaembed.processing_metaembed import write_atomic
 
 from .backbones import build_litevl
 from .twemoji import ATTRIBUTION, DIRECTIONS, retrieval_records, split_pairs, twemoji_pairs
@@ -215,7 +216,7 @@ def run_quickstart(settings: QuickstartSettings, command: str | None = None, log
             )
             shutil.copyfile(checkpoint / PLOT_NAME, output / PLOT_NAME)
             summary["checkpoint"] = str(checkpoint)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -249,15 +250,12 @@ def frozen_features(pairs: list, image_size: int = 160, batch_size: int = 64) ->
     all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length, as published)) of frozen pretrained models."""
     from transformers import AutoModel, AutoTokenizer
 
-    from modeling_metaembed.configuration_litevl import EfficientNetLiteConfig
-    from modeling_metaembed.modeling_litevl import EfficientNetLite
     from modeling_metaembed.processing_litevl import LiteVLImageProcessor
     from modeling_metaembed.processing_metaembed import load_image
 
-    from .backbones import efficientnet_lite_state_dict, efficientnet_lite_weights, minilm_path
+    from .backbones import minilm_path, pretrained_efficientnet_lite
 
-    tower = EfficientNetLite(EfficientNetLiteConfig.from_variant("lite0", image_size=image_size)).eval()
-    tower.load_state_dict(efficientnet_lite_state_dict(efficientnet_lite_weights("lite0")))
+    tower = pretrained_efficientnet_lite("lite0", image_size)
     images = LiteVLImageProcessor(image_size)
     tokenizer, text_model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
     image_features, text_features = [], []
@@ -280,8 +278,9 @@ def _recall_at_1(queries: torch.Tensor, candidates: torch.Tensor) -> float:
 def ridge_reference(train_pairs: list, test_pairs: list, image_size: int = 160) -> dict:
     """The trivial reference: ridge regression from frozen image features to frozen caption embeddings, scored
     by cosine. Its penalty is picked on the last fifth of the training split. Returns R@1 per direction."""
-    x_train, y_train = frozen_features(train_pairs, image_size)
-    x_test, y_test = frozen_features(test_pairs, image_size)
+    x_all, y_all = frozen_features(train_pairs + test_pairs, image_size)  # load the frozen models once
+    cut_test = len(train_pairs)
+    x_train, y_train, x_test, y_test = x_all[:cut_test], y_all[:cut_test], x_all[cut_test:], y_all[cut_test:]
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
 
     def fit(x, y, penalty):

@@ -35,8 +35,8 @@ FAMILIES_WITH_OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama")
 FIRST_POSITION = {"paligemma": 1}  # PaliGemma counts positions from 1
 MLLAMA_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
-# Backbones whose code ships with MetaEmbed itself (not in transformers), by model type.
-BACKBONES_SHIPPED_HERE = {"litevl": LiteVLModel}
+# Backbones whose code ships with MetaEmbed itself (not in transformers), by model type: (model, processor).
+BACKBONES_SHIPPED_HERE = {"litevl": (LiteVLModel, LiteVLProcessor)}
 
 MODEL_CARD_NAME = "README.md"
 # sentence-transformers names the module class by its file at the checkpoint root (sentence_metaembed.py).
@@ -113,8 +113,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if vlm is None:
             # LiteVL is built directly: under remote code its config class comes from another module copy than the
             # one AutoModel registered, so a lookup by config class would miss it.
-            backbone_class = BACKBONES_SHIPPED_HERE.get(config.vlm_config.model_type)
-            vlm = backbone_class(config.vlm_config) if backbone_class else AutoModel.from_config(config.vlm_config)
+            shipped = BACKBONES_SHIPPED_HERE.get(config.vlm_config.model_type)
+            vlm = shipped[0](config.vlm_config) if shipped else AutoModel.from_config(config.vlm_config)
         self.vlm = vlm
         # Named so that a PEFT `modules_to_save` suffix match cannot also hit every q_proj/o_proj of the backbone.
         self.output_projection = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
@@ -354,8 +354,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         vlm = AutoModel.from_pretrained(
             pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
         )
-        if vlm.config.model_type == "litevl":  # its processor ships here, not in transformers
-            backbone_processor = LiteVLProcessor.from_pretrained(pretrained_model_name_or_path, config=vlm.config)
+        shipped = BACKBONES_SHIPPED_HERE.get(vlm.config.model_type)
+        if shipped:  # its processor ships here, not in transformers
+            backbone_processor = shipped[1].from_pretrained(pretrained_model_name_or_path, config=vlm.config)
         else:
             backbone_processor = AutoProcessor.from_pretrained(
                 pretrained_model_name_or_path, trust_remote_code=trust_remote_code

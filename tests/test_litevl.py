@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metaembed.backbones import build_litevl, efficientnet_lite_state_dict, efficientnet_lite_weights
+from metaembed.backbones import build_litevl, efficientnet_lite_weights, pretrained_efficientnet_lite
 from metaembed.twemoji import DIRECTIONS, retrieval_records, split_pairs, twemoji_pairs
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.configuration_litevl import EfficientNetLiteConfig
@@ -23,9 +23,7 @@ MILITARY_UNIFORM = 652  # ImageNet class of the photo of Grace Hopper in uniform
 
 @pytest.fixture(scope="module")
 def lite0():
-    tower = EfficientNetLite(EfficientNetLiteConfig.from_variant("lite0")).eval()
-    tower.load_state_dict(efficientnet_lite_state_dict(efficientnet_lite_weights("lite0")), strict=True)
-    return tower
+    return pretrained_efficientnet_lite("lite0")
 
 
 def photo_pixels(size=224):
