@@ -80,6 +80,17 @@ def test_loss_equals_the_papers_equations_with_own_hard_negatives():
     assert sum(w * float(v) for w, v in zip(weights, per_group.values())) == pytest.approx(expected, rel=1e-5)
 
 
+def test_mean_normalization_divides_each_groups_scores_by_its_query_vectors():
+    queries, positives, negatives = unit(4, 8, 16), unit(4, 16, 16, seed=1), unit(3, 16, 16, seed=2)
+    owners = torch.tensor([0, 2, 2])
+    _, per_group = MatryoshkaContrastiveLoss(GROUPS, temperature=0.1, score_normalization="mean")(
+        queries, positives, negatives, owners
+    )
+    for (r_q, r_c), value in zip(GROUPS, per_group.values()):
+        expected = hand_loss(queries, positives, negatives, owners.tolist(), [(r_q, r_c)], 0.1 * r_q, [1.0])
+        assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_shared_hard_negatives_are_negatives_for_every_query():
     queries, positives, negatives = unit(3, 8, 16), unit(3, 16, 16, seed=1), unit(2, 16, 16, seed=2)
     owners = torch.tensor([0, 1])
@@ -113,6 +124,8 @@ def test_bad_loss_settings_and_inputs():
         MatryoshkaContrastiveLoss(GROUPS, temperature=0)
     with pytest.raises(ValueError, match="hard_negatives"):
         MatryoshkaContrastiveLoss(GROUPS, hard_negatives="all")
+    with pytest.raises(ValueError, match="score_normalization"):
+        MatryoshkaContrastiveLoss(GROUPS, score_normalization="max")
     loss_fn = MatryoshkaContrastiveLoss(GROUPS)
     with pytest.raises(ValueError, match="one positive per query"):
         loss_fn(unit(3, 8, 16), unit(2, 16, 16))

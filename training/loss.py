@@ -22,6 +22,7 @@ from .distributed import all_reduce_sum, gather_rows_with_grad, rank, world_size
 from .similarity import DEFAULT_MAX_BLOCK_BYTES, check_groups, matryoshka_maxsim, paired_matryoshka_maxsim
 
 HARD_NEGATIVE_SCOPES = ("own", "shared")
+SCORE_NORMALIZATIONS = ("sum", "mean")
 
 
 def group_name(group) -> str:
@@ -35,6 +36,12 @@ class MatryoshkaContrastiveLoss(nn.Module):
         groups: nested budgets [(r_q, r_c), ...] (e.g. `config.matryoshka_groups`).
         weights: one weight per group (default 1 each: the paper's plain sum).
         temperature: tau of the softmax (paper: 0.03).
+        score_normalization: "sum" (paper): a group's logits are its MaxSim scores (a sum over r_q query vectors)
+            over tau, so their range grows with r_q; "mean": each group's scores are divided by its r_q first,
+            so every group has the same logit range (1/tau). From a backbone whose fresh meta-token vectors are
+            nearly alike across inputs, the "sum" logits of large groups start far too sharp, and a small model
+            can collapse to the uniform loss log(B) (measured on the quickstart; see README). Rankings at
+            inference are the same either way.
         hard_negatives: "own" (paper): a query's hard negatives are extra columns of its own row only;
             "shared": every hard negative of the global batch is a negative for every query.
         gather_across_ranks: gather candidates from every rank (in-batch negatives across GPUs).
@@ -54,6 +61,7 @@ class MatryoshkaContrastiveLoss(nn.Module):
         weights=None,
         temperature: float = 0.03,
         hard_negatives: str = "own",
+        score_normalization: str = "sum",
         gather_across_ranks: bool = True,
         compute_dtype: torch.dtype | None = None,
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
@@ -70,7 +78,10 @@ class MatryoshkaContrastiveLoss(nn.Module):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if hard_negatives not in HARD_NEGATIVE_SCOPES:
             raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVE_SCOPES}, got {hard_negatives!r}")
+        if score_normalization not in SCORE_NORMALIZATIONS:
+            raise ValueError(f"score_normalization must be one of {SCORE_NORMALIZATIONS}, got {score_normalization!r}")
         self.weights = [float(w) for w in weights]
+        self.score_normalization = score_normalization
         self.temperature = float(temperature)
         self.hard_negatives = hard_negatives
         self.gather_across_ranks = gather_across_ranks
@@ -109,7 +120,8 @@ class MatryoshkaContrastiveLoss(nn.Module):
         scale = (world_size() if distributed else 1) / global_queries
         total, per_group = 0.0, {}
         for g, group in enumerate(self.groups):
-            loss_g = nn.functional.cross_entropy(scores[g] / self.temperature, targets, reduction="sum") * scale
+            divisor = self.temperature * (group[0] if self.score_normalization == "mean" else 1)
+            loss_g = nn.functional.cross_entropy(scores[g] / divisor, targets, reduction="sum") * scale
             per_group[group_name(group)] = loss_g
             total = total + self.weights[g] * loss_g
         return total, per_group

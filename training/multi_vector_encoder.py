@@ -26,7 +26,8 @@ class MatryoshkaMultiVectorLoss(nn.Module):
     Args:
         model: the `MultiVectorEncoder` (a MetaEmbed checkpoint loaded with trust_remote_code=True).
         groups: the budgets; defaults to the checkpoint's `config.matryoshka_groups`.
-        weights, temperature, hard_negatives: as in `MatryoshkaContrastiveLoss` (tau 0.03, weights 1, "own").
+        weights, temperature, hard_negatives, score_normalization: as in `MatryoshkaContrastiveLoss` (tau 0.03,
+            weights 1, "own", "sum").
         gather_across_devices: in-batch negatives from every process under DDP.
 
     Returns a dict {"loss_<r_q>x<r_c>": w_g L_g}: sentence-transformers logs each and sums them.
@@ -34,7 +35,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
 
     def __init__(
         self, model, groups=None, weights=None, temperature: float = 0.03, hard_negatives: str = "own",
-        gather_across_devices: bool = True,
+        score_normalization: str = "sum", gather_across_devices: bool = True,
     ):
         super().__init__()
         self.model = model
@@ -44,6 +45,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             weights=weights,
             temperature=temperature,
             hard_negatives=hard_negatives,
+            score_normalization=score_normalization,
             gather_across_ranks=gather_across_devices,
         )
 
@@ -70,6 +72,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             "weights": self.objective.weights,
             "temperature": self.objective.temperature,
             "hard_negatives": self.objective.hard_negatives,
+            "score_normalization": self.objective.score_normalization,
         }
 
 

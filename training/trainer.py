@@ -15,7 +15,7 @@ from transformers.utils import logging
 
 from .data import ContrastiveDataset, MetaEmbedCollator, SourceBatchSampler
 from .evaluation import retrieval_metrics
-from .loss import HARD_NEGATIVE_SCOPES, MatryoshkaContrastiveLoss
+from .loss import HARD_NEGATIVE_SCOPES, SCORE_NORMALIZATIONS, MatryoshkaContrastiveLoss
 from .similarity import check_groups
 
 logger = logging.get_logger(__name__)
@@ -33,6 +33,10 @@ class MetaEmbedTrainingArguments(TrainingArguments):
     temperature: float = field(default=0.03, metadata={"help": "InfoNCE temperature tau (paper: 0.03)."})
     hard_negatives: str = field(
         default="own", metadata={"help": "'own': a query's hard negatives score against it only (paper); 'shared'."}
+    )
+    score_normalization: str = field(
+        default="sum",
+        metadata={"help": "'sum': logits are MaxSim / tau (paper); 'mean': MaxSim / (r_q * tau), one range for all groups."},
     )
     gradcache_chunk_size: int | None = field(
         default=None, metadata={"help": "GradCache: rows per forward chunk (None: off, one forward per side)."}
@@ -54,6 +58,10 @@ class MetaEmbedTrainingArguments(TrainingArguments):
             self.matryoshka_groups = [list(g) for g in check_groups(self.matryoshka_groups)]
         if self.hard_negatives not in HARD_NEGATIVE_SCOPES:
             raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVE_SCOPES}, got {self.hard_negatives!r}")
+        if self.score_normalization not in SCORE_NORMALIZATIONS:
+            raise ValueError(
+                f"score_normalization must be one of {SCORE_NORMALIZATIONS}, got {self.score_normalization!r}"
+            )
         if self.placeholder_image not in PLACEHOLDER_MODES:
             raise ValueError(f"placeholder_image must be one of {PLACEHOLDER_MODES}, got {self.placeholder_image!r}")
         if self.gradcache_chunk_size is not None and self.gradcache_chunk_size < 1:
@@ -134,6 +142,7 @@ class MetaEmbedTrainer(Trainer):
                 weights=args.group_weights,
                 temperature=args.temperature,
                 hard_negatives=args.hard_negatives,
+                score_normalization=args.score_normalization,
                 max_block_bytes=args.similarity_block_mb * 1024 * 1024,
             )
         self.loss_fn = loss
