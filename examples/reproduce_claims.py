@@ -1,6 +1,6 @@
-"""The paper's claims at small scale, on the quickstart's data, over several seeds (CPU, about an hour for 3 seeds).
+"""The paper's claims at small scale, on the quickstart's data, over several seeds (CPU).
 
-    python examples/reproduce_claims.py --seeds 0 1 2            # writes runs/reproduce/{results.json,results.md}
+    python examples/reproduce_claims.py --seeds 0 1 2 --image-size 96   # ~55 min; runs/reproduce/results.{json,md}
 
 Trains, with identical settings apart from the one under test:
 - metaembed:   MetaEmbed with the MMR loss (every group), evaluated at every budget (test-time scaling);
@@ -45,34 +45,39 @@ def run_variant(base: QuickstartSettings, name: str, seed: int, output: Path) ->
 
 
 def aggregate(summaries: list) -> dict:
-    """{direction: {budget: {"mean", "std", "values"}}} of Recall@1 over the seeds."""
+    """{metric: {direction: {budget: {"mean", "std", "values"}}}} of Recall@1 and MRR over the seeds."""
     table = {}
-    for direction in DIRECTIONS:
-        budgets = summaries[0]["quality"][direction]["recall@1"]
-        table[direction] = {}
-        for key in budgets:
-            values = [s["quality"][direction]["recall@1"][key] for s in summaries]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            table[direction][key] = {"mean": statistics.fmean(values), "std": std, "values": values}
+    for metric in ("recall@1", "mrr"):
+        table[metric] = {}
+        for direction in DIRECTIONS:
+            table[metric][direction] = {}
+            for key in summaries[0]["quality"][direction][metric]:
+                values = [s["quality"][direction][metric][key] for s in summaries]
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                table[metric][direction][key] = {"mean": statistics.fmean(values), "std": std, "values": values}
     return table
 
 
 def markdown(results: dict) -> str:
     seeds = len(results["seeds"])
     lines = [
-        f"Recall@1 on {results['test_pairs']} held-out Twemoji pairs, mean ± std over {seeds} seeds "
-        f"(chance {results['chance']:.4f})",
+        f"{results['test_pairs']} held-out Twemoji pairs, mean ± std over {seeds} seeds "
+        f"(chance: Recall@1 {results['chance']:.4f}, MRR {results['chance_mrr']:.4f})",
         "",
-        "| model | budget (r_q, r_c) | text → image | image → text |",
-        "|---|---|---|---|",
+        "| model | budget (r_q, r_c) | R@1 text → image | R@1 image → text | MRR text → image | MRR image → text |",
+        "|---|---|---|---|---|---|",
     ]
     for name, table in results["variants"].items():
-        for key in table["text-to-image"]:
-            cells = [f"{table[d][key]['mean']:.3f} ± {table[d][key]['std']:.3f}" for d in DIRECTIONS]
-            lines.append(f"| {name} | ({key.replace('x', ', ')}) | {cells[0]} | {cells[1]} |")
-    ridge = results["ridge"]
-    lines.append(f"| ridge (frozen features, no training) | – | {ridge['text-to-image']:.3f} | {ridge['image-to-text']:.3f} |")
-    lines.append(f"| chance | – | {results['chance']:.4f} | {results['chance']:.4f} |")
+        for key in table["recall@1"]["text-to-image"]:
+            cells = [
+                f"{table[metric][d][key]['mean']:.3f} ± {table[metric][d][key]['std']:.3f}"
+                for metric in ("recall@1", "mrr") for d in DIRECTIONS
+            ]
+            lines.append(f"| {name} | ({key.replace('x', ', ')}) | " + " | ".join(cells) + " |")
+    ridge, chance = results["ridge"], results["chance"]
+    cells = [f"{ridge[d][metric]:.3f}" for metric in ("recall@1", "mrr") for d in DIRECTIONS]
+    lines.append("| ridge (frozen features, no training) | – | " + " | ".join(cells) + " |")
+    lines.append(f"| chance | – | {chance:.4f} | {chance:.4f} | {results['chance_mrr']:.4f} | {results['chance_mrr']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -84,10 +89,11 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=float, default=QuickstartSettings.epochs)
     parser.add_argument("--train-pairs", type=int, default=None)
     parser.add_argument("--test-pairs", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=QuickstartSettings.image_size)
     args = parser.parse_args(argv)
     output = Path(args.output)
     base = QuickstartSettings(epochs=args.epochs, train_pairs=args.train_pairs, test_pairs=args.test_pairs,
-                              show_progress_bar=False)  # fmt: skip
+                              image_size=args.image_size, show_progress_bar=False)  # fmt: skip
     variants = {}
     for name in args.variants:
         variants[name] = aggregate([run_variant(base, name, seed, output) for seed in args.seeds])
@@ -95,7 +101,8 @@ def main(argv=None) -> None:
     results = {
         "command": "python examples/reproduce_claims.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": args.seeds, "settings": asdict(base), "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
-        "chance": 1 / len(test_pairs), "variants": variants, "ridge": ridge_reference(train_pairs, test_pairs, base.image_size),
+        "chance": 1 / len(test_pairs), "chance_mrr": sum(1 / r for r in range(1, len(test_pairs) + 1)) / len(test_pairs),
+        "variants": variants, "ridge": ridge_reference(train_pairs, test_pairs, base.image_size),
     }  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(output / "results.json", json.dumps(results, indent=2) + "\n")

@@ -12,6 +12,14 @@ def _side_input(side: dict, image_root) -> dict | str:
     return {"text": side.get("text"), "image": image} if image is not None else {"text": side.get("text")}
 
 
+def recall_and_mrr(scores: torch.Tensor) -> tuple:
+    """(Recall@1, MRR) of a square score matrix whose diagonal holds each query's positive. A candidate tied with
+    the positive does not outrank it."""
+    target_scores = scores.diagonal()
+    rank = (scores > target_scores[:, None]).sum(dim=1) + 1
+    return (rank == 1).float().mean().item(), (1.0 / rank.float()).mean().item()
+
+
 @torch.no_grad()
 def retrieval_metrics(model, dataset, budgets, batch_size: int = 16, show_progress_bar: bool = False) -> dict:
     """Recall@1 and MRR of query -> positive retrieval over a dataset's records, at each budget (r_q, r_c).
@@ -28,14 +36,10 @@ def retrieval_metrics(model, dataset, budgets, batch_size: int = 16, show_progre
     query_embeddings = model.encode(queries, role="query", instruction=instructions, **kwargs)
     candidate_embeddings = model.encode(positives, role="candidate", **kwargs)
     metrics = {}
-    targets = torch.arange(len(records))
     for r_q, r_c in budgets:
         scores = model.similarity(query_embeddings, candidate_embeddings, budget=(r_q, r_c))  # [N, N]
-        target_scores = scores[targets, targets]
-        rank = (scores > target_scores[:, None]).sum(dim=1) + 1  # ties count in the query's favour
-        metrics[f"recall@1_{r_q}x{r_c}"] = (rank == 1).float().mean().item()
-        metrics[f"mrr_{r_q}x{r_c}"] = (1.0 / rank.float()).mean().item()
+        metrics[f"recall@1_{r_q}x{r_c}"], metrics[f"mrr_{r_q}x{r_c}"] = recall_and_mrr(scores)
     return metrics
 
 
-__all__ = ["retrieval_metrics"]
+__all__ = ["recall_and_mrr", "retrieval_metrics"]

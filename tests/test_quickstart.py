@@ -1,0 +1,48 @@
+"""A shortened run of the README's main command (`./run quickstart`): real packaged weights and data, CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModel
+
+from metaembed.quickstart import load_data
+from metaembed.twemoji import retrieval_records
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["--train-pairs", "512", "--test-pairs", "128", "--epochs", "2", "--num-query-vectors", "4",
+         "--num-candidate-vectors", "8", "--image-size", "96"]  # fmt: skip
+
+
+def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identically(tmp_path):
+    output = tmp_path / "quickstart"
+    result = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--output-dir", str(output), *SHORT],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "t2i R@1" in result.stdout and "(4,8)" in result.stdout
+
+    summary = json.loads((output / "summary.json").read_text())
+    chance = 1 / summary["test_pairs"]
+    full = "4x8"
+    for direction in ("text-to-image", "image-to-text"):
+        assert summary["quality"][direction]["recall@1"][full] > 4 * chance, summary["quality"]
+    checkpoint = output / "checkpoint"
+    for name in ("README.md", "eval_results.json", "budget_quality.png", "model.safetensors", "modeling_litevl.py"):
+        assert (checkpoint / name).is_file(), name
+    assert (output / "budget_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (checkpoint / "README.md").read_text()
+    assert f"{summary['quality']['text-to-image']['recall@1'][full]:.4f}".rstrip("0") in card
+
+    # The saved checkpoint, loaded as a user would, gives the embeddings that produced the reported numbers.
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
+    _, test_pairs = load_data(type("S", (), {"train_pairs": 512, "test_pairs": 128})())
+    records = retrieval_records(test_pairs, "text-to-image")
+    queries = model.encode_queries([r["query"]["text"] for r in records])
+    candidates = model.encode_candidates([r["positive"]["image"] for r in records])
+    scores = model.similarity(queries, candidates, budget=(4, 8))
+    recall = (scores.argmax(dim=1) == torch.arange(len(records))).float().mean().item()
+    assert abs(recall - summary["quality"]["text-to-image"]["recall@1"][full]) < 1e-6
