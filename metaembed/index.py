@@ -192,6 +192,47 @@ class MetaEmbedIndex:
         ids = [[self.ids[p] for p in row] for row in positions.tolist()]
         return SearchResult(scores=scores, positions=positions, ids=ids)
 
+    @torch.no_grad()
+    def search_two_stage(
+        self,
+        queries: torch.Tensor,
+        budget: tuple | None = None,
+        k: int = 10,
+        shortlist: int = 100,
+        query_batch_size: int = 64,
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    ) -> SearchResult:
+        """Coarse-to-fine search: an exact scan at budget (1, 1) (one vector per side, N * D * bytes read) keeps
+        the best `shortlist` items per query, then MaxSim at `budget` re-ranks them. Reads N * D + shortlist *
+        r_c * D values per query instead of N * r_c * D; recall against `search` is measured by
+        `benchmarks/two_stage_recall.py`."""
+        if isinstance(queries, torch.Tensor) and queries.dim() == 2:
+            queries = queries.unsqueeze(0)
+        r_q, r_c = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
+        if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < 1:
+            raise ValueError(f"shortlist must be a positive integer, got {shortlist!r}")
+        if isinstance(k, int) and not isinstance(k, bool) and k > shortlist:
+            raise ValueError(f"k={k} is larger than the shortlist ({shortlist}) it is re-ranked from")
+        coarse = self.search(queries, budget=(1, 1), k=min(shortlist, len(self)), query_batch_size=query_batch_size,
+                             max_block_bytes=max_block_bytes)  # fmt: skip
+        queries = queries[:, :r_q].to(device=self.device, dtype=self.dtype)
+        shortlists = coarse.positions.to(self.device)  # [Q, s]
+        size = shortlists.shape[1]
+        # Re-rank a few queries at a time: their shortlisted vectors, gathered, stay under max_block_bytes.
+        step = max(1, max_block_bytes // (size * r_c * self.dim * 4))
+        scores, positions = [], []
+        for start in range(0, queries.shape[0], step):
+            rows = shortlists[start : start + step]  # [q, s]
+            vectors = self._vectors[:r_c, rows.reshape(-1)].float()  # [r_c, q * s, D] (a small copy)
+            vectors = vectors.view(r_c, rows.shape[0], size, self.dim).permute(1, 0, 2, 3)  # [q, r_c, s, D]
+            sims = torch.einsum("qid,qjsd->qijs", queries[start : start + step].float(), vectors)  # [q, r_q, r_c, s]
+            fine = sims.amax(dim=2).sum(dim=1)  # [q, s]
+            top = fine.topk(k, dim=1)
+            scores.append(top.values.cpu())
+            positions.append(rows.gather(1, top.indices).cpu())
+        scores, positions = torch.cat(scores), torch.cat(positions)
+        return SearchResult(scores=scores, positions=positions, ids=[[self.ids[p] for p in r] for r in positions.tolist()])
+
     def _search_batch(self, queries: torch.Tensor, r_c: int, k: int, max_block_bytes: int) -> tuple:
         num_queries, r_q, _ = queries.shape
         flat = queries.reshape(num_queries * r_q, self.dim)

@@ -182,3 +182,22 @@ def test_add_items_encodes_candidates_through_the_model(tiny_model):
     result = index.search(queries, budget=(2, 4), k=4)
     expected = reference_top_k(queries, direct, (2, 4), 4)
     assert [[texts[i] for i in row] for row in expected.indices.tolist()] == result.ids
+
+
+def test_two_stage_search_re_ranks_the_coarse_shortlist_exactly():
+    candidates, queries = unit(60, 8, 16), unit(5, 4, 16, seed=1)
+    index = MetaEmbedIndex(16, 8, dtype="float32")
+    index.add(candidates)
+    # A shortlist of every item is exhaustive search.
+    full, exact = index.search_two_stage(queries, budget=(4, 8), k=5, shortlist=60), index.search(queries, (4, 8), k=5)
+    torch.testing.assert_close(full.scores, exact.scores, rtol=1e-5, atol=1e-5)
+    assert full.ids == exact.ids
+    # A short shortlist: the results are the (1,1) shortlist re-ranked by the budget's MaxSim.
+    coarse = index.search(queries, budget=(1, 1), k=10)
+    result = index.search_two_stage(queries, budget=(4, 8), k=3, shortlist=10)
+    for row in range(5):
+        shortlist = coarse.positions[row]
+        fine = maxsim(queries[row : row + 1], candidates[shortlist], budget=(4, 8))[0]
+        assert result.positions[row].tolist() == shortlist[fine.topk(3).indices].tolist()
+    with pytest.raises(ValueError, match="larger than the shortlist"):
+        index.search_two_stage(queries, budget=(4, 8), k=20, shortlist=10)
