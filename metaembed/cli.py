@@ -65,6 +65,8 @@ def run_score(args) -> None:
     if queries.shape[-1] != candidates.shape[-1]:
         raise ValueError(f"dimension mismatch: queries have D={queries.shape[-1]}, candidates D={candidates.shape[-1]}")
     budget = tuple(args.budget) if args.budget else None
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
     k = min(args.top_k, len(candidate_ids))
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:

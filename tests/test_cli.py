@@ -78,6 +78,8 @@ def test_bad_input_exits_2_with_a_message_naming_the_item(tiny_checkpoint, tmp_p
     main(["encode", checkpoint, str(texts), str(tmp_path / "q.safetensors"), "--role", "query", "--quiet"])
     assert main(["score", str(tmp_path / "q.safetensors"), str(tmp_path / "c.safetensors"), "--budget", "1", "99"]) == 2
     assert "r_c=99" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "q.safetensors"), str(tmp_path / "c.safetensors"), "--top-k", "0"]) == 2
+    assert "--top-k must be a positive integer, got 0" in capsys.readouterr().err
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 32)
     assert main(["score", str(tmp_path / "q.safetensors"), str(tmp_path / "junk.safetensors")]) == 2
     assert "junk.safetensors: cannot read embeddings" in capsys.readouterr().err
