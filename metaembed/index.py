@@ -166,18 +166,7 @@ class MetaEmbedIndex:
 
         `queries` [Q, R_q, D] (e.g. `model.encode_queries(...)`); a single query may be [R_q, D]. Queries are
         scored `query_batch_size` at a time, each batch in one pass over the first r_c stored matrices."""
-        if isinstance(queries, torch.Tensor) and queries.dim() == 2:
-            queries = queries.unsqueeze(0)
-        if not isinstance(queries, torch.Tensor) or queries.dim() != 3 or not queries.is_floating_point():
-            shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
-            raise ValueError(f"queries must be a floating-point tensor of shape (queries, vectors, dim), got {shape}")
-        if queries.shape[-1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[-1]} but this index holds dimension {self.dim}")
-        r_q, r_c = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
-        if self._count == 0:
-            raise ValueError("the index is empty: add items before searching")
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self._count:
-            raise ValueError(f"k must be an integer in 1..{self._count} (the number of items), got {k!r}")
+        queries, (r_q, r_c) = self._check_search(queries, budget, k)
         if not isinstance(query_batch_size, int) or query_batch_size < 1:
             raise ValueError(f"query_batch_size must be positive, got {query_batch_size!r}")
 
@@ -189,8 +178,7 @@ class MetaEmbedIndex:
             all_positions.append(positions)
         scores = torch.cat(all_scores) if all_scores else torch.empty(0, k)
         positions = torch.cat(all_positions) if all_positions else torch.empty(0, k, dtype=torch.long)
-        ids = [[self.ids[p] for p in row] for row in positions.tolist()]
-        return SearchResult(scores=scores, positions=positions, ids=ids)
+        return self._result(scores, positions)
 
     @torch.no_grad()
     def search_two_stage(
@@ -206,12 +194,10 @@ class MetaEmbedIndex:
         the best `shortlist` items per query, then MaxSim at `budget` re-ranks them. Reads N * D + shortlist *
         r_c * D values per query instead of N * r_c * D; recall against `search` is measured by
         `benchmarks/two_stage_recall.py`."""
-        if isinstance(queries, torch.Tensor) and queries.dim() == 2:
-            queries = queries.unsqueeze(0)
-        r_q, r_c = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
+        queries, (r_q, r_c) = self._check_search(queries, budget, k)
         if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < 1:
             raise ValueError(f"shortlist must be a positive integer, got {shortlist!r}")
-        if isinstance(k, int) and not isinstance(k, bool) and k > shortlist:
+        if k > shortlist:
             raise ValueError(f"k={k} is larger than the shortlist ({shortlist}) it is re-ranked from")
         coarse = self.search(queries, budget=(1, 1), k=min(shortlist, len(self)), query_batch_size=query_batch_size,
                              max_block_bytes=max_block_bytes)  # fmt: skip
@@ -230,8 +216,27 @@ class MetaEmbedIndex:
             top = fine.topk(k, dim=1)
             scores.append(top.values.cpu())
             positions.append(rows.gather(1, top.indices).cpu())
-        scores, positions = torch.cat(scores), torch.cat(positions)
-        return SearchResult(scores=scores, positions=positions, ids=[[self.ids[p] for p in r] for r in positions.tolist()])
+        return self._result(torch.cat(scores), torch.cat(positions))
+
+    def _check_search(self, queries, budget, k) -> tuple:
+        """The queries as a [Q, R_q, D] tensor and the budget (r_q, r_c), once every search argument is valid."""
+        if isinstance(queries, torch.Tensor) and queries.dim() == 2:
+            queries = queries.unsqueeze(0)
+        if not isinstance(queries, torch.Tensor) or queries.dim() != 3 or not queries.is_floating_point():
+            shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise ValueError(f"queries must be a floating-point tensor of shape (queries, vectors, dim), got {shape}")
+        if queries.shape[-1] != self.dim:
+            raise ValueError(f"queries have dimension {queries.shape[-1]} but this index holds dimension {self.dim}")
+        budget = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
+        if self._count == 0:
+            raise ValueError("the index is empty: add items before searching")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self._count:
+            raise ValueError(f"k must be an integer in 1..{self._count} (the number of items), got {k!r}")
+        return queries, budget
+
+    def _result(self, scores: torch.Tensor, positions: torch.Tensor) -> SearchResult:
+        ids = [[self.ids[p] for p in row] for row in positions.tolist()]
+        return SearchResult(scores=scores, positions=positions, ids=ids)
 
     def _search_batch(self, queries: torch.Tensor, r_c: int, k: int, max_block_bytes: int) -> tuple:
         num_queries, r_q, _ = queries.shape
@@ -306,7 +311,9 @@ class MetaEmbedIndex:
             raise IndexFileError(f"{manifest_path} is not valid JSON: {error}") from error
         manifest = _check_manifest(manifest, manifest_path)
         if verify_checksum and _sha256(tensor_path) != manifest["sha256"]:
-            raise IndexFileError(f"{tensor_path} does not match the checksum in {manifest_path}: it was changed or truncated")
+            raise IndexFileError(
+                f"{tensor_path} does not match the checksum in {manifest_path}: it was changed or truncated"
+            )
         shape = [manifest["num_vectors"], manifest["count"], manifest["dim"]]
         vectors = _read_vectors(tensor_path, shape, manifest["dtype"], mmap=mmap)
 
@@ -358,7 +365,8 @@ def _read_vectors(path: Path, shape: list, dtype_name: str, mmap: bool) -> torch
         raise IndexFileError(f"{path} holds no 'vectors' tensor")
     if entry.get("dtype") != safetensors_dtype or entry.get("shape") != shape:
         raise IndexFileError(
-            f"{path}: tensor is {entry.get('dtype')} {entry.get('shape')}, the manifest says {safetensors_dtype} {shape}"
+            f"{path}: tensor is {entry.get('dtype')} {entry.get('shape')}, "
+            f"the manifest says {safetensors_dtype} {shape}"
         )
     begin, end = entry["data_offsets"]
     item_size = np.dtype(numpy_dtype).itemsize

@@ -46,7 +46,8 @@ def test_budget_reads_only_the_first_r_c_vectors():
     queries = unit(3, 4, 16, seed=2)
     a, b = index.search(queries, budget=(2, 4), k=20), other.search(queries, budget=(2, 4), k=20)
     assert torch.equal(a.scores, b.scores)
-    assert not torch.equal(index.search(queries, budget=(2, 8), k=20).scores, other.search(queries, budget=(2, 8), k=20).scores)
+    full_a, full_b = index.search(queries, budget=(2, 8), k=20), other.search(queries, budget=(2, 8), k=20)
+    assert not torch.equal(full_a.scores, full_b.scores)
     assert index.vectors[3].is_contiguous()  # each vector tier is one contiguous [N, D] matrix
 
 
@@ -201,3 +202,7 @@ def test_two_stage_search_re_ranks_the_coarse_shortlist_exactly():
         assert result.positions[row].tolist() == shortlist[fine.topk(3).indices].tolist()
     with pytest.raises(ValueError, match="larger than the shortlist"):
         index.search_two_stage(queries, budget=(4, 8), k=20, shortlist=10)
+    with pytest.raises(ValueError, match=r"k must be an integer in 1..60"):
+        index.search_two_stage(queries, budget=(4, 8), k=70, shortlist=100)
+    with pytest.raises(ValueError, match="queries must be a floating-point tensor"):
+        index.search_two_stage([[0.0] * 16], budget=(1, 1), k=1)
