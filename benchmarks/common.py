@@ -1,9 +1,29 @@
-"""What the benchmarks share: a random Qwen3-shaped MetaEmbed of a chosen size (R_q = 16, R_c = 64), built offline."""
+"""What the benchmarks share: a timer, and a random Qwen3-shaped MetaEmbed of a chosen size (R_q = 16, R_c = 64)."""
 
+import statistics
 import tempfile
+import time
+
+import torch
 
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import make_tiny_checkpoint
+
+
+def timed(fn, repeats: int, reduce=statistics.median) -> float:
+    """`reduce` (median by default, or min for a best-of) of `fn()`'s seconds over `repeats` runs after one
+    warm-up; on a GPU each run is timed from a synchronised start to a synchronised end."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return reduce(times)
 
 
 def sized_model(hidden_size: int, layers: int, device: str = "cpu") -> MetaEmbedModel:

@@ -10,26 +10,11 @@ predict ((L + extra) / L, linear in length; attention makes the real cost slight
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from modeling_metaembed.processing_metaembed import parse_inputs
-from common import sized_model  # benchmarks/common.py (the script folder is on sys.path)
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from common import sized_model, timed  # benchmarks/common.py (the script folder is on sys.path)
 
 
 def main() -> None:

@@ -11,32 +11,18 @@ colpali-engine where installed. Ratios within one run are the point; absolute ti
 """
 
 import argparse
-import time
 
 import torch
 
+from common import timed  # benchmarks/common.py (the script folder is on sys.path)
 from metaembed.index import MetaEmbedIndex
-
-
-def best_time(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
     """Bytes per second of a large device-to-device copy (reads plus writes, as the floor's reads compare to)."""
     source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    seconds = best_time(lambda: target.copy_(source), repeats, device)
+    seconds = timed(lambda: target.copy_(source), repeats, reduce=min)
     return 2 * source.numel() / seconds
 
 
@@ -95,9 +81,9 @@ def main(argv=None) -> None:
     for r_q, r_c in budgets:
         nbytes = args.num_items * r_c * args.dim * 2
         floor = nbytes / bandwidth
-        single = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, device)
-        batched = best_time(lambda: index.search(queries, budget=(r_q, r_c), k=10, query_batch_size=args.batch),
-                            args.repeats, device) / args.batch  # fmt: skip
+        single = timed(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, reduce=min)
+        batch = lambda: index.search(queries, budget=(r_q, r_c), k=10, query_batch_size=args.batch)  # noqa: E731
+        batched = timed(batch, args.repeats, reduce=min) / args.batch
         print(f"| ({r_q}, {r_c}) | {nbytes:,} | {floor * 1e3:.2f} | {single * 1e3:.2f} | {single / floor:.2f} | "
               f"{batched * 1e3:.2f} | {batched / floor:.2f} | {nbytes / single / 1e9:.1f} |")  # fmt: skip
 
@@ -107,11 +93,11 @@ def main(argv=None) -> None:
     print("|---|---|---|---|")
     item_major = embeddings.to(device)
     for r_q, r_c in zip(args.peer_budgets[::2], args.peer_budgets[1::2]):
-        ours = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, device)
+        ours = timed(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, reduce=min)
         print(f"| ({r_q}, {r_c}) | MetaEmbedIndex.search | {ours * 1e3:.2f} | 1.00 |")
         q, c = queries[:1, :r_q], item_major[:, :r_c]
         for name, scorer in peer_scorers().items():
-            seconds = best_time(lambda: scorer(q, c).topk(10, dim=-1), max(1, args.repeats // 2), device)
+            seconds = timed(lambda: scorer(q, c).topk(10, dim=-1), max(1, args.repeats // 2), reduce=min)
             print(f"| ({r_q}, {r_c}) | {name} | {seconds * 1e3:.2f} | {seconds / ours:.2f} |")
 
 
