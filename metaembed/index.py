@@ -47,11 +47,11 @@ class IndexFileError(ValueError):
 
 @dataclass
 class SearchResult:
-    """Top-k of each query: `scores` [Q, k] float32 (descending), `positions` [Q, k] (rows of the index), and
-    `ids` (a list per query of the ids given to `add`)."""
+    """Top-k of each query: `scores` [Q, k] float32 (descending), `positions` [Q, k] (rows of the index; None
+    from a Qdrant collection, which has no row order), and `ids` (a list per query of the ids given to `add`)."""
 
     scores: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor | None
     ids: list
 
 
