@@ -5,6 +5,9 @@
     metaembed card CHECKPOINT [--results FILE] [--repo-id ID] ...
     metaembed publish CHECKPOINT --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--dry-run DIR]
     metaembed convert OFFICIAL OUTPUT [--base BASE] [--num-query-vectors 16] [--num-candidate-vectors 64]
+    metaembed index SOURCE INDEX [--model MODEL] [--num-vectors R_C] [--precision bfloat16] [--append]
+    metaembed search INDEX QUERIES [--model MODEL] [--budget R_Q R_C] [--top-k K] [--shortlist S] [--mmap]
+    metaembed evaluate {mmeb,vidore} MODEL --data SOURCE [--budgets R_Q R_C ...] [--output DIR]
 
 Exit codes: 0 success; 1 the work failed (an upload error, a conversion that does not reproduce the official
 embeddings, an unexpected error); 2 bad arguments or bad input, with a one-line message on stderr that names
@@ -128,6 +131,88 @@ def run_convert(args) -> None:
     print(f"wrote {args.output} ({note})", file=sys.stderr)
 
 
+def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -> tuple:
+    """(embeddings, ids) of `path`: an embeddings file written by `metaembed encode` with this role, or, with
+    --model, inputs (.jsonl, .txt, a folder of images) encoded here."""
+    from .files import load_embeddings, read_inputs
+
+    if model_path is None:
+        embeddings, ids, metadata = load_embeddings(path)
+        if metadata.get("role") != role:
+            raise ValueError(f"{path}: holds {metadata.get('role')} embeddings, expected {role} embeddings "
+                             f"(or give --model to encode inputs)")  # fmt: skip
+        return embeddings, ids
+    ids, items = read_inputs(path)
+    model = _load_model(model_path, args.device, None)
+    embeddings = model.encode(items, role=role, batch_size=args.batch_size, show_progress_bar=not args.quiet)
+    return embeddings, ids
+
+
+def run_index(args) -> None:
+    from .index import MetaEmbedIndex
+
+    embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
+    if args.append:
+        index = MetaEmbedIndex.load(args.index)
+    else:
+        if Path(args.index, "index.json").exists():
+            raise ValueError(f"{args.index}: an index is already there; pass --append to add to it")
+        num_vectors = args.num_vectors or embeddings.shape[1]
+        index = MetaEmbedIndex(dim=embeddings.shape[-1], num_vectors=num_vectors, dtype=args.precision)
+    index.add(embeddings, ids=ids)
+    index.save(args.index)
+    if not args.quiet:
+        print(f"wrote {args.index}: {index}", file=sys.stderr)
+
+
+def run_search(args) -> None:
+    from .index import MetaEmbedIndex
+
+    index = MetaEmbedIndex.load(args.index, mmap=args.mmap)
+    queries, query_ids = _embeddings_or_encoded(args.queries, args.model, "query", args)
+    budget = tuple(args.budget) if args.budget else None
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
+    k = min(args.top_k, len(index))
+    if args.shortlist:
+        found = index.search_two_stage(queries, budget=budget, k=k, shortlist=args.shortlist)
+    else:
+        found = index.search(queries, budget=budget, k=k)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for query_id, ids, scores in zip(query_ids, found.ids, found.scores.tolist()):
+            hits = [{"id": i, "score": round(s, 6)} for i, s in zip(ids, scores)]
+            out.write(json.dumps({"query_id": query_id, "results": hits}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def run_evaluate(args) -> None:
+    from .evals import mmeb, vidore, write_report
+
+    if args.budgets and len(args.budgets) % 2:
+        raise ValueError(f"--budgets takes pairs R_Q R_C, got {len(args.budgets)} numbers")
+    budgets = [tuple(args.budgets[i : i + 2]) for i in range(0, len(args.budgets), 2)] if args.budgets else None
+    model = _load_model(args.model, args.device, args.dtype)
+    options = {"batch_size": args.batch_size, "show_progress_bar": not args.quiet}
+    if budgets:
+        options["budgets"] = budgets
+    if args.benchmark == "mmeb":
+        results = mmeb.evaluate(model, tasks=args.tasks, source=args.data or mmeb.SOURCE, image_root=args.images,
+                                limit=args.limit, **options)  # fmt: skip
+        table = mmeb.markdown(results)
+    else:
+        datasets = args.tasks or args.data or "v2"  # data set sources, or the name of a whole benchmark
+        results = vidore.evaluate(model, datasets, language=args.language, **options)
+        table = vidore.markdown(results)
+    results["model"] = args.model
+    write_report(results, table, args.output)
+    print(table, end="")
+    if not args.quiet:
+        print(f"wrote {Path(args.output) / 'results.json'} and results.md", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metaembed", description="MetaEmbed multi-vector retrieval: encode, score, publish, convert.",
@@ -191,6 +276,48 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-verify", action="store_true", help="skip comparing with the official forward")
     convert.add_argument("--tolerance", type=float, default=1e-4)
     convert.set_defaults(run=run_convert)
+
+    index = commands.add_parser("index", help="build (or --append to) a saved MetaEmbedIndex from candidates")
+    index.add_argument("source", help="candidate embeddings file (metaembed encode), or inputs to encode with --model")
+    index.add_argument("index", help="index folder to write (vectors.safetensors + index.json)")
+    index.add_argument("--model", default=None, help="encode SOURCE (.jsonl, .txt, images folder) with this checkpoint")
+    index.add_argument("--num-vectors", type=int, default=None, help="R_c vectors kept per item (default: all given)")
+    index.add_argument("--precision", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    index.add_argument("--append", action="store_true", help="add to the index already in INDEX")
+
+    search = commands.add_parser("search", help="top-k of each query in a saved index, as JSON lines")
+    search.add_argument("index", help="index folder written by `metaembed index`")
+    search.add_argument("queries", help="query embeddings file (metaembed encode --role query), or inputs with --model")
+    search.add_argument("--model", default=None, help="encode QUERIES (.jsonl or .txt) with this checkpoint")
+    search.add_argument("--budget", type=int, nargs=2, metavar=("R_Q", "R_C"), help="retrieval budget (default: all)")
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--shortlist", type=int, default=None, help="two-stage: re-rank this many (1,1) hits")
+    search.add_argument("--mmap", action="store_true", help="memory-map the index instead of reading it")
+    search.add_argument("--output", default=None, help="JSON-lines file (default: stdout)")
+    for command in (index, search):
+        command.add_argument("--batch-size", type=int, default=8)
+        command.add_argument("--device", default=None, help="where --model encodes (default: cpu)")
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.set_defaults(run=run_index)
+    search.set_defaults(run=run_search)
+
+    evaluate = commands.add_parser("evaluate", help="MMEB or ViDoRe at a sweep of budgets: results.json + results.md")
+    evaluate.add_argument("benchmark", choices=("mmeb", "vidore"))
+    evaluate.add_argument("model", help="MetaEmbed checkpoint folder or Hub id")
+    evaluate.add_argument("--data", default=None, help="MMEB: the data set repo or a local copy (default "
+                          "TIGER-Lab/MMEB-eval); ViDoRe: v1, v2 (default) or one data set's repo / local copy")
+    evaluate.add_argument("--images", default=None, help="MMEB image folder (default: DATA/images)")
+    evaluate.add_argument("--tasks", nargs="+", default=None, help="MMEB tasks, or ViDoRe data sets (default: all)")
+    evaluate.add_argument("--budgets", type=int, nargs="+", default=None, metavar="R",
+                          help="pairs R_Q R_C (default: 1 1 2 4 4 8 8 16 16 64, the paper's)")
+    evaluate.add_argument("--language", default=None, help="ViDoRe v2: keep the queries of this language")
+    evaluate.add_argument("--limit", type=int, default=None, help="MMEB: first N queries per task (a quick look)")
+    evaluate.add_argument("--output", required=True, help="folder for results.json and results.md")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="model dtype")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(run=run_evaluate)
     return parser
 
 

@@ -98,7 +98,62 @@ def test_publish_dry_run_and_card_from_the_command_line(tiny_checkpoint, tmp_pat
     assert "not empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["encode"], ["score"], ["publish"], ["convert"], ["card"]])
+def test_index_and_search_commands_match_the_python_index(tiny_checkpoint, inputs_file, tmp_path, capsys):
+    from metaembed.index import MetaEmbedIndex
+
+    checkpoint = str(tiny_checkpoint("qwen2_5_vl"))
+    queries = tmp_path / "queries.txt"
+    queries.write_text("bicycle\ncat photo\n")
+    index_dir = tmp_path / "docs.index"
+    assert main(["index", str(inputs_file), str(index_dir), "--model", checkpoint, "--precision", "float32",
+                 "--quiet"]) == 0  # fmt: skip
+    index = MetaEmbedIndex.load(index_dir)
+    assert index.ids == ["doc-a", "doc-b", "doc-c", "4"] and index.dtype_name == "float32"
+    assert main(["encode", checkpoint, str(queries), str(tmp_path / "q.safetensors"), "--role", "query",
+                 "--quiet"]) == 0  # fmt: skip
+    q, q_ids, _ = load_embeddings(tmp_path / "q.safetensors")
+
+    capsys.readouterr()
+    assert main(["search", str(index_dir), str(tmp_path / "q.safetensors"), "--budget", "2", "4", "--top-k", "2",
+                 "--mmap"]) == 0  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = index.search(q, budget=(2, 4), k=2)
+    assert [line["query_id"] for line in lines] == q_ids
+    assert [[hit["id"] for hit in line["results"]] for line in lines] == expected.ids
+    # Queries encoded by the command itself give the same hits.
+    assert main(["search", str(index_dir), str(queries), "--model", checkpoint, "--budget", "2", "4",
+                 "--top-k", "2", "--quiet"]) == 0  # fmt: skip
+    assert [[hit["id"] for hit in json.loads(line)["results"]] for line in capsys.readouterr().out.splitlines()] \
+        == expected.ids
+
+    # An existing index is not overwritten without --append; appending keeps the old items; a duplicate id fails
+    # and leaves the saved index as it was.
+    more = tmp_path / "more.txt"
+    more.write_text("a late addition\n")
+    assert main(["index", str(more), str(index_dir), "--model", checkpoint, "--quiet"]) == 2
+    assert "--append" in capsys.readouterr().err
+    assert main(["index", str(more), str(index_dir), "--model", checkpoint, "--append", "--quiet"]) == 0
+    assert MetaEmbedIndex.load(index_dir).ids == ["doc-a", "doc-b", "doc-c", "4", "1"]
+    assert main(["index", str(more), str(index_dir), "--model", checkpoint, "--append", "--quiet"]) == 2
+    assert "id '1' (position 0) is already in the index" in capsys.readouterr().err
+    assert len(MetaEmbedIndex.load(index_dir)) == 5
+
+
+def test_search_names_bad_input(tiny_checkpoint, inputs_file, tmp_path, capsys):
+    checkpoint = str(tiny_checkpoint("qwen2_5_vl"))
+    index_dir = tmp_path / "docs.index"
+    assert main(["index", str(inputs_file), str(index_dir), "--model", checkpoint, "--quiet"]) == 0
+    assert main(["encode", checkpoint, str(inputs_file), str(tmp_path / "d.safetensors"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(index_dir), str(tmp_path / "d.safetensors")]) == 2
+    assert "holds candidate embeddings, expected query embeddings" in capsys.readouterr().err
+    (index_dir / "vectors.safetensors").write_bytes((index_dir / "vectors.safetensors").read_bytes()[:-8])
+    assert main(["search", str(index_dir), str(tmp_path / "d.safetensors")]) == 2
+    assert "checksum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["encode"], ["score"], ["publish"], ["convert"], ["card"], ["index"],
+                                     ["search"], ["evaluate"]])
 def test_help_everywhere_and_usage_errors_exit_2(command):
     run = [sys.executable, "-m", "metaembed", *command]
     assert subprocess.run([*run, "--help"], capture_output=True, text=True).returncode == 0

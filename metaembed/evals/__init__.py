@@ -1,0 +1,12 @@
+"""The paper's benchmarks with a budget sweep: MMEB (Precision@1) and ViDoRe v1/v2 (NDCG@5), read in their public
+schemas, plus an mteb adapter. Each harness encodes once at the largest budget and scores every budget from
+prefixes of the same vectors; results come as JSON and a markdown table with one row per budget.
+
+    from metaembed.evals import mmeb, vidore, write_report
+    results = mmeb.evaluate(model, source="TIGER-Lab/MMEB-eval", image_root="MMEB-eval/images")
+    write_report(results, mmeb.markdown(results), "runs/mmeb")
+"""
+
+from .common import PAPER_BUDGETS, write_report
+
+__all__ = ["PAPER_BUDGETS", "write_report"]
