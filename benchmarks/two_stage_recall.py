@@ -22,11 +22,12 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--shortlists", type=int, nargs="+", default=[10, 20, 50, 100, 200])
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 4, 8, 8, 16, 8, 32], help="r_q r_c pairs")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N image-caption pairs (a quick run)")
     args = parser.parse_args(argv)
     budgets = list(zip(args.budgets[::2], args.budgets[1::2]))
 
     model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
-    pairs = twemoji_pairs()
+    pairs = twemoji_pairs()[: args.limit]
     index = MetaEmbedIndex(model.config.output_dim, model.config.num_candidate_vectors)
     index.add_items(model, [p["image"] for p in pairs], batch_size=32)
     queries = model.encode_queries([p["caption"] for p in pairs], batch_size=64, show_progress_bar=True)

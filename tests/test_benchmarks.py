@@ -1,0 +1,50 @@
+"""Every benchmark script runs end to end in a CI-sized configuration and prints its table of measured ratios.
+
+These check that the scripts work, not their numbers (timings on shared CI machines are noise): the numbers in
+the README come from the full-size commands written next to them."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RATIO = re.compile(r"\d+\.\d+")
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                            text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_index_scoring():
+    out = run("index_scoring.py", "--num-items", "300", "--dim", "16", "--budgets", "1", "1", "2", "4",
+              "--peer-budgets", "2", "4", "--repeats", "1", "--batch", "4")  # fmt: skip
+    assert "copy bandwidth" in out and "| (2, 4) |" in out
+    assert re.search(r"\| \(2, 4\) \| naive einsum \| [\d.]+ \| [\d.]+ \|", out)
+
+
+def test_two_stage_recall(tiny_checkpoint):
+    out = run("two_stage_recall.py", "--checkpoint", str(tiny_checkpoint("qwen2_5_vl")), "--limit", "40",
+              "--shortlists", "10", "20", "--budgets", "2", "4", "--k", "5")  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| (2, 4)"))
+    recalls = [float(v) for v in re.findall(r"(\d\.\d{3}) \(reads", row)]
+    assert len(recalls) == 2 and all(0.0 <= r <= 1.0 for r in recalls)
+
+
+def test_encode_overhead():
+    out = run("encode_overhead.py", "--text-tokens", "16", "--batch-size", "2", "--hidden-size", "64", "--layers",
+              "1", "--repeats", "1")  # fmt: skip
+    assert "measured ratio" in out and len(RATIO.findall(out)) >= 4
+
+
+def test_mmr_loss_cost():
+    out = run("mmr_loss_cost.py", "--batch-size", "4", "--hidden-size", "64", "--layers", "1", "--repeats", "1")
+    assert "ratio MMR / single group" in out
+
+
+def test_similarity_memory():
+    out = run("similarity_memory.py", "--batches", "8", "--dim", "16", "--block-mb", "1")
+    assert "direct / ours" in out and re.search(r"\d+(\.\d+)?x", out)
