@@ -166,7 +166,7 @@ def markdown(results: dict) -> str:
         counts["Overall"] += 1
     header = ["budget"] + [f"{c} ({counts[c]})" for c in columns]
     rows = [[label] + [values[c] for c in columns] for label, values in results["averages"].items()]
-    note = "\nMMEB Precision@1 (%), mean over the tasks in parentheses"
+    note = "\nMMEB Precision@1 (%), averaged over tasks (how many in parentheses)"
     note += f"; first {results['limit']} queries per task.\n" if results.get("limit") else ".\n"
     return markdown_table(header, rows) + note
 
