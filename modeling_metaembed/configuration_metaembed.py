@@ -12,6 +12,11 @@ from .configuration_litevl import LiteVLConfig  # noqa: F401  importing it regis
 ROLES = ("query", "candidate")
 
 DEFAULT_MATRYOSHKA_GROUPS = [[1, 1], [2, 4], [4, 8], [8, 16], [16, 64]]
+# Think-Then-Embed: what the reasoner is asked for, an explanation aimed at the embedding, not an answer.
+DEFAULT_REASONING_PROMPT = (
+    "Explain briefly what this retrieval query is looking for: the entities, attributes and relations a matching "
+    "item must show, and what the image (if any) contributes. Do not answer it.\nQuery: {query}"
+)
 
 # Families whose attention over the appended meta tokens is bidirectional: a query must then be encoded with
 # the full official layout [content; M_q; M_c], because the candidate tokens after M_q can change M_q's states.
@@ -48,6 +53,14 @@ class MetaEmbedConfig(PreTrainedConfig):
         max_image_tokens (`int`, defaults to 1024): images are downscaled so they take at most about this
             many visual tokens (the Qwen default of 16,384 runs out of memory).
         padding_side (`str`): side the processor pads on; embeddings do not depend on it.
+        reasoning_template (`str`): Think-Then-Embed: how a reasoner's trace joins an input's text (`{text}`,
+            `{trace}`); the trace lands after the query's content and before its meta tokens.
+        reasoning_roles (`list[str]`, defaults to `["query"]`): the roles whose inputs are conditioned on traces.
+        max_trace_tokens (`int`, defaults to 256): a longer trace is cut to this many tokens, with a warning.
+        reasoning_prompt (`str`): the prompt (with `{query}`) asking the reasoner for an embedding-centric
+            explanation; stored so that a checkpoint records how its traces were made.
+        keep_lm_head (`bool`): keep the backbone's language-model head (when its embeddings are not tied), so the
+            checkpoint's own backbone can write traces (`model.as_reasoner()`).
         meta_attention (`str`): "backbone" leaves attention as the backbone has it. "segments" (bidirectional
             encoders: bert, litevl) masks it by segment as a causal backbone would: content tokens do not see
             the meta tokens (they keep their pretrained states), M_q does not see M_c, so queries are exactly
@@ -78,6 +91,11 @@ class MetaEmbedConfig(PreTrainedConfig):
     pooling: str = "meta_tokens"
     meta_attention: str | None = None
     initializer_range: float = 0.02
+    reasoning_template: str = "{text}\nReasoning: {trace}"
+    reasoning_roles: list | None = None
+    max_trace_tokens: int = 256
+    reasoning_prompt: str | None = None
+    keep_lm_head: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -131,6 +149,18 @@ class MetaEmbedConfig(PreTrainedConfig):
             )
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        self.reasoning_roles = ["query"] if self.reasoning_roles is None else list(self.reasoning_roles)
+        unknown = [role for role in self.reasoning_roles if role not in ROLES]
+        if unknown:
+            raise ValueError(f"reasoning_roles holds unknown role(s) {unknown}: expected a subset of {ROLES}")
+        if "{trace}" not in self.reasoning_template or "{text}" not in self.reasoning_template:
+            raise ValueError(f"reasoning_template needs {{text}} and {{trace}} placeholders, got {self.reasoning_template!r}")
+        if not isinstance(self.max_trace_tokens, int) or isinstance(self.max_trace_tokens, bool) or self.max_trace_tokens < 1:
+            raise ValueError(f"max_trace_tokens must be a positive integer, got {self.max_trace_tokens!r}")
+        if self.reasoning_prompt is None:
+            self.reasoning_prompt = DEFAULT_REASONING_PROMPT
+        if "{query}" not in self.reasoning_prompt:
+            raise ValueError(f"reasoning_prompt needs a {{query}} placeholder, got {self.reasoning_prompt!r}")
 
     @property
     def backbone_hidden_size(self) -> int:

@@ -25,6 +25,7 @@ from .modeling_litevl import LiteVLModel
 from .processing_litevl import LiteVLProcessor
 from .configuration_metaembed import MetaEmbedConfig, check_role
 from .processing_metaembed import HUB_KWARGS, MetaEmbedProcessor, parse_inputs, write_atomic
+from .reasoning_metaembed import GenerativeReasoner, generate_traces
 from .scoring_metaembed import maxsim
 
 logger = get_logger(__name__)
@@ -67,6 +68,24 @@ def upload_folder_to_hub(
         create_pr=create_pr,
         commit_message=commit_message or "Upload MetaEmbed model",
     )
+
+
+def _tied(config) -> bool:
+    return bool(getattr(config.get_text_config(), "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+
+
+def _load_with_head(path, dtype, trust_remote_code: bool, load_kwargs: dict) -> tuple:
+    """(base model, language-model head or None when the head is tied to the embeddings) of a generative backbone."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            generator = auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs)
+        except ValueError:  # not this kind of architecture
+            continue
+        base = getattr(generator, generator.base_model_prefix)
+        return base, None if _tied(generator.config) else generator.get_output_embeddings()
+    raise ValueError(f"{path}: keep_lm_head=True needs a generative backbone (image-text-to-text or causal LM)")
 
 
 @dataclass
@@ -118,6 +137,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         self.vlm = vlm
         # Named so that a PEFT `modules_to_save` suffix match cannot also hit every q_proj/o_proj of the backbone.
         self.output_projection = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
+        # Think-Then-Embed's unified mode: the backbone's own head, kept when it is not tied to the embeddings.
+        if config.keep_lm_head:
+            vocab = config.get_text_config().vocab_size
+            self.lm_head = nn.Linear(config.backbone_hidden_size, vocab, bias=False)
         self.processor: MetaEmbedProcessor | None = None  # attached by from_pretrained / from_vlm
         self.model_card: str | None = None  # the checkpoint's README.md, written back by save_pretrained
         self.post_init()
@@ -258,6 +281,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         batch_size: int = 8,
         show_progress_bar: bool | None = None,
         device: str | torch.device | None = None,
+        reasoner=None,
+        traces: list | None = None,
+        trace_cache=None,
     ) -> torch.Tensor:
         """Embed texts, images and text+image pairs into (N, num_vectors, D) float32 unit vectors.
 
@@ -273,6 +299,12 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             show_progress_bar: defaults to showing one when there is more than one batch.
             device: where to run (the model is moved there); defaults to where the model is. On CUDA a float32
                 model runs under bf16 autocast; on CPU the model runs in its own dtype (float32 recommended).
+            reasoner: Think-Then-Embed: a callable `(items) -> traces` (e.g. a `GenerativeReasoner`, or
+                `model.as_reasoner()`; "self" builds the latter) whose trace for each input is embedded with it
+                (`config.reasoning_template`). Only for the roles in `config.reasoning_roles` (queries by default).
+            traces: precomputed traces instead of a reasoner, one per input (None: no trace for that input).
+            trace_cache: a folder (or `TraceCache`) keeping the reasoner's traces by input content: each input is
+                reasoned over once across calls.
         """
         check_role(role)
         full = self.config.num_vectors(role)
@@ -286,6 +318,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         processor = self._require_processor()
         items = parse_inputs(inputs)  # validates every item before any compute: no partial output
+        if reasoner is not None or traces is not None:
+            items = self._with_traces(items, role, reasoner, traces, trace_cache, batch_size, show_progress_bar)
         processor.check_items(items)
         instructions = processor._per_item_instructions(instruction, len(items))
         if device is not None:
@@ -316,6 +350,77 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             self.train(was_training)
         return output
 
+    def _with_traces(self, items, role, reasoner, traces, trace_cache, batch_size, show_progress_bar) -> list:
+        if role not in self.config.reasoning_roles:
+            raise ValueError(
+                f"this checkpoint conditions {self.config.reasoning_roles} inputs on traces, not {role} inputs "
+                "(config.reasoning_roles)"
+            )
+        if traces is None:
+            if isinstance(reasoner, str) and reasoner == "self":
+                reasoner = self.as_reasoner()
+            if not callable(reasoner):
+                raise ValueError(f"reasoner must be a callable (items) -> traces or 'self', got {type(reasoner).__name__}")
+            plain = [{"text": item.text, "image": item.image} for item in items]
+            traces = generate_traces(reasoner, plain, cache=trace_cache, batch_size=batch_size,
+                                     show_progress_bar=show_progress_bar)  # fmt: skip
+        elif reasoner is not None:
+            raise ValueError("give a reasoner or traces, not both")
+        return self._require_processor().condition_on_traces(items, list(traces))
+
+    def as_reasoner(self, **generation_kwargs) -> GenerativeReasoner:
+        """Unified Think-Then-Embed: this model's own backbone, with its language-model head, as the reasoner.
+
+        The generation model wraps `self.vlm` (no copy: the same weights think and embed) and the head: the input
+        embeddings when the backbone ties them, else the head kept at build time (`from_vlm(keep_lm_head=True)`).
+        Meta tokens are never generated. `generation_kwargs` go to `GenerativeReasoner` (max_new_tokens, ...)."""
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        tied = _tied(self.config.vlm_config)
+        head = getattr(self, "lm_head", None)
+        if head is None and not tied:
+            raise ValueError(
+                "this checkpoint has no language-model head: its backbone does not tie embeddings, and it was built "
+                "without keep_lm_head=True (MetaEmbedModel.from_vlm(..., keep_lm_head=True))"
+            )
+        generator = None
+        for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
+            try:
+                with torch.device("meta"):
+                    generator = auto_class.from_config(self.config.vlm_config)
+                break
+            except ValueError:
+                continue
+        if generator is None:
+            raise ValueError(f"the {self.config.vlm_config.model_type} backbone has no generative model in transformers")
+        setattr(generator, generator.base_model_prefix, self.vlm)
+        if head is None:
+            embeddings = self.vlm.get_input_embeddings()
+            head = nn.Linear(embeddings.weight.shape[1], embeddings.weight.shape[0], bias=False, device=self.device)
+            head.weight = embeddings.weight  # tied: shares the parameter
+        generator.set_output_embeddings(head)
+        left = [name for name, p in generator.named_parameters() if p.is_meta]
+        if left:
+            raise ValueError(f"cannot build a generator around this backbone: {left[:3]} have no weights")
+        generator.generation_config.pad_token_id = self.processor.tokenizer.pad_token_id if self.processor else None
+        generation_kwargs.setdefault("prompt", self.config.reasoning_prompt)
+        meta_ids = list(self.config.query_meta_token_ids or []) + list(self.config.candidate_meta_token_ids or [])
+        generation_kwargs.setdefault("suppress_token_ids", meta_ids)
+        generation_kwargs.setdefault("name", f"{self.name_or_path or 'metaembed'} (own backbone, {self._fingerprint()})")
+        return GenerativeReasoner(generator.eval(), self._require_processor().processor, **generation_kwargs)
+
+    @torch.no_grad()
+    def _fingerprint(self) -> str:
+        """A cheap digest of the weights (64 strided values of every tensor): traces cached before training are not
+        reused after it."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, parameter in self.named_parameters():
+            flat = parameter.detach().flatten()
+            digest.update(name.encode() + flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def encode_queries(self, inputs, num_vectors: int | None = None, **kwargs) -> torch.Tensor:
         """`encode` with role="query": (N, num_vectors or R_q, D)."""
         return self.encode(inputs, num_vectors=num_vectors, role="query", **kwargs)
@@ -343,17 +448,24 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        keep_lm_head: bool = False,
         **config_kwargs,
     ) -> "MetaEmbedModel":
         """Turn a backbone checkpoint (a local folder, or a Hub id where the Hub is reachable) into a fresh
         MetaEmbed: its base model, its processor (or tokenizer), and R_q + R_c new special tokens whose embedding
         rows are drawn at random with the per-dimension mean and spread of the existing rows (identical rows would
         give near-identical vectors). `config_kwargs` go to `MetaEmbedConfig` (prompt templates, instructions...).
+        `keep_lm_head=True` also keeps the backbone's language-model head (when not tied to its embeddings), so
+        the model can reason with its own weights (`as_reasoner`, Think-Then-Embed).
         """
         load_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        vlm = AutoModel.from_pretrained(
-            pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
-        )
+        head = None
+        if keep_lm_head:
+            vlm, head = _load_with_head(pretrained_model_name_or_path, dtype, trust_remote_code, load_kwargs)
+        else:
+            vlm = AutoModel.from_pretrained(
+                pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
+            )
         shipped = BACKBONES_SHIPPED_HERE.get(vlm.config.model_type)
         if shipped:  # its processor ships here, not in transformers
             backbone_processor = shipped[1].from_pretrained(pretrained_model_name_or_path, config=vlm.config)
@@ -371,6 +483,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             matryoshka_groups=matryoshka_groups,
             embedding_dim=embedding_dim,
             max_image_tokens=max_image_tokens,
+            keep_lm_head=head is not None,
             **config_kwargs,
         )
         tokenizer = getattr(backbone_processor, "tokenizer", backbone_processor)
@@ -387,6 +500,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if max(new_ids) >= num_rows:  # some vocabularies keep spare rows (Qwen): resize only when needed
             vlm.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
         model = cls(config, vlm=vlm)
+        if head is not None:  # the kept head, with zero rows for the meta tokens (never generated)
+            with torch.no_grad():
+                model.lm_head.weight.zero_()
+                model.lm_head.weight[: head.weight.shape[0]] = head.weight.to(model.lm_head.weight.dtype)
         model.set_attn_implementation(backbone_attention)
         model._init_meta_token_rows(new_ids, seed)
         model.processor = MetaEmbedProcessor(backbone_processor, config)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -258,6 +259,31 @@ class MetaEmbedProcessor:
                 batch = self.processor(text=texts, images=present or None, **kwargs)
         self._check_meta_tokens(batch["input_ids"], items, role)
         return batch
+
+    def condition_on_traces(self, items: list, traces: list) -> list:
+        """Think-Then-Embed: the items with each one's reasoning trace joined to its text by
+        `config.reasoning_template` (after the content, before the meta tokens). A trace over
+        `config.max_trace_tokens` tokens is cut to that length with a warning; a None trace leaves its item alone."""
+        if len(traces) != len(items):
+            raise ValueError(f"got {len(traces)} traces for {len(items)} inputs: give one per input (None for none)")
+        limit = self.config.max_trace_tokens
+        conditioned = []
+        for item, trace in zip(items, traces):
+            if trace is None:
+                conditioned.append(item)
+                continue
+            if not isinstance(trace, str) or not trace.strip():
+                raise ValueError(f"item {item.index}: its trace is {'empty' if isinstance(trace, str) else type(trace).__name__}")
+            ids = self.tokenizer(trace, add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                warnings.warn(
+                    f"item {item.index}: its trace has {len(ids)} tokens; cut to {limit} (config.max_trace_tokens)",
+                    stacklevel=3,
+                )
+                trace = self.tokenizer.decode(ids[:limit], skip_special_tokens=True)
+            text = self.config.reasoning_template.format(text=item.text or "", trace=trace.strip()).strip()
+            conditioned.append(type(item)(item.index, text, item.image))
+        return conditioned
 
     @staticmethod
     def _per_item_instructions(instruction, count: int) -> list:

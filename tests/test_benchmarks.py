@@ -48,3 +48,10 @@ def test_mmr_loss_cost():
 def test_similarity_memory():
     out = run("similarity_memory.py", "--batches", "8", "--dim", "16", "--block-mb", "1")
     assert "direct / ours" in out and re.search(r"\d+(\.\d+)?x", out)
+
+
+def test_reasoning_cost():
+    out = run("reasoning_cost.py", "--queries", "2", "--batch-size", "2", "--trace-tokens", "4", "--hidden-size",
+              "64", "--layers", "1", "--repeats", "1")  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| think, then embed | 4 |"))
+    assert float(row.split("|")[-2]) > 0

@@ -206,11 +206,11 @@ def test_shipped_code_imports_only_public_torch_transformers_pil(tiny_checkpoint
     import ast
 
     # huggingface_hub is transformers' own Hub client (push_to_hub); sentence-transformers only in its module.
-    stdlib = {"json", "math", "os", "pathlib", "tempfile", "dataclasses", "__future__"}
+    stdlib = {"json", "math", "os", "pathlib", "tempfile", "dataclasses", "__future__", "hashlib", "warnings"}
     common = {"torch", "transformers", "PIL", "huggingface_hub"} | stdlib
     extra = {"sentence_metaembed.py": {"sentence_transformers"}}
     folder = tiny_checkpoint("qwen2_5_vl")
-    assert (folder / "sentence_metaembed.py").exists()
+    assert (folder / "sentence_metaembed.py").exists() and (folder / "reasoning_metaembed.py").exists()
     for path in folder.glob("*.py"):
         allowed = common | extra.get(path.name, set())
         for node in ast.walk(ast.parse(path.read_text())):

@@ -6,13 +6,16 @@ Record format (a JSON Lines file, a list of dicts, or a `datasets.Dataset` with 
     {
       "id": "optional, used in error messages",
       "source": "optional name of the source data set (batches are drawn from one source)",
-      "query":     {"text": "...", "image": "path | PIL image | null", "instruction": "optional"},
+      "query":     {"text": "...", "image": "path | PIL image | null", "instruction": "optional",
+                    "reasoning": "optional Think-Then-Embed trace"},
       "positive":  {"text": "...", "image": "..."},
       "negatives": [{"text": "...", "image": "..."}, ...]       (optional hard negatives)
     }
 
 Each side needs a non-empty text, an image, or both. Relative image paths resolve against `image_root`.
-A query's `instruction` replaces the model's default query instruction ("Query: ").
+A query's `instruction` replaces the model's default query instruction ("Query: "). A `reasoning` trace is
+joined to the side's text by `config.reasoning_template`, as `model.encode(..., traces=...)` does at inference
+(allowed on the roles in `config.reasoning_roles`: queries by default). `training.reasoning` writes the traces.
 """
 
 import io
@@ -44,7 +47,7 @@ def _record_name(record: dict, index: int) -> str:
 def _check_side(side, where: str) -> None:
     if not isinstance(side, dict):
         raise RecordError(f"{where} must be a dict with 'text' and/or 'image', got {type(side).__name__}")
-    unknown = set(side) - {"text", "image", "instruction"}
+    unknown = set(side) - {"text", "image", "instruction", "reasoning"}
     if unknown:
         raise RecordError(f"{where} has unknown field(s) {sorted(unknown)}")
     text, image = side.get("text"), side.get("image")
@@ -55,6 +58,9 @@ def _check_side(side, where: str) -> None:
     instruction = side.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise RecordError(f"{where} instruction must be a string, got {type(instruction).__name__}")
+    reasoning = side.get("reasoning")
+    if reasoning is not None and (not isinstance(reasoning, str) or not reasoning.strip()):
+        raise RecordError(f"{where} reasoning must be a non-empty string, got {reasoning!r}")
 
 
 def check_record(record, index: int) -> None:
@@ -377,11 +383,17 @@ class MetaEmbedCollator:
         self.placeholder_image = placeholder_image
         self.max_negatives = max_negatives
 
-    def _item(self, side: dict, position: int, name: str, label: str) -> tuple:
+    def _item(self, side: dict, position: int, name: str, label: str, role: str) -> tuple:
         image = side.get("image")
         if image is not None:
             image = open_image(image, self.image_root, f"{name}: {label}")
-        return self.item_class(position, side.get("text"), image), side.get("instruction")
+        reasoning = side.get("reasoning")
+        if reasoning is not None and role not in self.processor.config.reasoning_roles:
+            raise RecordError(
+                f"{name}: {label} carries reasoning, but the model conditions only {self.processor.config.reasoning_roles} "
+                "inputs on traces (config.reasoning_roles)"
+            )
+        return self.item_class(position, side.get("text"), image), side.get("instruction"), reasoning
 
     def __call__(self, records: list) -> dict:
         queries, candidates, negatives, owners = [], [], [], []
@@ -389,11 +401,11 @@ class MetaEmbedCollator:
             index = record.get("_index", row)
             check_record(record, index)
             name = _record_name(record, index)
-            queries.append(self._item(record["query"], row, name, "query"))
-            candidates.append(self._item(record["positive"], row, name, "positive"))
+            queries.append(self._item(record["query"], row, name, "query", "query"))
+            candidates.append(self._item(record["positive"], row, name, "positive", "candidate"))
             kept = (record.get("negatives") or [])[: self.max_negatives]
             for k, negative in enumerate(kept):
-                negatives.append(self._item(negative, len(negatives), name, f"negative {k}"))
+                negatives.append(self._item(negative, len(negatives), name, f"negative {k}", "candidate"))
                 owners.append(row)
         candidates += negatives
         return {
@@ -407,8 +419,11 @@ class MetaEmbedCollator:
         chunks = []
         for start in range(0, len(entries), size):
             part = entries[start : start + size]
-            items = [self.item_class(i, item.text, item.image) for i, (item, _) in enumerate(part)]
-            instructions = [instruction for _, instruction in part]
+            items = [self.item_class(i, item.text, item.image) for i, (item, _, _) in enumerate(part)]
+            instructions = [instruction for _, instruction, _ in part]
+            traces = [reasoning for _, _, reasoning in part]
+            if any(trace is not None for trace in traces):  # Think-Then-Embed: the trace joins the text
+                items = self.processor.condition_on_traces(items, traces)
             placeholders = 0
             if self.placeholder_image and all(item.image is None for item in items):
                 gray = Image.new("RGB", (PLACEHOLDER_IMAGE_SIZE, PLACEHOLDER_IMAGE_SIZE), (128, 128, 128))

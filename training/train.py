@@ -11,6 +11,9 @@ A recipe has four sections (see training/recipes/):
     data:     jsonl (list of files), mmeb_train ({subset: parquet path} + image_root), colpali_train (parquet path),
               synthetic ({count, seed}: the built-in learnable task), holdout_fraction (eval split per source).
     training: any MetaEmbedTrainingArguments field (output_dir, per_device_train_batch_size, learning_rate, ...).
+    reasoning: Think-Then-Embed (optional): reasoner (self: the model's own backbone, or a generative
+              checkpoint), cache (trace folder), max_new_tokens, batch_size. Queries without a `reasoning` trace get
+              one before the first step; training then conditions on it.
     export:   merged (true: also save a merged checkpoint, loadable without PEFT, to <output_dir>/final).
 
 Overrides use dotted keys with YAML values: `training.learning_rate=5e-5 lora.r=16 data.synthetic.count=64`.
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-SECTIONS = ("model", "lora", "data", "training", "export")
+SECTIONS = ("model", "lora", "data", "reasoning", "training", "export")
 
 
 def load_recipe(path, overrides=()) -> dict:
@@ -64,7 +67,8 @@ def build_model(settings: dict):
 
         from modeling_metaembed.testing import make_tiny_checkpoint
 
-        folder = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="tiny-metaembed-")), family=settings.pop("tiny_family"))
+        family = settings.pop("tiny_family")
+        folder = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="tiny-metaembed-")), family=family, **settings)
         return MetaEmbedModel.from_pretrained(folder, dtype=dtype)
     if "backbone" not in settings:
         raise SystemExit("error: the model section needs a backbone, a checkpoint or a tiny_family")
@@ -130,6 +134,15 @@ def main(argv=None) -> int:
     train_data, eval_data = build_data(recipe.get("data") or {})
     train_data.validate(check_images=not options.no_image_check, show_progress_bar=True)
     model = build_model(recipe.get("model") or {})
+    if recipe.get("reasoning") is not None:  # traces first, from the weights as they are before training
+        from training.reasoning import add_reasoning, build_reasoner
+
+        settings = recipe["reasoning"]
+        reasoner = build_reasoner(settings, model)
+        trace_options = {"cache": settings.get("cache"), "batch_size": settings.get("batch_size", 8)}
+        train_data = add_reasoning(train_data, reasoner, **trace_options)
+        if eval_data is not None:
+            eval_data = add_reasoning(eval_data, reasoner, **trace_options)
     if recipe.get("lora") is not None:
         model = apply_lora(model, **recipe["lora"])
     trainer = MetaEmbedTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data)
