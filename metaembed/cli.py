@@ -1,6 +1,6 @@
 """The `metaembed` command: what users do with MetaEmbed from a shell.
 
-    metaembed encode MODEL INPUTS OUTPUT [--role query|candidate] [--num-vectors K]
+    metaembed encode MODEL INPUTS OUTPUT [--role query|candidate] [--num-vectors K] [--reasoner R|self]
     metaembed score QUERIES CANDIDATES [--budget R_Q R_C] [--top-k K] [--output FILE]
     metaembed card CHECKPOINT [--results FILE] [--repo-id ID] ...
     metaembed publish CHECKPOINT --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--dry-run DIR]
@@ -43,9 +43,17 @@ def run_encode(args) -> None:
 
     ids, items = read_inputs(args.inputs)
     model = _load_model(args.model, args.device, args.dtype)
+    reasoning = {}
+    if args.reasoner:  # Think-Then-Embed: traces from a generative checkpoint, or the model's own backbone
+        from modeling_metaembed.reasoning_metaembed import GenerativeReasoner
+
+        settings = {"max_new_tokens": args.max_new_tokens}
+        reasoning["reasoner"] = (model.as_reasoner(**settings) if args.reasoner == "self" else
+                                 GenerativeReasoner.from_pretrained(args.reasoner, device=args.device, **settings))  # fmt: skip
+        reasoning["trace_cache"] = args.trace_cache
     embeddings = model.encode(
         items, num_vectors=args.num_vectors, role=args.role, instruction=args.instruction,
-        batch_size=args.batch_size, show_progress_bar=not args.quiet,
+        batch_size=args.batch_size, show_progress_bar=not args.quiet, **reasoning,
     )
     save_embeddings(args.output, embeddings, ids, args.role, args.model, args.precision)
     if not args.quiet:
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32", help="stored dtype")
     encode.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
     encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="model dtype")
+    encode.add_argument("--reasoner", default=None, help="Think-Then-Embed: a generative checkpoint, or 'self' (the "
+                        "model's own backbone), writes a trace embedded with each input")
+    encode.add_argument("--trace-cache", default=None, help="folder keeping the reasoner's traces (reused across runs)")
+    encode.add_argument("--max-new-tokens", type=int, default=128, help="trace length limit for --reasoner")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(run=run_encode)
 

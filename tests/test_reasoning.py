@@ -252,3 +252,21 @@ def test_reasoning_command_and_recipe(sharp_backbones, tmp_path):
                        f"reasoning.cache={tmp_path}/traces", "data.synthetic.count=32"])  # fmt: skip
     assert code == 0 and (tmp_path / "run" / "final" / "config.json").is_file()
     assert len(TraceCache(tmp_path / "traces", json.loads((tmp_path / "traces" / "reasoner.json").read_text())["reasoner"])) == 32
+
+
+def test_encode_command_with_a_reasoner(sharp_backbones, tmp_path):
+    from metaembed.cli import main
+    from metaembed.files import load_embeddings
+
+    _, model = sharp_backbones("qwen3")
+    model.save_pretrained(tmp_path / "checkpoint")
+    (tmp_path / "queries.txt").write_text("a dog on a red sofa\nthe chart of sales\n")
+    arguments = ["encode", str(tmp_path / "checkpoint"), str(tmp_path / "queries.txt"), str(tmp_path / "q.safetensors"),
+                 "--role", "query", "--reasoner", "self", "--max-new-tokens", "5", "--trace-cache", str(tmp_path / "tc"),
+                 "--quiet"]  # fmt: skip
+    assert main(arguments) == 0
+    embedded, ids, _ = load_embeddings(tmp_path / "q.safetensors")
+    texts = ["a dog on a red sofa", "the chart of sales"]
+    traces = model.as_reasoner(max_new_tokens=5)([{"text": t, "image": None} for t in texts])
+    torch.testing.assert_close(embedded, model.encode(texts, role="query", traces=traces), atol=1e-5, rtol=0)
+    assert len(list((tmp_path / "tc").glob("shard-*.json"))) == 1
