@@ -206,11 +206,15 @@ class GenerativeReasoner:
         if image is not None and not isinstance(image, Image.Image):
             image = Image.open(image).convert("RGB")
         has_vision = hasattr(self.processor, "image_processor")
-        if getattr(self.processor, "chat_template", None) is not None or getattr(self.tokenizer, "chat_template", None):
+        if self.uses_chat_template:
             content = ([{"type": "image"}] if image is not None and has_vision else []) + [{"type": "text", "text": text}]
             messages = [{"role": "user", "content": content if has_vision else text}]
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, image if has_vision else None
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return bool(getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None))
 
     @torch.inference_mode()
     def __call__(self, items: list) -> list:
@@ -225,13 +229,18 @@ class GenerativeReasoner:
         return traces
 
     def _generate(self, prompts: list, images: list) -> list:
-        self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
-        kwargs = {"padding": True, "return_tensors": "pt"}
-        if hasattr(self.processor, "image_processor"):
-            images = [image for image in images if image is not None]
-            inputs = self.processor(text=prompts, images=images or None, add_special_tokens=False, **kwargs)
-        else:
-            inputs = self.tokenizer(prompts, add_special_tokens=False, **kwargs)
+        # Left padding: generation continues every row from its last real token. The tokenizer may be shared with
+        # the embedder's processor (unified mode), so its padding side is put back afterwards.
+        kwargs = {"padding": True, "return_tensors": "pt", "add_special_tokens": not self.uses_chat_template}
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            if hasattr(self.processor, "image_processor"):
+                images = [image for image in images if image is not None]
+                inputs = self.processor(text=prompts, images=images or None, **kwargs)
+            else:
+                inputs = self.tokenizer(prompts, **kwargs)
+        finally:
+            self.tokenizer.padding_side = side
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

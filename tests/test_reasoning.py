@@ -145,6 +145,7 @@ def test_the_unified_model_thinks_and_embeds_with_one_set_of_weights(sharp_backb
         items.append({"text": "what is shown?", "image": random_image(seed=7)})
     separate = GenerativeReasoner.from_pretrained(folder, prompt=model.config.reasoning_prompt, max_new_tokens=6)
     assert reasoner(items) == separate(items)  # the backbone's own head: the original checkpoint's generations
+    assert model.processor.tokenizer.padding_side == model.config.padding_side  # the shared tokenizer is put back
 
     # It survives save/load, and encode(reasoner="self") uses it.
     model.save_pretrained(tmp_path / "saved")
