@@ -141,6 +141,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if config.keep_lm_head:
             vocab = config.get_text_config().vocab_size
             self.lm_head = nn.Linear(config.backbone_hidden_size, vocab, bias=False)
+            # The embedding loss never reaches it: frozen, so DDP sees no unused trainable parameter.
+            self.lm_head.requires_grad_(False)
         self.processor: MetaEmbedProcessor | None = None  # attached by from_pretrained / from_vlm
         self.model_card: str | None = None  # the checkpoint's README.md, written back by save_pretrained
         self.post_init()
