@@ -37,7 +37,7 @@ def main() -> None:
         model.encode(queries, role="query", batch_size=args.batch_size, show_progress_bar=False)
 
     base = timed(plain, args.repeats) / args.queries
-    print(f"\n| path | trace tokens | generate ms/query | embed ms/query | total ms/query | x plain |")
+    print("\n| path | trace tokens | generate ms/query | embed ms/query | total ms/query | x plain |")
     print("|---|---|---|---|---|---|")
     print(f"| plain encode | 0 | 0.0 | {base * 1e3:.1f} | {base * 1e3:.1f} | 1.00 |")
     for tokens in args.trace_tokens:

@@ -154,8 +154,11 @@ class MetaEmbedConfig(PreTrainedConfig):
         if unknown:
             raise ValueError(f"reasoning_roles holds unknown role(s) {unknown}: expected a subset of {ROLES}")
         if "{trace}" not in self.reasoning_template or "{text}" not in self.reasoning_template:
-            raise ValueError(f"reasoning_template needs {{text}} and {{trace}} placeholders, got {self.reasoning_template!r}")
-        if not isinstance(self.max_trace_tokens, int) or isinstance(self.max_trace_tokens, bool) or self.max_trace_tokens < 1:
+            raise ValueError(
+                f"reasoning_template needs {{text}} and {{trace}} placeholders, got {self.reasoning_template!r}"
+            )
+        limit = self.max_trace_tokens
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ValueError(f"max_trace_tokens must be a positive integer, got {self.max_trace_tokens!r}")
         if self.reasoning_prompt is None:
             self.reasoning_prompt = DEFAULT_REASONING_PROMPT

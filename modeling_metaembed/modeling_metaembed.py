@@ -71,7 +71,8 @@ def upload_folder_to_hub(
 
 
 def _tied(config) -> bool:
-    return bool(getattr(config.get_text_config(), "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    text_config = config.get_text_config()
+    return bool(getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
 
 
 def _load_with_head(path, dtype, trust_remote_code: bool, load_kwargs: dict) -> tuple:
@@ -80,7 +81,9 @@ def _load_with_head(path, dtype, trust_remote_code: bool, load_kwargs: dict) -> 
 
     for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
         try:
-            generator = auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs)
+            generator = auto_class.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
+            )
         except ValueError:  # not this kind of architecture
             continue
         base = getattr(generator, generator.base_model_prefix)
@@ -362,7 +365,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             if isinstance(reasoner, str) and reasoner == "self":
                 reasoner = self.as_reasoner()
             if not callable(reasoner):
-                raise ValueError(f"reasoner must be a callable (items) -> traces or 'self', got {type(reasoner).__name__}")
+                kind = type(reasoner).__name__
+                raise ValueError(f"reasoner must be a callable (items) -> traces or 'self', got {kind}")
             plain = [{"text": item.text, "image": item.image} for item in items]
             traces = generate_traces(reasoner, plain, cache=trace_cache, batch_size=batch_size,
                                      show_progress_bar=show_progress_bar)  # fmt: skip
@@ -394,7 +398,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             except ValueError:
                 continue
         if generator is None:
-            raise ValueError(f"the {self.config.vlm_config.model_type} backbone has no generative model in transformers")
+            family = self.config.vlm_config.model_type
+            raise ValueError(f"the {family} backbone has no generative model in transformers")
         setattr(generator, generator.base_model_prefix, self.vlm)
         if head is None:
             embeddings = self.vlm.get_input_embeddings()
@@ -408,7 +413,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         generation_kwargs.setdefault("prompt", self.config.reasoning_prompt)
         meta_ids = list(self.config.query_meta_token_ids or []) + list(self.config.candidate_meta_token_ids or [])
         generation_kwargs.setdefault("suppress_token_ids", meta_ids)
-        generation_kwargs.setdefault("name", f"{self.name_or_path or 'metaembed'} (own backbone, {self._fingerprint()})")
+        name = f"{self.name_or_path or 'metaembed'} (own backbone, {self._fingerprint()})"
+        generation_kwargs.setdefault("name", name)
         return GenerativeReasoner(generator.eval(), self._require_processor().processor, **generation_kwargs)
 
     @torch.no_grad()

@@ -51,7 +51,8 @@ def reasoner_identity(reasoner) -> str:
     qualified name (give your callables an `identity` that changes when their behaviour does)."""
     identity = getattr(reasoner, "identity", None)
     if identity is None:
-        identity = f"{getattr(reasoner, '__module__', '?')}.{getattr(reasoner, '__qualname__', type(reasoner).__name__)}"
+        name = getattr(reasoner, "__qualname__", type(reasoner).__name__)
+        identity = f"{getattr(reasoner, '__module__', '?')}.{name}"
     return str(identity)
 
 
@@ -112,7 +113,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ reasoning
-def generate_traces(reasoner, items: list, cache=None, batch_size: int = 8, show_progress_bar: bool | None = None) -> list:
+def generate_traces(
+    reasoner, items: list, cache=None, batch_size: int = 8, show_progress_bar: bool | None = None
+) -> list:
     """One trace per item from `reasoner`, reading and filling `cache` (a `TraceCache`, a folder, or None).
 
     A reasoner that returns another number of traces than it was given items, a non-string or an empty trace raises
@@ -135,7 +138,9 @@ def generate_traces(reasoner, items: list, cache=None, batch_size: int = 8, show
         produced = reasoner([items[i] for i in batch])
         if not isinstance(produced, (list, tuple)) or len(produced) != len(batch):
             count = len(produced) if isinstance(produced, (list, tuple)) else type(produced).__name__
-            raise ValueError(f"the reasoner returned {count} traces for {len(batch)} items (items {batch[0]}..{batch[-1]})")
+            raise ValueError(
+                f"the reasoner returned {count} traces for {len(batch)} items (items {batch[0]}..{batch[-1]})"
+            )
         for i, trace in zip(batch, produced):
             if not isinstance(trace, str):
                 raise ValueError(f"the reasoner's trace for item {i} is a {type(trace).__name__}, not a string")
@@ -207,7 +212,8 @@ class GenerativeReasoner:
             image = Image.open(image).convert("RGB")
         has_vision = hasattr(self.processor, "image_processor")
         if self.uses_chat_template:
-            content = ([{"type": "image"}] if image is not None and has_vision else []) + [{"type": "text", "text": text}]
+            content = [{"type": "image"}] if image is not None and has_vision else []
+            content.append({"type": "text", "text": text})
             messages = [{"role": "user", "content": content if has_vision else text}]
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, image if has_vision else None

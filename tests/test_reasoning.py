@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.reasoning_metaembed import GenerativeReasoner, TraceCache, content_key, generate_traces
@@ -117,7 +117,8 @@ def test_content_keys_follow_content_not_names(tmp_path):
     image = random_image(seed=5)
     image.save(tmp_path / "a.png")
     image.save(tmp_path / "b.png")
-    assert content_key({"text": "x", "image": tmp_path / "a.png"}) == content_key({"text": "x", "image": tmp_path / "b.png"})
+    same_bytes = [content_key({"text": "x", "image": tmp_path / name}) for name in ("a.png", "b.png")]
+    assert same_bytes[0] == same_bytes[1]
     assert content_key({"text": "x", "image": None}) != content_key({"text": "x", "image": tmp_path / "a.png"})
     assert content_key({"text": "x", "image": image}) != content_key({"text": "x", "image": random_image(seed=6)})
 
@@ -230,7 +231,10 @@ def test_traces_are_generated_ahead_of_training(tmp_path):
     reasoned = add_reasoning(ContrastiveDataset(records), CountingReasoner(), cache=tmp_path / "cache",
                              show_progress_bar=False)  # fmt: skip
     assert [reasoned[i]["query"]["reasoning"] for i in range(3)] == [
-        "it is about query 0; look for its main object", "written by hand", "it is about query 2; look for its main object"]
+        "it is about query 0; look for its main object",
+        "written by hand",
+        "it is about query 2; look for its main object",
+    ]
 
 
 def test_reasoning_command_and_recipe(sharp_backbones, tmp_path):
@@ -243,8 +247,9 @@ def test_reasoning_command_and_recipe(sharp_backbones, tmp_path):
     records = [{"query": {"text": f"find item {i}"}, "positive": {"text": f"item {i}"}} for i in range(4)]
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "reasoned.jsonl"
-    assert reasoning_main(["--records", str(tmp_path / "data" / "train.jsonl"), "--output", str(out), "--checkpoint",
-                           str(checkpoint), "--cache", str(tmp_path / "cache"), "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert reasoning_main(["--records", str(tmp_path / "data" / "train.jsonl"), "--output", str(out),
+                           "--checkpoint", str(checkpoint), "--cache", str(tmp_path / "cache"),
+                           "--max-new-tokens", "4"]) == 0  # fmt: skip
     written = [json.loads(line) for line in out.read_text().splitlines()]
     expected = model.as_reasoner(max_new_tokens=4)([{"text": r["query"]["text"], "image": None} for r in records])
     assert [r["query"]["reasoning"] for r in written] == expected
@@ -252,7 +257,8 @@ def test_reasoning_command_and_recipe(sharp_backbones, tmp_path):
     code = train_main(["--config", "training/recipes/think-then-embed-tiny.yaml", f"training.output_dir={tmp_path}/run",
                        f"reasoning.cache={tmp_path}/traces", "data.synthetic.count=32"])  # fmt: skip
     assert code == 0 and (tmp_path / "run" / "final" / "config.json").is_file()
-    assert len(TraceCache(tmp_path / "traces", json.loads((tmp_path / "traces" / "reasoner.json").read_text())["reasoner"])) == 32
+    identity = json.loads((tmp_path / "traces" / "reasoner.json").read_text())["reasoner"]
+    assert len(TraceCache(tmp_path / "traces", identity)) == 32
 
 
 def test_encode_command_with_a_reasoner(sharp_backbones, tmp_path):
@@ -263,8 +269,8 @@ def test_encode_command_with_a_reasoner(sharp_backbones, tmp_path):
     model.save_pretrained(tmp_path / "checkpoint")
     (tmp_path / "queries.txt").write_text("a dog on a red sofa\nthe chart of sales\n")
     arguments = ["encode", str(tmp_path / "checkpoint"), str(tmp_path / "queries.txt"), str(tmp_path / "q.safetensors"),
-                 "--role", "query", "--reasoner", "self", "--max-new-tokens", "5", "--trace-cache", str(tmp_path / "tc"),
-                 "--quiet"]  # fmt: skip
+                 "--role", "query", "--reasoner", "self", "--max-new-tokens", "5",
+                 "--trace-cache", str(tmp_path / "tc"), "--quiet"]  # fmt: skip
     assert main(arguments) == 0
     embedded, ids, _ = load_embeddings(tmp_path / "q.safetensors")
     texts = ["a dog on a red sofa", "the chart of sales"]

@@ -390,8 +390,8 @@ class MetaEmbedCollator:
         reasoning = side.get("reasoning")
         if reasoning is not None and role not in self.processor.config.reasoning_roles:
             raise RecordError(
-                f"{name}: {label} carries reasoning, but the model conditions only {self.processor.config.reasoning_roles} "
-                "inputs on traces (config.reasoning_roles)"
+                f"{name}: {label} carries reasoning, but the model conditions only "
+                f"{self.processor.config.reasoning_roles} inputs on traces (config.reasoning_roles)"
             )
         return self.item_class(position, side.get("text"), image), side.get("instruction"), reasoning
 

@@ -12,7 +12,8 @@ def precision_at_1(scores: torch.Tensor, positive_alike: torch.Tensor | None = N
     candidates); they are not competitors. A candidate tied with the positive beats it: a model that scores
     everything alike gets no hits, instead of all of them."""
     if scores.dim() != 2 or scores.shape[1] < 1:
-        raise ValueError(f"scores must be (queries, candidates) with the positive in column 0, got {tuple(scores.shape)}")
+        shape = tuple(scores.shape)
+        raise ValueError(f"scores must be (queries, candidates) with the positive in column 0, got {shape}")
     others = scores[:, 1:]
     if positive_alike is not None:
         others = others.masked_fill(positive_alike[:, 1:], float("-inf"))

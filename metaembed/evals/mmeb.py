@@ -117,7 +117,8 @@ def evaluate_task(model, queries: list, candidates: list, budgets, batch_size: i
 
 
 def evaluate(model, tasks=None, source=SOURCE, image_root=None, budgets=None, batch_size: int = 16,
-             limit: int | None = None, show_progress_bar: bool = True, instructions: dict | None = None) -> dict:  # fmt: skip
+             limit: int | None = None, show_progress_bar: bool = True,
+             instructions: dict | None = None) -> dict:  # fmt: skip
     """Precision@1 of every task at every budget, with the paper's averages (per meta-task, IND, OOD, overall).
 
     Returns {"benchmark": "MMEB", "budgets": [...], "tasks": {task: {"meta_task", "in_distribution",

@@ -45,8 +45,9 @@ def load_dataset(source, language: str | None = None) -> tuple:
     repo id or a local folder laid out like it (v1: the parquet files; v2: `corpus/`, `queries/`, `qrels/`)."""
     if _is_beir(source):
         corpus, queries, qrels_rows = (load_split(source, name) for name in ("corpus", "queries", "qrels"))
-        for name, rows, needed in (("corpus", corpus, ("corpus-id", "image")), ("queries", queries, ("query-id", "query")),
-                                   ("qrels", qrels_rows, ("query-id", "corpus-id", "score"))):  # fmt: skip
+        schema = (("corpus", corpus, ("corpus-id", "image")), ("queries", queries, ("query-id", "query")),
+                  ("qrels", qrels_rows, ("query-id", "corpus-id", "score")))  # fmt: skip
+        for name, rows, needed in schema:
             missing = [c for c in needed if c not in rows.column_names]
             if missing:
                 raise ValueError(f"{source} {name} lacks the columns {missing}; it has {rows.column_names}")
