@@ -16,12 +16,13 @@ its flat siblings.
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers.utils.logging import get_logger, tqdm
+
+from .processing_metaembed import write_atomic
 
 logger = get_logger(__name__)
 
@@ -76,7 +77,7 @@ class TraceCache:
                     "use another cache folder for this reasoner"
                 )
         else:
-            _write_atomic(manifest, json.dumps({"format": CACHE_FORMAT, "reasoner": self.identity}) + "\n")
+            write_atomic(manifest, json.dumps({"format": CACHE_FORMAT, "reasoner": self.identity}) + "\n")
         self._traces = {}
         for shard in sorted(self.directory.glob("shard-*.json")):
             try:
@@ -95,21 +96,8 @@ class TraceCache:
         if not traces:
             return
         name = hashlib.sha256("".join(sorted(traces)).encode()).hexdigest()[:16]
-        _write_atomic(self.directory / f"shard-{name}.json", json.dumps(traces, ensure_ascii=False))
+        write_atomic(self.directory / f"shard-{name}.json", json.dumps(traces, ensure_ascii=False))
         self._traces.update(traces)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------ reasoning

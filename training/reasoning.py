@@ -11,11 +11,10 @@ A recipe's `reasoning` section does the same inside `python -m training.train` b
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from modeling_metaembed.processing_metaembed import write_atomic
 from modeling_metaembed.reasoning_metaembed import GenerativeReasoner, generate_traces
 
 from .data import ContrastiveDataset, open_image
@@ -59,15 +58,7 @@ def write_jsonl(records: list, path) -> None:
     """Write records as JSON Lines atomically (PIL images cannot be written: give images as paths)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for record in records:
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,9 @@
 """What the benchmark harnesses share: the budget sweep, reading data sets, encoding unique items once, reports."""
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from modeling_metaembed.processing_metaembed import write_atomic
 from modeling_metaembed.scoring_metaembed import check_budget
 
 # The budgets of the paper's test-time scaling table (Table 3 / Figure 3).
@@ -59,20 +58,11 @@ def encode_unique(model, items: list, role: str, num_vectors: int, batch_size: i
 
 
 def write_report(results: dict, markdown: str, output_dir) -> Path:
-    """`results.json` and `results.md` in `output_dir`, each written to a temporary file and renamed into place."""
+    """`results.json` and `results.md` in `output_dir`, each written atomically."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.md", markdown)):
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=output_dir)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, output_dir / name)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+    write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(output_dir / "results.md", markdown)
     return output_dir
 
 
