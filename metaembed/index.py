@@ -55,6 +55,37 @@ class SearchResult:
     ids: list
 
 
+def check_candidate_embeddings(embeddings, dim: int, num_vectors: int, holder: str) -> None:
+    """Raise ValueError naming the problem unless `embeddings` is a floating [N, R, D] tensor with D = `dim`,
+    R >= `num_vectors` and finite values in its first `num_vectors` vectors. `holder` names the store in messages."""
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 3:
+        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise ValueError(f"embeddings must be a tensor of shape (items, vectors, dim), got {shape}")
+    _, vectors, found = embeddings.shape
+    if found != dim:
+        raise ValueError(f"embeddings have dimension {found} but {holder} holds dimension {dim}")
+    if vectors < num_vectors:
+        raise ValueError(f"embeddings have {vectors} vectors per item but {holder} keeps {num_vectors}")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+    finite = torch.isfinite(embeddings[:, :num_vectors]).flatten(1).all(dim=1)
+    if not finite.all():
+        raise ValueError(f"item {int((~finite).nonzero()[0])} of this batch has non-finite values (NaN or inf)")
+
+
+def as_query_batch(queries, dim: int, holder: str) -> torch.Tensor:
+    """`queries` as a floating [Q, R_q, D] tensor (a single [R_q, D] query gets a batch axis), D checked against
+    `dim`; ValueError otherwise. `holder` names the store in messages."""
+    if isinstance(queries, torch.Tensor) and queries.dim() == 2:
+        queries = queries.unsqueeze(0)
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 3 or not queries.is_floating_point():
+        shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+        raise ValueError(f"queries must be a floating-point tensor of shape (queries, vectors, dim), got {shape}")
+    if queries.shape[-1] != dim:
+        raise ValueError(f"queries have dimension {queries.shape[-1]} but {holder} holds dimension {dim}")
+    return queries
+
+
 def _dtype_name(dtype) -> str:
     for name, value in DTYPES.items():
         if dtype in (name, value):
@@ -106,19 +137,8 @@ class MetaEmbedIndex:
         """Append items: `embeddings` [N, R, D] with R >= num_vectors (the first num_vectors are kept), e.g.
         `model.encode_candidates(...)`. `ids` (one per item, str or int, unique in the index) default to the
         items' positions. Nothing is added when any check fails."""
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 3:
-            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-            raise ValueError(f"embeddings must be a tensor of shape (items, vectors, dim), got {shape}")
-        count, vectors, dim = embeddings.shape
-        if dim != self.dim:
-            raise ValueError(f"embeddings have dimension {dim} but this index holds dimension {self.dim}")
-        if vectors < self.num_vectors:
-            raise ValueError(f"embeddings have {vectors} vectors per item but this index keeps {self.num_vectors}")
-        if not embeddings.is_floating_point():
-            raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
-        finite = torch.isfinite(embeddings[:, : self.num_vectors]).flatten(1).all(dim=1)
-        if not finite.all():
-            raise ValueError(f"item {int((~finite).nonzero()[0])} of this batch has non-finite values (NaN or inf)")
+        check_candidate_embeddings(embeddings, self.dim, self.num_vectors, "this index")
+        count = embeddings.shape[0]
         ids = list(range(self._count, self._count + count)) if ids is None else list(ids)
         self._check_new_ids(ids, count)
 
@@ -220,13 +240,7 @@ class MetaEmbedIndex:
 
     def _check_search(self, queries, budget, k) -> tuple:
         """The queries as a [Q, R_q, D] tensor and the budget (r_q, r_c), once every search argument is valid."""
-        if isinstance(queries, torch.Tensor) and queries.dim() == 2:
-            queries = queries.unsqueeze(0)
-        if not isinstance(queries, torch.Tensor) or queries.dim() != 3 or not queries.is_floating_point():
-            shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
-            raise ValueError(f"queries must be a floating-point tensor of shape (queries, vectors, dim), got {shape}")
-        if queries.shape[-1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[-1]} but this index holds dimension {self.dim}")
+        queries = as_query_batch(queries, self.dim, "this index")
         budget = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
         if self._count == 0:
             raise ValueError("the index is empty: add items before searching")

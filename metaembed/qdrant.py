@@ -21,7 +21,7 @@ import uuid
 
 import torch
 
-from metaembed.index import SearchResult
+from metaembed.index import SearchResult, as_query_batch, check_candidate_embeddings
 from modeling_metaembed.scoring_metaembed import check_budget
 
 FORMAT = "metaembed-qdrant/1"
@@ -119,17 +119,9 @@ class QdrantMetaEmbedIndex:
         """Upsert items: `embeddings` [N, R, D] with R >= the largest candidate budget, `ids` one per item (str or
         int, kept in the payload under "metaembed_id"). An item whose id is already stored is replaced."""
         models = _models()
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 3 or not embeddings.is_floating_point():
-            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-            raise ValueError(f"embeddings must be a floating-point tensor of shape (items, vectors, dim), got {shape}")
-        count, vectors, dim = embeddings.shape
-        if dim != self.dim:
-            raise ValueError(f"embeddings have dimension {dim} but this collection holds dimension {self.dim}")
-        if vectors < max(self.candidate_budgets):
-            raise ValueError(
-                f"embeddings have {vectors} vectors per item but this collection stores up to "
-                f"{max(self.candidate_budgets)} (candidate budgets {self.candidate_budgets})"
-            )
+        largest = max(self.candidate_budgets)
+        check_candidate_embeddings(embeddings, self.dim, largest, f"this collection (budgets {self.candidate_budgets})")
+        count = embeddings.shape[0]
         ids = list(ids)
         if len(ids) != count:
             raise ValueError(f"got {len(ids)} ids for {count} items: give one id per item")
@@ -139,9 +131,6 @@ class QdrantMetaEmbedIndex:
         if len(set(ids)) != len(ids):
             duplicate = next(i for i in ids if ids.count(i) > 1)
             raise ValueError(f"id {duplicate!r} appears more than once in this batch")
-        finite = torch.isfinite(embeddings[:, : max(self.candidate_budgets)]).flatten(1).all(dim=1)
-        if not finite.all():
-            raise ValueError(f"item {int((~finite).nonzero()[0])} of this batch has non-finite values (NaN or inf)")
 
         from tqdm.auto import tqdm
 
@@ -180,13 +169,7 @@ class QdrantMetaEmbedIndex:
         server unless `exact=True`, always exact in local mode), then re-ranks them by MaxSim. Without, every item
         is scored by MaxSim. Returns a `SearchResult` whose `positions` is None (Qdrant has no row order)."""
         models = _models()
-        if isinstance(queries, torch.Tensor) and queries.dim() == 2:
-            queries = queries.unsqueeze(0)
-        if not isinstance(queries, torch.Tensor) or queries.dim() != 3 or not queries.is_floating_point():
-            shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
-            raise ValueError(f"queries must be a floating-point tensor of shape (queries, vectors, dim), got {shape}")
-        if queries.shape[-1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[-1]} but this collection holds {self.dim}")
+        queries = as_query_batch(queries, self.dim, "this collection")
         largest = max(self.candidate_budgets)
         r_q, r_c = check_budget(budget or (queries.shape[1], largest), (queries.shape[1], largest),
                                 what="queries and the collection")  # fmt: skip
