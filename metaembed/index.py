@@ -1,20 +1,27 @@
-"""`MetaEmbedIndex`: exact MaxSim search over stored candidate embeddings at any budget (r_q, r_c).
+"""`MetaEmbedIndex`: MaxSim search over stored candidate embeddings at any budget (r_q, r_c).
 
 Layout. Vectors are stored vector-major, `[R_c, capacity, D]`: vector j of every item is one contiguous `[N, D]`
 matrix. A budget r_c then reads exactly the first r_c matrices, N * r_c * D * bytes, with no copy, for every r_c.
 (The item-major `[N, R_c, D]` that `model.encode` returns is not: its prefix `[:, :r_c]` is strided.)
 
-Scoring one block of candidates at (r_q, r_c), for a batch of Q queries flattened to `[Q * r_q, D]`:
+Scoring (`modeling_metaembed.scoring_metaembed.scan_maxsim`): for a batch of queries widened to float32 (never
+rounded to the storage dtype), the stored vectors are widened tile by tile into one cache-sized float32 buffer and
+multiplied there (one GEMM per tile), then a max over r_c, a sum over r_q, and a running top-k over chunks. Every
+temporary is counted against `max_work_bytes`, so a search over a memory-mapped index far larger than RAM holds a
+bounded amount of anonymous memory.
 
-    best = max_{j < r_c} (Q_flat @ V_j[block].T)        # r_c GEMMs, float32 accumulation, running max
-    score = best.view(Q, r_q, block).sum(dim=1)          # = sum_i max_j <q_i, c_j>: MaxSim
+Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127); "binary" keeps
+one bit per dimension (the sign) and one float32 scale (mean |x|). Both are searched at any budget by the same scan
+(codes widened and scaled per tile: an approximate MaxSim against the full-precision query), and the best
+`shortlist` items per query are re-scored exactly from full-precision vectors kept beside the codes (in
+`full.safetensors`, memory-mapped when loaded), so the top-k is exact MaxSim over that shortlist; its recall
+against exhaustive exact search is measured (`benchmarks/compressed_recall.py`).
 
-then a running top-k over blocks. The float32 score block is bounded by `max_block_bytes`.
-
-On disk (`save` / `load`): a folder with `vectors.safetensors` (one tensor `vectors`, `[R_c, N, D]`) and
-`index.json` (format, shape, dtype, ids, SHA-256 of the tensor file). Saving builds the new folder beside the old
-one and swaps it in, so an interrupted save leaves the previous index intact; loading validates everything and
-can memory-map the vectors for indexes larger than RAM.
+On disk (`save` / `load`): a folder with `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the
+codes `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8 and `scales` `[R_c, N]`), `full.safetensors` for compressed
+indexes, and `index.json` (format, shape, dtypes, ids, SHA-256 of each tensor file). Saving builds the new folder
+beside the old one and swaps it in, so an interrupted save leaves the previous index intact; loading validates
+everything and can memory-map the vectors for indexes larger than RAM.
 """
 
 import hashlib
@@ -31,14 +38,20 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_BLOCK_BYTES, check_budget, matmul_fp32
+from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
 
 FORMAT = "metaembed-index/1"
 MANIFEST_NAME = "index.json"
 VECTORS_NAME = "vectors.safetensors"
+FULL_NAME = "full.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Compressed storage: the torch dtype of the codes.
+COMPRESSED = {"int8": torch.int8, "binary": torch.uint8}
 # safetensors dtype names, and the numpy type of the same width used to memory-map the raw bytes.
-_SAFETENSORS_DTYPES = {"bfloat16": ("BF16", np.uint16), "float16": ("F16", np.float16), "float32": ("F32", np.float32)}
+_SAFETENSORS_DTYPES = {"bfloat16": ("BF16", np.uint16), "float16": ("F16", np.float16), "float32": ("F32", np.float32),
+                       "int8": ("I8", np.int8), "binary": ("U8", np.uint8)}  # fmt: skip
+# Items re-scored exactly per query after a compressed scan, unless `shortlist` says otherwise.
+DEFAULT_SHORTLIST = 100
 
 
 class IndexFileError(ValueError):
@@ -86,11 +99,41 @@ def as_query_batch(queries, dim: int, holder: str) -> torch.Tensor:
     return queries
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_name(dtype, compressed: bool = True) -> str:
+    if compressed and dtype in COMPRESSED:
+        return dtype
     for name, value in DTYPES.items():
         if dtype in (name, value):
             return name
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    allowed = sorted(DTYPES) + (sorted(COMPRESSED) if compressed else [])
+    raise ValueError(f"dtype must be one of {allowed}, got {dtype!r}")
+
+
+def quantize(vectors: torch.Tensor, dtype_name: str) -> tuple:
+    """Codes and float32 scales of float vectors [..., D]: "int8" rounds x / s to int8 with s = max |x| / 127;
+    "binary" packs the signs (bit b of byte i is dimension 8 i + b; 1 = positive) with s = mean |x|, the scale
+    that makes s * sign(x) the closest such vector to x."""
+    x = vectors.float()
+    if dtype_name == "int8":
+        scales = x.abs().amax(dim=-1) / 127
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = torch.round(x / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        return codes, scales
+    bits = (x > 0).to(torch.uint8).view(*x.shape[:-1], x.shape[-1] // 8, 8)
+    codes = (bits << torch.arange(8, dtype=torch.uint8)).sum(dim=-1, dtype=torch.uint8)
+    return codes, x.abs().mean(dim=-1)
+
+
+_SIGNS = {}
+
+
+def _sign_table(device) -> torch.Tensor:
+    """[256, 8] float32: row b holds +1 / -1 for the 8 bits of byte b (bit 0 first)."""
+    key = str(device)
+    if key not in _SIGNS:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGNS[key] = (bits.float() * 2 - 1).to(device)
+    return _SIGNS[key]
 
 
 class MetaEmbedIndex:
@@ -99,19 +142,31 @@ class MetaEmbedIndex:
     Args:
         dim: the embedding dimension D (`model.config.output_dim`).
         num_vectors: R_c vectors kept per item (budgets up to r_c = num_vectors are searchable).
-        dtype: storage precision: "bfloat16" (default), "float16" or "float32". Scores accumulate in float32.
-        device: where the vectors live and the search runs ("cpu", "cuda", ...).
+        dtype: storage precision: "bfloat16" (default), "float16" or "float32", searched exactly; or compressed,
+            "int8" (a byte per dimension and a scale per vector) or "binary" (a bit per dimension, D a multiple
+            of 8, and a scale per vector), searched approximately and re-scored exactly on a shortlist.
+        device: where the searched vectors live and the search runs ("cpu", "cuda", ...).
+        full_dtype: for "int8" / "binary": the precision of the full vectors kept for re-scoring (CPU memory, or
+            memory-mapped from disk once saved and loaded).
     """
 
-    def __init__(self, dim: int, num_vectors: int, dtype="bfloat16", device="cpu"):
+    def __init__(self, dim: int, num_vectors: int, dtype="bfloat16", device="cpu", full_dtype="bfloat16"):
         for name, value in (("dim", dim), ("num_vectors", num_vectors)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.dim, self.num_vectors = dim, num_vectors
         self.dtype_name = _dtype_name(dtype)
-        self.dtype = DTYPES[self.dtype_name]
+        self.compressed = self.dtype_name in COMPRESSED
+        if self.dtype_name == "binary" and dim % 8:
+            raise ValueError(f"dtype 'binary' packs 8 dimensions per byte: dim must be a multiple of 8, got {dim}")
+        self.dtype = COMPRESSED.get(self.dtype_name) or DTYPES[self.dtype_name]
         self.device = torch.device(device)
-        self._vectors = torch.empty(num_vectors, 0, dim, dtype=self.dtype, device=self.device)  # [R_c, capacity, D]
+        self.full_dtype_name = _dtype_name(full_dtype, compressed=False) if self.compressed else self.dtype_name
+        self.full_dtype = DTYPES[self.full_dtype_name]
+        width = dim // 8 if self.dtype_name == "binary" else dim
+        self._vectors = torch.empty(num_vectors, 0, width, dtype=self.dtype, device=self.device)  # [R_c, cap, D']
+        self._scales = torch.empty(num_vectors, 0, device=self.device) if self.compressed else None  # [R_c, cap]
+        self._full = torch.empty(num_vectors, 0, dim, dtype=self.full_dtype) if self.compressed else None
         self._count = 0
         self.ids: list = []
         self._id_set: set = set()
@@ -121,17 +176,34 @@ class MetaEmbedIndex:
         return self._count
 
     def __repr__(self) -> str:
-        return (f"MetaEmbedIndex({self._count} items, {self.num_vectors} vectors x {self.dim} dims, "
-                f"{self.dtype_name}, {self.device})")  # fmt: skip
+        stored = f"{self.dtype_name} (+ {self.full_dtype_name} for re-scoring)" if self.compressed else self.dtype_name
+        return f"MetaEmbedIndex({self._count} items, {self.num_vectors} vectors x {self.dim} dims, {stored}, {self.device})"
 
     @property
     def vectors(self) -> torch.Tensor:
-        """[R_c, N, D] view of the stored vectors (row j of each item is `vectors[j, item]`)."""
+        """[R_c, N, D] view of the full-precision vectors (row j of each item is `vectors[j, item]`); for a
+        compressed index, those kept for re-scoring."""
+        return (self._full if self.compressed else self._vectors)[:, : self._count]
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """[R_c, N, D'] view of what a scan reads: the vectors, or a compressed index's int8 / packed-bit codes."""
         return self._vectors[:, : self._count]
 
     @property
+    def scales(self) -> torch.Tensor | None:
+        """[R_c, N] float32 scale of each compressed vector (None for float storage)."""
+        return None if self._scales is None else self._scales[:, : self._count]
+
+    @property
     def nbytes(self) -> int:
-        return self.num_vectors * self._count * self.dim * self._vectors.element_size()
+        """Bytes a full-budget scan reads: the stored vectors, or a compressed index's codes and scales."""
+        return self.bytes_per_item(self.num_vectors) * self._count
+
+    def bytes_per_item(self, r_c: int | None = None) -> int:
+        """Bytes one item costs a scan at candidate budget r_c (default: all stored vectors)."""
+        r_c = self.num_vectors if r_c is None else r_c
+        return r_c * (self._vectors.shape[2] * self._vectors.element_size() + (4 if self.compressed else 0))
 
     def add(self, embeddings: torch.Tensor, ids: list | None = None) -> None:
         """Append items: `embeddings` [N, R, D] with R >= num_vectors (the first num_vectors are kept), e.g.
@@ -145,11 +217,21 @@ class MetaEmbedIndex:
         needed = self._count + count
         if needed > self._vectors.shape[1]:  # grow geometrically: amortised O(1) copies per item
             capacity = max(needed, 2 * self._vectors.shape[1], 1024)
-            grown = torch.empty(self.num_vectors, capacity, self.dim, dtype=self.dtype, device=self.device)
-            grown[:, : self._count] = self.vectors
-            self._vectors = grown
-        new = embeddings[:, : self.num_vectors].to(device=self.device, dtype=self.dtype)
-        self._vectors[:, self._count : needed] = new.transpose(0, 1)
+            self._vectors = _grown(self._vectors, self._count, capacity)
+            if self.compressed:
+                self._scales = _grown(self._scales, self._count, capacity)
+                self._full = _grown(self._full, self._count, capacity)
+        new = embeddings[:, : self.num_vectors].transpose(0, 1)  # [R_c, n, D]
+        if self.compressed:
+            for start in range(0, count, 4096):  # quantize a few thousand items at a time
+                part = new[:, start : start + 4096]
+                codes, scales = quantize(part, self.dtype_name)
+                where = slice(self._count + start, self._count + start + part.shape[1])
+                self._vectors[:, where] = codes.to(self.device)
+                self._scales[:, where] = scales.to(self.device)
+                self._full[:, where] = part.to(device="cpu", dtype=self.full_dtype)
+        else:
+            self._vectors[:, self._count : needed] = new.to(device=self.device, dtype=self.dtype)
         self._count = needed
         self.ids.extend(ids)
         self._id_set.update(ids)
@@ -180,25 +262,26 @@ class MetaEmbedIndex:
         budget: tuple | None = None,
         k: int = 10,
         query_batch_size: int = 64,
-        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+        max_work_bytes: int = DEFAULT_MAX_WORK_BYTES,
+        shortlist: int | None = None,
     ) -> SearchResult:
-        """Exact top-k by MaxSim at `budget` = (r_q, r_c) (default: all query vectors, all stored vectors).
+        """Top-k by MaxSim at `budget` = (r_q, r_c) (default: all query vectors, all stored vectors).
 
-        `queries` [Q, R_q, D] (e.g. `model.encode_queries(...)`); a single query may be [R_q, D]. Queries are
-        scored `query_batch_size` at a time, each batch in one pass over the first r_c stored matrices."""
+        `queries` [Q, R_q, D] (e.g. `model.encode_queries(...)`); a single query may be [R_q, D]. They are scored
+        in float32 as given (never rounded to the storage dtype), up to `query_batch_size` in one pass over the
+        first r_c stored matrices; all temporaries together stay under `max_work_bytes`.
+
+        Float storage: the exact top-k. int8 / binary storage: the `shortlist` (default 100) best items by the
+        compressed scan are re-scored exactly from the full vectors and the top-k of those returned."""
         queries, (r_q, r_c) = self._check_search(queries, budget, k)
-        if not isinstance(query_batch_size, int) or query_batch_size < 1:
+        if not isinstance(query_batch_size, int) or isinstance(query_batch_size, bool) or query_batch_size < 1:
             raise ValueError(f"query_batch_size must be positive, got {query_batch_size!r}")
-
-        all_scores, all_positions = [], []
-        for start in range(0, queries.shape[0], query_batch_size):
-            batch = queries[start : start + query_batch_size, :r_q].to(device=self.device, dtype=self.dtype)
-            scores, positions = self._search_batch(batch, r_c, k, max_block_bytes)
-            all_scores.append(scores)
-            all_positions.append(positions)
-        scores = torch.cat(all_scores) if all_scores else torch.empty(0, k)
-        positions = torch.cat(all_positions) if all_positions else torch.empty(0, k, dtype=torch.long)
-        return self._result(scores, positions)
+        shortlist = self._check_shortlist(shortlist, k)
+        kept = shortlist if self.compressed else k
+        coarse = self._scan_top(queries[:, :r_q], r_c, kept, query_batch_size, max_work_bytes)
+        if not self.compressed:
+            return self._result(*coarse)
+        return self._rescore(queries[:, :r_q], coarse[1], r_c, k, max_work_bytes)
 
     @torch.no_grad()
     def search_two_stage(
@@ -208,35 +291,21 @@ class MetaEmbedIndex:
         k: int = 10,
         shortlist: int = 100,
         query_batch_size: int = 64,
-        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+        max_work_bytes: int = DEFAULT_MAX_WORK_BYTES,
     ) -> SearchResult:
-        """Coarse-to-fine search: an exact scan at budget (1, 1) (one vector per side, N * D * bytes read) keeps
-        the best `shortlist` items per query, then MaxSim at `budget` re-ranks them. Reads N * D + shortlist *
-        r_c * D values per query instead of N * r_c * D; recall against `search` is measured by
-        `benchmarks/two_stage_recall.py`."""
+        """Coarse-to-fine search: a scan at budget (1, 1) (one vector per side, N * D values read; compressed
+        codes for an int8 / binary index) keeps the best `shortlist` items per query, then exact MaxSim at `budget`
+        re-ranks them (from the full vectors). Reads N * D + shortlist * r_c * D values per query instead of
+        N * r_c * D; recall against `search` is measured by `benchmarks/two_stage_recall.py`."""
         queries, (r_q, r_c) = self._check_search(queries, budget, k)
         if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < 1:
             raise ValueError(f"shortlist must be a positive integer, got {shortlist!r}")
         if k > shortlist:
             raise ValueError(f"k={k} is larger than the shortlist ({shortlist}) it is re-ranked from")
-        coarse = self.search(queries, budget=(1, 1), k=min(shortlist, len(self)), query_batch_size=query_batch_size,
-                             max_block_bytes=max_block_bytes)  # fmt: skip
-        queries = queries[:, :r_q].to(device=self.device, dtype=self.dtype)
-        shortlists = coarse.positions.to(self.device)  # [Q, s]
-        size = shortlists.shape[1]
-        # Re-rank a few queries at a time: their shortlisted vectors, gathered, stay under max_block_bytes.
-        step = max(1, max_block_bytes // (size * r_c * self.dim * 4))
-        scores, positions = [], []
-        for start in range(0, queries.shape[0], step):
-            rows = shortlists[start : start + step]  # [q, s]
-            vectors = self._vectors[:r_c, rows.reshape(-1)].float()  # [r_c, q * s, D] (a small copy)
-            vectors = vectors.view(r_c, rows.shape[0], size, self.dim).permute(1, 0, 2, 3)  # [q, r_c, s, D]
-            sims = torch.einsum("qid,qjsd->qijs", queries[start : start + step].float(), vectors)  # [q, r_q, r_c, s]
-            fine = sims.amax(dim=2).sum(dim=1)  # [q, s]
-            top = fine.topk(k, dim=1)
-            scores.append(top.values.cpu())
-            positions.append(rows.gather(1, top.indices).cpu())
-        return self._result(torch.cat(scores), torch.cat(positions))
+        if not isinstance(query_batch_size, int) or isinstance(query_batch_size, bool) or query_batch_size < 1:
+            raise ValueError(f"query_batch_size must be positive, got {query_batch_size!r}")
+        coarse = self._scan_top(queries[:, :1], 1, min(shortlist, self._count), query_batch_size, max_work_bytes)
+        return self._rescore(queries[:, :r_q], coarse[1], r_c, k, max_work_bytes)
 
     def _check_search(self, queries, budget, k) -> tuple:
         """The queries as a [Q, R_q, D] tensor and the budget (r_q, r_c), once every search argument is valid."""
@@ -248,36 +317,93 @@ class MetaEmbedIndex:
             raise ValueError(f"k must be an integer in 1..{self._count} (the number of items), got {k!r}")
         return queries, budget
 
+    def _check_shortlist(self, shortlist, k: int) -> int | None:
+        if shortlist is None:
+            return min(max(DEFAULT_SHORTLIST, k), self._count) if self.compressed else None
+        if not self.compressed:
+            raise ValueError(f"shortlist applies to int8 / binary indexes; this {self.dtype_name} index is searched "
+                             "exactly (for a coarse-to-fine search use search_two_stage)")  # fmt: skip
+        if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < k:
+            raise ValueError(f"shortlist must be an integer of at least k={k}, got {shortlist!r}")
+        return min(shortlist, self._count)
+
     def _result(self, scores: torch.Tensor, positions: torch.Tensor) -> SearchResult:
         ids = [[self.ids[p] for p in row] for row in positions.tolist()]
         return SearchResult(scores=scores, positions=positions, ids=ids)
 
-    def _search_batch(self, queries: torch.Tensor, r_c: int, k: int, max_block_bytes: int) -> tuple:
+    def _load_codes(self, r_c: int):
+        """load(start, stop, out) for `scan_maxsim`: stored rows start..stop widened (and scaled) into out."""
+        codes, scales = self._vectors, self._scales
+        if self.dtype_name == "binary":
+            table = _sign_table(self.device)
+
+            def load(start, stop, out):  # bytes -> 8 signs each, through a [256, 8] table, then the scale
+                index = codes[:r_c, start:stop].reshape(-1).to(torch.int32)
+                torch.index_select(table, 0, index, out=out.view(-1, 8))
+                out.mul_(scales[:r_c, start:stop].unsqueeze(-1))
+
+        elif self.dtype_name == "int8":
+
+            def load(start, stop, out):
+                out.copy_(codes[:r_c, start:stop])
+                out.mul_(scales[:r_c, start:stop].unsqueeze(-1))
+
+        else:
+
+            def load(start, stop, out):
+                out.copy_(codes[:r_c, start:stop])
+
+        return load
+
+    def _scan_top(self, queries, r_c: int, k: int, query_batch_size: int, max_work_bytes: int) -> tuple:
+        """Top-k (scores [Q, k], positions [Q, k], on CPU) of a scan over the stored rows (codes when compressed)."""
         num_queries, r_q, _ = queries.shape
-        flat = queries.reshape(num_queries * r_q, self.dim)
-        block = max(1, max_block_bytes // (4 * num_queries * r_q * 2))  # the running max and one GEMM result
-        best_scores = best_positions = None
-        for start in range(0, self._count, block):
-            stop = min(start + block, self._count)
-            best = matmul_fp32(flat, self._vectors[0, start:stop].T)  # [Q * r_q, block]
-            for j in range(1, r_c):
-                torch.maximum(best, matmul_fp32(flat, self._vectors[j, start:stop].T), out=best)
-            scores = best.view(num_queries, r_q, stop - start).sum(dim=1)  # [Q, block]
-            top = scores.topk(min(k, stop - start), dim=1)
-            positions = top.indices + start
-            if best_scores is not None:
-                merged = torch.cat([best_scores, top.values], dim=1)
-                order = merged.topk(k, dim=1).indices
-                best_scores = merged.gather(1, order)
-                best_positions = torch.cat([best_positions, positions], dim=1).gather(1, order)
-            else:
-                best_scores, best_positions = top.values, positions
-        return best_scores.cpu(), best_positions.cpu()
+        step, tile, chunk = plan_scan(min(num_queries, query_batch_size), r_q, r_c, self.dim, max_work_bytes,
+                                      self.device)  # fmt: skip
+        load = self._load_codes(r_c)
+        all_scores, all_positions = [], []
+        for q_start in range(0, num_queries, step):
+            batch = queries[q_start : q_start + step].to(device=self.device, dtype=torch.float32).contiguous()
+            best_scores = best_positions = None  # [k', Q]
+            for start, stop, block in scan_maxsim(batch, self._count, r_c, load, tile, chunk):
+                top = block.topk(min(k, stop - start), dim=0)  # [k', Q]
+                positions = top.indices + start
+                if best_scores is not None:
+                    merged = torch.cat([best_scores, top.values])
+                    order = merged.topk(min(k, merged.shape[0]), dim=0).indices
+                    best_scores = merged.gather(0, order)
+                    best_positions = torch.cat([best_positions, positions]).gather(0, order)
+                else:
+                    best_scores, best_positions = top.values, positions
+            all_scores.append(best_scores.T.cpu())
+            all_positions.append(best_positions.T.cpu())
+        return torch.cat(all_scores), torch.cat(all_positions)
+
+    def _rescore(self, queries, shortlists: torch.Tensor, r_c: int, k: int, max_work_bytes: int) -> SearchResult:
+        """Exact MaxSim at (r_q = queries' vectors, r_c) of each query's shortlisted rows, from the full vectors;
+        the top-k of each shortlist."""
+        r_q, size = queries.shape[1], shortlists.shape[1]
+        full = self._full if self.compressed else self._vectors
+        device = self.device
+        _, tile, chunk = plan_scan(1, r_q, r_c, self.dim, max_work_bytes, device)
+        scores, positions = [], []
+        for query, rows in zip(queries, shortlists):
+            rows_here = rows.to(full.device)
+
+            def load(start, stop, out):  # gather the shortlisted rows (a tile in the stored dtype), widen
+                out.copy_(full[:r_c, rows_here[start:stop]])
+
+            q = query.unsqueeze(0).to(device=device, dtype=torch.float32).contiguous()
+            fine = torch.cat([block[:, 0].cpu() for _, _, block in scan_maxsim(q, size, r_c, load, tile, chunk)])
+            top = fine.topk(k)
+            scores.append(top.values)
+            positions.append(rows[top.indices])
+        return self._result(torch.stack(scores), torch.stack(positions))
 
     # ------------------------------------------------------------------------------------------------ files
     def save(self, directory) -> Path:
-        """Write `vectors.safetensors` and `index.json` into `directory`, replacing an index saved there before
-        only once the new one is complete."""
+        """Write `vectors.safetensors` (and `full.safetensors` for int8 / binary) and `index.json` into
+        `directory`, replacing an index saved there before only once the new one is complete."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise FileExistsError(f"{directory} exists and is not a folder")
@@ -287,7 +413,10 @@ class MetaEmbedIndex:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             tensor_path = staging / VECTORS_NAME
-            save_file({"vectors": self.vectors.contiguous().cpu()}, str(tensor_path), metadata={"format": FORMAT})
+            tensors = {"vectors": self.codes.contiguous().cpu()}
+            if self.compressed:
+                tensors["scales"] = self.scales.contiguous().cpu()
+            save_file(tensors, str(tensor_path), metadata={"format": FORMAT})
             manifest = {
                 "format": FORMAT,
                 "count": self._count,
@@ -298,6 +427,10 @@ class MetaEmbedIndex:
                 "sha256": _sha256(tensor_path),
                 "ids": self.ids,
             }
+            if self.compressed:
+                save_file({"vectors": self.vectors.contiguous()}, str(staging / FULL_NAME), metadata={"format": FORMAT})
+                manifest["full_dtype"] = self.full_dtype_name
+                manifest["full_sha256"] = _sha256(staging / FULL_NAME)
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
             _fsync_folder(staging)
             _swap_in(staging, directory)
@@ -308,10 +441,11 @@ class MetaEmbedIndex:
 
     @classmethod
     def load(cls, directory, device="cpu", mmap: bool = False, verify_checksum: bool = True) -> "MetaEmbedIndex":
-        """Load a saved index, validating its manifest, tensor header, shapes, dtype and (by default) checksum.
+        """Load a saved index, validating its manifest, tensor headers, shapes, dtypes and (by default) checksums.
 
         `mmap=True` maps the vector file instead of reading it (CPU only): an index larger than RAM is searched
-        from the page cache. Adding to a memory-mapped index copies it into memory first."""
+        from the page cache. A compressed index's full vectors are always mapped (they are read only to re-score
+        shortlists). Adding to a memory-mapped index copies it into memory first."""
         directory = Path(directory)
         if mmap and torch.device(device).type != "cpu":
             raise ValueError(f"mmap=True maps the file into CPU memory; it cannot be used with device={device!r}")
@@ -324,19 +458,42 @@ class MetaEmbedIndex:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise IndexFileError(f"{manifest_path} is not valid JSON: {error}") from error
         manifest = _check_manifest(manifest, manifest_path)
-        if verify_checksum and _sha256(tensor_path) != manifest["sha256"]:
-            raise IndexFileError(
-                f"{tensor_path} does not match the checksum in {manifest_path}: it was changed or truncated"
-            )
-        shape = [manifest["num_vectors"], manifest["count"], manifest["dim"]]
-        vectors = _read_vectors(tensor_path, shape, manifest["dtype"], mmap=mmap)
+        compressed = manifest["dtype"] in COMPRESSED
+        full_path = directory / FULL_NAME
+        if compressed and not full_path.is_file():
+            raise IndexFileError(f"{full_path} is missing: a {manifest['dtype']} index keeps its full vectors there")
+        if verify_checksum:
+            checks = [(tensor_path, "sha256")] + ([(full_path, "full_sha256")] if compressed else [])
+            for path, key in checks:
+                if _sha256(path) != manifest[key]:
+                    raise IndexFileError(
+                        f"{path} does not match the checksum in {manifest_path}: it was changed or truncated"
+                    )
+        count, num_vectors, dim = manifest["count"], manifest["num_vectors"], manifest["dim"]
+        width = dim // 8 if manifest["dtype"] == "binary" else dim
+        expected = {"vectors": (manifest["dtype"], [num_vectors, count, width])}
+        if compressed:
+            expected["scales"] = ("float32", [num_vectors, count])
+        tensors = _read_tensors(tensor_path, expected, mmap=mmap)
 
-        index = cls(manifest["dim"], manifest["num_vectors"], dtype=manifest["dtype"], device=device)
-        index._vectors = vectors.to(index.device) if not mmap else vectors
-        index._count = manifest["count"]
+        index = cls(dim, num_vectors, dtype=manifest["dtype"], device=device,
+                    full_dtype=manifest.get("full_dtype", "bfloat16"))  # fmt: skip
+        index._vectors = tensors["vectors"].to(index.device) if not mmap else tensors["vectors"]
+        if compressed:
+            index._scales = tensors["scales"].to(index.device) if not mmap else tensors["scales"]
+            full = {"vectors": (manifest["full_dtype"], [num_vectors, count, dim])}
+            index._full = _read_tensors(full_path, full, mmap=True)["vectors"]
+        index._count = count
         index.ids = list(manifest["ids"])
         index._id_set = set(index.ids)
         return index
+
+
+def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
+    """A [R, capacity, ...] copy of tensor's first `count` rows (axis 1), the rest uninitialised."""
+    grown = torch.empty(tensor.shape[0], capacity, *tensor.shape[2:], dtype=tensor.dtype, device=tensor.device)
+    grown[:, :count] = tensor[:, :count]
+    return grown
 
 
 def _check_manifest(manifest, path: Path) -> dict:
@@ -347,8 +504,11 @@ def _check_manifest(manifest, path: Path) -> dict:
         value = manifest.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "count" else 1):
             raise IndexFileError(f"{path}: {key} must be a non-negative integer, got {value!r}")
-    if manifest.get("dtype") not in DTYPES:
-        raise IndexFileError(f"{path}: dtype must be one of {sorted(DTYPES)}, got {manifest.get('dtype')!r}")
+    dtypes = sorted(DTYPES) + sorted(COMPRESSED)
+    if manifest.get("dtype") not in dtypes:
+        raise IndexFileError(f"{path}: dtype must be one of {dtypes}, got {manifest.get('dtype')!r}")
+    if manifest["dtype"] == "binary" and manifest["dim"] % 8:
+        raise IndexFileError(f"{path}: a binary index needs dim a multiple of 8, got {manifest['dim']}")
     ids = manifest.get("ids")
     if not isinstance(ids, list) or len(ids) != manifest["count"]:
         raise IndexFileError(f"{path}: ids must be a list of {manifest['count']} entries")
@@ -356,12 +516,17 @@ def _check_manifest(manifest, path: Path) -> dict:
         raise IndexFileError(f"{path}: ids must be unique strings or integers")
     if not isinstance(manifest.get("sha256"), str):
         raise IndexFileError(f"{path}: sha256 is missing")
+    if manifest["dtype"] in COMPRESSED:
+        if manifest.get("full_dtype") not in DTYPES:
+            raise IndexFileError(f"{path}: full_dtype must be one of {sorted(DTYPES)}, got {manifest.get('full_dtype')!r}")
+        if not isinstance(manifest.get("full_sha256"), str):
+            raise IndexFileError(f"{path}: full_sha256 is missing")
     return manifest
 
 
-def _read_vectors(path: Path, shape: list, dtype_name: str, mmap: bool) -> torch.Tensor:
-    """The `vectors` tensor of a safetensors file, checked against the manifest, read or memory-mapped."""
-    safetensors_dtype, numpy_dtype = _SAFETENSORS_DTYPES[dtype_name]
+def _read_tensors(path: Path, expected: dict, mmap: bool) -> dict:
+    """Tensors of a safetensors file, each checked against `expected` {name: (dtype name, shape)}, read or
+    memory-mapped."""
     size = path.stat().st_size
     with open(path, "rb") as file:
         prefix = file.read(8)
@@ -374,30 +539,33 @@ def _read_vectors(path: Path, shape: list, dtype_name: str, mmap: bool) -> torch
             header = json.loads(file.read(header_length))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise IndexFileError(f"{path} has an unreadable safetensors header: {error}") from error
-    entry = header.get("vectors") if isinstance(header, dict) else None
-    if not isinstance(entry, dict):
-        raise IndexFileError(f"{path} holds no 'vectors' tensor")
-    if entry.get("dtype") != safetensors_dtype or entry.get("shape") != shape:
-        raise IndexFileError(
-            f"{path}: tensor is {entry.get('dtype')} {entry.get('shape')}, "
-            f"the manifest says {safetensors_dtype} {shape}"
-        )
-    begin, end = entry["data_offsets"]
-    item_size = np.dtype(numpy_dtype).itemsize
-    if end - begin != int(np.prod(shape)) * item_size or 8 + header_length + end > size:
-        raise IndexFileError(f"{path} is truncated: the tensor's bytes are incomplete")
-    offset = 8 + header_length + begin
-    count = int(np.prod(shape))
-    if mmap:
-        array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=offset, shape=(count,))
-    else:
-        array = np.fromfile(path, dtype=numpy_dtype, count=count, offset=offset)
-    with warnings.catch_warnings():  # a read-only map: torch warns that writes would be undefined (we never write)
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(array)
-    if dtype_name == "bfloat16":
-        tensor = tensor.view(torch.bfloat16)
-    return tensor.view(*shape)
+    tensors = {}
+    for name, (dtype_name, shape) in expected.items():
+        safetensors_dtype, numpy_dtype = _SAFETENSORS_DTYPES[dtype_name]
+        entry = header.get(name) if isinstance(header, dict) else None
+        if not isinstance(entry, dict):
+            raise IndexFileError(f"{path} holds no {name!r} tensor")
+        if entry.get("dtype") != safetensors_dtype or entry.get("shape") != shape:
+            raise IndexFileError(
+                f"{path}: tensor {name!r} is {entry.get('dtype')} {entry.get('shape')}, "
+                f"the manifest says {safetensors_dtype} {shape}"
+            )
+        begin, end = entry["data_offsets"]
+        count = int(np.prod(shape))
+        if end - begin != count * np.dtype(numpy_dtype).itemsize or 8 + header_length + end > size:
+            raise IndexFileError(f"{path} is truncated: the bytes of tensor {name!r} are incomplete")
+        offset = 8 + header_length + begin
+        if mmap and count:
+            array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=offset, shape=(count,))
+        else:
+            array = np.fromfile(path, dtype=numpy_dtype, count=count, offset=offset)
+        with warnings.catch_warnings():  # a read-only map: torch warns that writes would be undefined (we never write)
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        if dtype_name == "bfloat16":
+            tensor = tensor.view(torch.bfloat16)
+        tensors[name] = tensor.view(*shape)
+    return tensors
 
 
 def _sha256(path: Path) -> str:
@@ -431,4 +599,4 @@ def _swap_in(staging: Path, directory: Path) -> None:
     shutil.rmtree(backup)
 
 
-__all__ = ["MetaEmbedIndex", "SearchResult", "IndexFileError"]
+__all__ = ["MetaEmbedIndex", "SearchResult", "IndexFileError", "quantize"]

@@ -21,18 +21,35 @@ def reference_top_k(queries, candidates, budget, k):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("max_block_bytes", [4 * 8 * 3 * 2 * 6, 1 << 28])  # a few candidates per block, or one block
-def test_search_returns_the_exact_top_k_at_every_budget(dtype, max_block_bytes):
+@pytest.mark.parametrize("max_work_bytes", [40_000, 1 << 28])  # a few candidates per tile, or one tile
+def test_search_returns_the_exact_top_k_at_every_budget(dtype, max_work_bytes):
     candidates, queries = unit(50, 16, 32), unit(7, 8, 32, seed=1)
     index = MetaEmbedIndex(dim=32, num_vectors=16, dtype=dtype)
     index.add(candidates)
-    stored = candidates.to(index.dtype)  # the reference scores what the index stores
+    stored = candidates.to(index.dtype).float()  # the reference scores what the index stores, with float32 queries
     for budget in BUDGETS:
-        result = index.search(queries, budget=budget, k=5, query_batch_size=3, max_block_bytes=max_block_bytes)
-        expected = reference_top_k(queries.to(index.dtype), stored, budget, 5)
+        result = index.search(queries, budget=budget, k=5, query_batch_size=3, max_work_bytes=max_work_bytes)
+        expected = reference_top_k(queries, stored, budget, 5)
         torch.testing.assert_close(result.scores, expected.values, rtol=1e-5, atol=1e-5)
         assert torch.equal(result.positions, expected.indices)
         assert result.ids == expected.indices.tolist()
+
+
+def test_queries_are_not_rounded_to_the_storage_dtype():
+    """A bf16 index scores float32 queries as given: its top-k is the float32-query reference's, and differs from
+    what queries rounded to bf16 would give (so the test can tell the two apart)."""
+    candidates, queries = unit(2000, 8, 64, seed=7), unit(40, 4, 64, seed=8)
+    index = MetaEmbedIndex(dim=64, num_vectors=8, dtype="bfloat16")
+    index.add(candidates)
+    stored = candidates.bfloat16().float()
+    found = index.search(queries, budget=(4, 8), k=10)
+    exact = reference_top_k(queries, stored, (4, 8), 10)
+    rounded = reference_top_k(queries.bfloat16().float(), stored, (4, 8), 10)
+    assert torch.equal(found.positions, exact.indices)
+    torch.testing.assert_close(found.scores, exact.values, rtol=0, atol=1e-5)
+    assert not torch.equal(rounded.indices, exact.indices)
+    two_stage = index.search_two_stage(queries, budget=(4, 8), k=10, shortlist=2000)
+    assert torch.equal(two_stage.positions, exact.indices)
 
 
 def test_budget_reads_only_the_first_r_c_vectors():
@@ -130,7 +147,7 @@ def test_tampered_truncated_or_inconsistent_files_are_refused(tmp_path):
 
     manifest = json.loads(manifest_file.read_text())
     for key, value, message in [("count", 11, "ids must be a list of 11"), ("dim", 4, r"manifest says .*\[2, 10, 4\]"),
-                                ("dtype", "int8", "dtype"), ("format", "other/1", "format")]:  # fmt: skip
+                                ("dtype", "int4", "dtype"), ("format", "other/1", "format")]:  # fmt: skip
         manifest_file.write_text(json.dumps({**manifest, key: value}))
         with pytest.raises(IndexFileError, match=message):
             MetaEmbedIndex.load(folder)
@@ -169,7 +186,7 @@ def test_bad_input_is_named_and_leaves_the_index_unchanged():
         index.add(broken, ids=["x", "y", "z"])
     assert len(index) == 5 and index.ids == ["a", "b", "c", "d", "e"]
     with pytest.raises(ValueError, match="dtype"):
-        MetaEmbedIndex(16, 4, dtype="int8")
+        MetaEmbedIndex(16, 4, dtype="int4")
 
 
 def test_add_items_encodes_candidates_through_the_model(tiny_model):
@@ -206,3 +223,82 @@ def test_two_stage_search_re_ranks_the_coarse_shortlist_exactly():
         index.search_two_stage(queries, budget=(4, 8), k=70, shortlist=100)
     with pytest.raises(ValueError, match="queries must be a floating-point tensor"):
         index.search_two_stage([[0.0] * 16], budget=(1, 1), k=1)
+
+
+@pytest.mark.parametrize("dtype, code_bytes", [("int8", 32), ("binary", 4)])
+def test_compressed_index_re_scores_a_shortlist_exactly_at_every_budget(dtype, code_bytes):
+    candidates, queries = unit(300, 8, 32), unit(6, 4, 32, seed=1)
+    index = MetaEmbedIndex(dim=32, num_vectors=8, dtype=dtype, full_dtype="float32")
+    index.add(candidates[:100])
+    index.add(candidates[100:])  # incremental adds quantize each batch
+    assert index.bytes_per_item(4) == 4 * (code_bytes + 4) and index.nbytes == 300 * 8 * (code_bytes + 4)
+    for budget in BUDGETS[:3]:
+        exact = reference_top_k(queries, candidates, budget, 5)
+        # A shortlist of every item: the exact top-k, scored exactly.
+        whole = index.search(queries, budget=budget, k=5, shortlist=300, max_work_bytes=40_000)
+        assert torch.equal(whole.positions, exact.indices)
+        torch.testing.assert_close(whole.scores, exact.values, rtol=0, atol=1e-5)
+        # A short one: exact scores of what the compressed scan kept, most of the exact top-k.
+        short = index.search(queries, budget=budget, k=5, shortlist=30)
+        expected_scores = maxsim(queries, candidates, budget=budget).gather(1, short.positions)
+        torch.testing.assert_close(short.scores, expected_scores, rtol=0, atol=1e-5)
+        recall = sum(len(set(a) & set(b)) for a, b in zip(short.ids, exact.indices.tolist())) / exact.indices.numel()
+        assert recall >= (0.9 if dtype == "int8" else 0.6), (budget, recall)
+    staged = index.search_two_stage(queries, budget=(4, 8), k=5, shortlist=300)
+    assert torch.equal(staged.positions, reference_top_k(queries, candidates, (4, 8), 5).indices)
+
+
+def test_int8_scan_is_close_and_binary_keeps_signs():
+    from metaembed.index import quantize
+
+    x = unit(50, 3, 64)
+    codes, scales = quantize(x, "int8")
+    assert codes.dtype == torch.int8 and scales.shape == (50, 3)
+    assert (codes.float() * scales.unsqueeze(-1) - x).abs().max() <= scales.max() / 2 + 1e-7
+    bits, mean_abs = quantize(x, "binary")
+    assert bits.shape == (50, 3, 8) and bits.dtype == torch.uint8
+    unpacked = (bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # bit b of byte i is dim 8i + b
+    assert torch.equal(unpacked.reshape(50, 3, 64).bool(), x > 0)
+    torch.testing.assert_close(mean_abs, x.abs().mean(-1))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "binary"])
+def test_compressed_index_files_round_trip_and_are_checked(tmp_path, dtype):
+    index = MetaEmbedIndex(16, 4, dtype=dtype)
+    index.add(unit(40, 4, 16), ids=[f"p{i}" for i in range(40)])
+    index.save(tmp_path / "index")
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["full.safetensors", "index.json",
+                                                                     "vectors.safetensors"]  # fmt: skip
+    queries = unit(3, 2, 16, seed=1)
+    for mmap in (False, True):
+        loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=mmap)
+        assert (loaded.dtype_name, loaded.full_dtype_name, len(loaded)) == (dtype, "bfloat16", 40)
+        assert torch.equal(loaded.codes, index.codes) and torch.equal(loaded.scales, index.scales)
+        assert torch.equal(loaded.vectors, index.vectors)
+        a, b = index.search(queries, (2, 4), k=5, shortlist=10), loaded.search(queries, (2, 4), k=5, shortlist=10)
+        assert a.ids == b.ids and torch.equal(a.scores, b.scores)
+    full = tmp_path / "index" / "full.safetensors"
+    original = full.read_bytes()
+    full.write_bytes(original[:-4] + bytes(4))
+    with pytest.raises(IndexFileError, match="full.safetensors does not match the checksum"):
+        MetaEmbedIndex.load(tmp_path / "index")
+    full.unlink()
+    with pytest.raises(IndexFileError, match="full.safetensors is missing"):
+        MetaEmbedIndex.load(tmp_path / "index")
+
+
+def test_compressed_index_arguments_are_checked():
+    with pytest.raises(ValueError, match="multiple of 8, got 12"):
+        MetaEmbedIndex(12, 2, dtype="binary")
+    with pytest.raises(ValueError, match="full_dtype|dtype must be one of"):
+        MetaEmbedIndex(16, 2, dtype="int8", full_dtype="int8")
+    index = MetaEmbedIndex(16, 2, dtype="int8")
+    index.add(unit(10, 2, 16))
+    with pytest.raises(ValueError, match="shortlist must be an integer of at least k=5"):
+        index.search(unit(1, 2, 16), k=5, shortlist=3)
+    exact = MetaEmbedIndex(16, 2)
+    exact.add(unit(10, 2, 16))
+    with pytest.raises(ValueError, match="shortlist applies to int8 / binary"):
+        exact.search(unit(1, 2, 16), k=5, shortlist=8)
+    with pytest.raises(ValueError, match="max_work_bytes=1,000 is too small"):
+        exact.search(unit(1, 2, 16), k=5, max_work_bytes=1000)

@@ -39,8 +39,8 @@ def test_matches_brute_force_at_every_budget(budget):
 def test_chunking_bounds_memory_without_changing_scores():
     queries, candidates = unit(7, 4, 16, seed=3), unit(101, 8, 16, seed=4)
     whole = maxsim(queries, candidates)
-    # a block of at most 4*8 floats: one query against one candidate at a time
-    tiny_blocks = maxsim(queries, candidates, max_block_bytes=4 * 4 * 8)
+    # the smallest budget that fits: one query against one candidate at a time
+    tiny_blocks = maxsim(queries, candidates, max_work_bytes=8_000)
     torch.testing.assert_close(tiny_blocks, whole, atol=1e-6, rtol=0)
 
 

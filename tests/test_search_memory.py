@@ -1,0 +1,109 @@
+"""Search memory is bounded: on a memory-mapped index far larger than the work budget, `MetaEmbedIndex.search`,
+`search_two_stage` and `maxsim` add no more anonymous memory (RssAnon: heap and anonymous maps, not the page
+cache of the mapped file) than `max_work_bytes`, measured in a fresh process."""
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from metaembed.index import FORMAT
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNT, VECTORS, DIM = 48_000, 8, 512  # 393 MB of bf16 vectors
+BUDGET = 32 * 2**20
+SLACK = 4 * 2**20  # allocator rounding, the results and the queries themselves
+
+
+def write_index(folder: Path) -> int:
+    """A saved bf16 MetaEmbedIndex of random vectors, written in 4 MB chunks (never whole in memory)."""
+    folder.mkdir()
+    nbytes = VECTORS * COUNT * DIM * 2
+    header = json.dumps({"__metadata__": {"format": FORMAT}, "vectors": {
+        "dtype": "BF16", "shape": [VECTORS, COUNT, DIM], "data_offsets": [0, nbytes]}}).encode()  # fmt: skip
+    header += b" " * (-len(header) % 8)
+    digest = hashlib.sha256()
+    generator = torch.Generator().manual_seed(0)
+    with open(folder / "vectors.safetensors", "wb") as file:
+        for piece in (struct.pack("<Q", len(header)), header):
+            file.write(piece)
+            digest.update(piece)
+        for _ in range(VECTORS):
+            for start in range(0, COUNT, 4096):
+                chunk = torch.randn(min(4096, COUNT - start), DIM, generator=generator) / DIM**0.5
+                data = chunk.bfloat16().view(torch.int16).numpy().tobytes()
+                file.write(data)
+                digest.update(data)
+    manifest = {"format": FORMAT, "count": COUNT, "num_vectors": VECTORS, "dim": DIM, "dtype": "bfloat16",
+                "layout": "vector-major", "sha256": digest.hexdigest(), "ids": list(range(COUNT))}  # fmt: skip
+    (folder / "index.json").write_text(json.dumps(manifest))
+    return nbytes
+
+
+MEASURE = r"""
+import json, sys, threading, time
+import torch
+from metaembed.index import MetaEmbedIndex
+from modeling_metaembed.scoring_metaembed import maxsim
+
+def anonymous():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+budget = int(sys.argv[2])
+queries = torch.nn.functional.normalize(torch.randn(8, 16, 512), dim=-1)
+warm = MetaEmbedIndex(512, 8)  # warm-up on a small index: thread pools, BLAS buffers
+warm.add(torch.randn(300, 8, 512))
+for b in [(1, 1), (4, 8), (16, 8)]:
+    warm.search(queries, b, k=10, max_work_bytes=budget)
+    warm.search(queries[:1], b, k=10, max_work_bytes=budget)
+    warm.search_two_stage(queries, b, k=10, shortlist=200, max_work_bytes=budget)
+    maxsim(queries, warm.vectors.transpose(0, 1), b, max_work_bytes=budget)
+
+index = MetaEmbedIndex.load(sys.argv[1], mmap=True, verify_checksum=False)
+peak, running = [0], [True]
+def sample():
+    while running[0]:
+        peak[0] = max(peak[0], anonymous())
+        time.sleep(0.0002)
+
+runs = {
+    "search (1,1) one query": lambda: index.search(queries[:1], (1, 1), k=10, max_work_bytes=budget),
+    "search (4,8) 8 queries": lambda: index.search(queries, (4, 8), k=10, max_work_bytes=budget),
+    "search (16,8) 8 queries": lambda: index.search(queries, (16, 8), k=10, max_work_bytes=budget),
+    "search_two_stage (8,8)": lambda: index.search_two_stage(queries, (8, 8), k=10, shortlist=2000,
+                                                             max_work_bytes=budget),
+    "maxsim (2,4) item-major view": lambda: maxsim(queries, index.vectors.transpose(0, 1), (2, 4),
+                                                   max_work_bytes=budget),
+}
+added = {}
+for name, run in runs.items():
+    base = anonymous()
+    peak[0], running[0] = base, True
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    result = run()
+    running[0] = False
+    sampler.join()
+    added[name] = peak[0] - base
+    del result
+print(json.dumps(added))
+"""
+
+
+def test_search_adds_at_most_its_work_budget_on_a_mapped_index_larger_than_it(tmp_path):
+    nbytes = write_index(tmp_path / "index")
+    assert nbytes > 10 * BUDGET
+    # A fixed mmap threshold: every large temporary is its own map, counted while alive and returned when freed.
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "index"), str(BUDGET)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    added = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(added) == 5
+    for name, extra in added.items():
+        assert extra <= BUDGET + SLACK, f"{name} added {extra / 2**20:.1f} MB of anonymous memory"
