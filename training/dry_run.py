@@ -257,7 +257,8 @@ def build_dry_data(settings: dict) -> dict:
 def _describe(record: dict) -> dict:
     def side(s):
         image = s.get("image")
-        return {"text": s.get("text"), "image": [image.width, image.height] if isinstance(image, StandInImage) else image}
+        size = [image.width, image.height] if isinstance(image, StandInImage) else image
+        return {"text": s.get("text"), "image": size}
 
     out = {"source": record["source"], "query": side(record["query"]), "positive": side(record["positive"])}
     if record.get("negatives"):
@@ -637,7 +638,8 @@ def format_report(report: dict) -> str:
     )
     lines.append(
         f"  MetaEmbed total {model['parameters']:,} parameters, trainable {model['trainable_parameters']:,} "
-        f"({', '.join(model['trainable_dtypes']) or '-'})" + (f", LoRA r={model['lora'].get('r')}" if model["lora"] else "")
+        f"({', '.join(model['trainable_dtypes']) or '-'})"
+        + (f", LoRA r={model['lora'].get('r')}" if model["lora"] else "")
     )
     assume = memory["assumptions"]
     lines.append(
