@@ -1,25 +1,48 @@
-"""QdrantMetaEmbedIndex in Qdrant's embedded local mode: the same results as MetaEmbedIndex, persistence, bad input."""
+"""QdrantMetaEmbedIndex on two engines through one code path: qdrant-client's local mode (Python) and Qdrant's own
+Rust engine in-process (qdrant-edge-py). The same results as MetaEmbedIndex, persistence, quantization, bad input."""
 
 import pytest
 import torch
 
-pytest.importorskip("qdrant_client")  # a declared test dependency: this only guards odd environments
+pytest.importorskip("qdrant_client")  # declared test dependencies: these only guard odd environments
+pytest.importorskip("qdrant_edge")
 from qdrant_client import QdrantClient
 
 from metaembed.index import MetaEmbedIndex
-from metaembed.qdrant import QdrantMetaEmbedIndex, point_id
+from metaembed.qdrant import Edge, QdrantMetaEmbedIndex, point_id
+
+ENGINES = ["local", "edge"]
 
 
 def unit(*shape, seed=0):
     return torch.nn.functional.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request, tmp_path):
+    """engine() -> a new client: qdrant-client local mode in memory, or the embedded engine in a folder (segments
+    above 1 KB are optimized: HNSW on "coarse", quantized MaxSim fields)."""
+    made = []
+
+    def make(folder=None):
+        client = QdrantClient(":memory:") if request.param == "local" else Edge(folder or tmp_path / f"edge{len(made)}",
+                                                                                 indexing_threshold_kb=1)  # fmt: skip
+        made.append(client)
+        return client
+
+    make.name = request.param
+    yield make
+    for client in made:
+        client.close()
+
+
 @pytest.fixture
-def pair():
-    """The same 120 items in a float32 MetaEmbedIndex and in a Qdrant collection with candidate budgets 4 and 8."""
+def pair(engine):
+    """The same 120 items in a float32 MetaEmbedIndex and in a collection with candidate budgets 4 and 8."""
     index = MetaEmbedIndex(dim=16, num_vectors=8, dtype="float32")
     index.add(unit(120, 8, 16), ids=[f"doc-{i}" for i in range(120)])
-    store = QdrantMetaEmbedIndex.from_index(index, QdrantClient(":memory:"), "items", candidate_budgets=(4, 8))
+    store = QdrantMetaEmbedIndex.from_index(index, engine(), "items", candidate_budgets=(4, 8))
+    store.optimize()
     return index, store
 
 
@@ -45,7 +68,7 @@ def test_prefetch_then_maxsim_equals_two_stage_search(pair, budget):
     assert store.search(queries, budget=budget, k=5).ids != found.ids or budget[1] == 1
 
 
-def test_model_embeddings_give_the_same_results(tiny_model):
+def test_model_embeddings_give_the_same_results(tiny_model, engine):
     model = tiny_model("qwen2_5_vl")
     texts = [f"item number {i} about topic {i % 5}" for i in range(24)]
     candidates = model.encode(texts, role="candidate", show_progress_bar=False)
@@ -53,7 +76,7 @@ def test_model_embeddings_give_the_same_results(tiny_model):
     r_c = candidates.shape[1]
     index = MetaEmbedIndex(dim=candidates.shape[-1], num_vectors=r_c, dtype="float32")
     index.add(candidates, ids=texts)
-    store = QdrantMetaEmbedIndex.create(QdrantClient(":memory:"), "texts", candidates.shape[-1], (r_c,))
+    store = QdrantMetaEmbedIndex.create(engine(), "texts", candidates.shape[-1], (r_c,))
     store.add(candidates, ids=texts)
     for budget in [(1, 1), (queries.shape[1], r_c)]:
         expected, found = index.search(queries, budget=budget, k=5), store.search(queries, budget=budget, k=5)
@@ -61,15 +84,17 @@ def test_model_embeddings_give_the_same_results(tiny_model):
         torch.testing.assert_close(found.scores, expected.scores, rtol=1e-5, atol=1e-5)
 
 
-def test_a_collection_on_disk_reopens_with_the_same_results(tmp_path):
+def test_a_collection_on_disk_reopens_with_the_same_results(tmp_path, engine):
     candidates, queries = unit(40, 4, 8), unit(3, 2, 8, seed=3)
-    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    reach = (lambda: QdrantClient(path=str(tmp_path / "qdrant"))) if engine.name == "local" else (
+        lambda: Edge(tmp_path / "edge"))  # fmt: skip
+    client = reach()
     store = QdrantMetaEmbedIndex.create(client, "items", dim=8, candidate_budgets=(2, 4))
     store.add(candidates, ids=list(range(40)))
     before = store.search(queries, budget=(2, 4), k=5)
     client.close()
 
-    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    client = reach()
     reopened = QdrantMetaEmbedIndex.open(client, "items")
     assert (reopened.dim, reopened.candidate_budgets, len(reopened)) == (8, (2, 4), 40)
     after = reopened.search(queries, budget=(2, 4), k=5)
@@ -77,8 +102,8 @@ def test_a_collection_on_disk_reopens_with_the_same_results(tmp_path):
     client.close()
 
 
-def test_re_adding_an_item_replaces_it():
-    store = QdrantMetaEmbedIndex.create(QdrantClient(":memory:"), "items", dim=8, candidate_budgets=(4,))
+def test_re_adding_an_item_replaces_it(engine):
+    store = QdrantMetaEmbedIndex.create(engine(), "items", dim=8, candidate_budgets=(4,))
     candidates = unit(10, 4, 8)
     store.add(candidates, ids=list(range(10)))
     store.add(candidates[:3].flip(0), ids=[0, 1, 2])  # an interrupted upload re-run, with new vectors for 0..2
@@ -88,8 +113,44 @@ def test_re_adding_an_item_replaces_it():
     assert point_id(1) != point_id("1")
 
 
-def test_bad_input_is_named():
-    client = QdrantClient(":memory:")
+@pytest.mark.parametrize("quantization, dim, oversampling, floor", [("int8", 32, 3.0, 0.9), ("binary", 64, 10.0, 0.6)])
+def test_quantized_fields_are_searched_compressed_and_re_scored(engine, quantization, dim, oversampling, floor):
+    """Qdrant's own scalar / binary quantization of the MaxSim fields: in the real engine, scores without
+    re-scoring are the compressed ones (not the exact ones) and re-scoring restores exact scores for what it keeps;
+    local mode ignores quantization (always exact)."""
+    candidates, queries = unit(400, 8, dim), unit(8, 4, dim, seed=1)
+    index = MetaEmbedIndex(dim=dim, num_vectors=8, dtype="float32")
+    index.add(candidates)
+    store = QdrantMetaEmbedIndex.from_index(index, engine(), "items", candidate_budgets=(8,), quantization=quantization)
+    store.optimize()
+    assert QdrantMetaEmbedIndex.open(store.client, "items").quantization == quantization
+    exact = index.search(queries, budget=(4, 8), k=10)
+    rescored = store.search(queries, budget=(4, 8), k=10, rescore=True, oversampling=oversampling)
+    raw = store.search(queries, budget=(4, 8), k=10, rescore=False)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(rescored.ids, exact.ids)) / 80
+    assert recall >= floor, recall
+    exact_all = index.search(queries, budget=(4, 8), k=400)
+    truth = [dict(zip(ids, scores)) for ids, scores in zip(exact_all.ids, exact_all.scores.tolist())]
+
+    def error(found):  # the largest difference between a returned score and the exact score of that item
+        return max(abs(s - truth[q][i]) for q in range(8) for i, s in zip(found.ids[q], found.scores[q].tolist()))
+
+    rescored_error, raw_error = error(rescored), error(raw)
+    assert rescored_error < 1e-4
+    if engine.name == "edge":
+        assert raw_error > 1e-3  # the engine really scored compressed vectors
+    else:
+        assert raw_error < 1e-4  # local mode does not quantize
+
+
+def test_qdrants_multivector_cap_is_checked_with_a_clear_error(engine):
+    with pytest.raises(ValueError, match=r"r_c=1025 at dimension 1024 is 1,049,600 floats .* 1,048,576"):
+        QdrantMetaEmbedIndex.create(engine(), "big", dim=1024, candidate_budgets=(8, 1025))
+    QdrantMetaEmbedIndex.create(engine(), "fits", dim=3584, candidate_budgets=(64,))  # the 7B shape fits
+
+
+def test_bad_input_is_named(engine):
+    client = engine()
     store = QdrantMetaEmbedIndex.create(client, "items", dim=8, candidate_budgets=(2, 4))
     with pytest.raises(ValueError, match="empty"):
         store.search(unit(1, 2, 8), k=1)
@@ -116,10 +177,20 @@ def test_bad_input_is_named():
         store.search(unit(1, 2, 8), k=6)
     with pytest.raises(ValueError, match="shortlist must be an integer of at least k=3"):
         store.search(unit(1, 2, 8), k=3, shortlist=2)
+    with pytest.raises(ValueError, match="oversampling must be a number of at least 1"):
+        store.search(unit(1, 2, 8), k=1, oversampling=0.5)
+    with pytest.raises(ValueError, match="quantization must be None or one of"):
+        QdrantMetaEmbedIndex.create(client, "other", dim=8, quantization="int4")
     with pytest.raises(ValueError, match="already exists"):
         QdrantMetaEmbedIndex.create(client, "items", dim=8)
     with pytest.raises(ValueError, match="does not exist"):
         QdrantMetaEmbedIndex.open(client, "missing")
-    client.create_collection("other", vectors_config={})
+    if isinstance(client, Edge):  # a shard made directly with the engine, without our metadata
+        import qdrant_edge as qe
+
+        qe.EdgeShard.create(str(client.folder / "other"), qe.EdgeConfig(
+            vectors={"v": qe.EdgeVectorParams(size=8, distance=qe.Distance.Dot)})).close()  # fmt: skip
+    else:
+        client.create_collection("other", vectors_config={})
     with pytest.raises(ValueError, match="not written by QdrantMetaEmbedIndex"):
         QdrantMetaEmbedIndex.open(client, "other")
