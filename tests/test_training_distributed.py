@@ -1,13 +1,17 @@
 """Two CPU processes (gloo) against one process on the concatenated batch: same loss, same gradients."""
 
+import datetime
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.test_training_evaluation import TableDataset, table_embed, tables
+from training.evaluation import sharded_retrieval_metrics
 from training.loss import MatryoshkaContrastiveLoss
 
 GROUPS = [(1, 1), (2, 4), (4, 8)]
@@ -28,49 +32,101 @@ def embeddings(seed):
     return queries, positives, negatives
 
 
-def loss_and_grads(queries, positives, negatives, hard_negatives):
+def loss_and_grads(queries, positives, negatives, owners, hard_negatives):
     tensors = [t.clone().requires_grad_() for t in (queries, positives, negatives)]
-    owners = torch.arange(queries.shape[0])
     loss_fn = MatryoshkaContrastiveLoss(GROUPS, temperature=0.05, hard_negatives=hard_negatives)
     loss, _ = loss_fn(*tensors, owners)
     loss.backward()
     return loss.detach(), [t.grad for t in tensors]
 
 
-def _loss_worker(rank, world, port, hard_negatives, queue):
+def rank_slice(rank):
+    start = sum(SPLIT[:rank])
+    return slice(start, start + SPLIT[rank])
+
+
+def local_batch(rank, negative_ranks):
+    """This rank's rows, with its rows' hard negatives only when it is one of `negative_ranks`."""
+    queries, positives, negatives = (t[rank_slice(rank)] for t in embeddings(0))
+    if rank not in negative_ranks:
+        negatives = negatives[:0]
+    return queries, positives, negatives, torch.arange(negatives.shape[0])
+
+
+def global_batch(negative_ranks):
+    """The concatenated batch one process would see: every rank's rows and the negatives that exist."""
+    queries, positives, negatives = embeddings(0)
+    keep = [i for r in negative_ranks for i in range(*rank_slice(r).indices(len(negatives)))]
+    return queries, positives, negatives[keep], torch.tensor(keep, dtype=torch.long)
+
+
+SCENARIOS = [  # (hard-negative scope, the ranks whose rows have hard negatives)
+    (scope, negative_ranks) for scope in ("own", "shared") for negative_ranks in [(0, 1), (0,), ()]
+]
+
+
+def _loss_worker(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A collective entered by one rank only would hang; the timeout turns that hang into a failure.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        start = sum(SPLIT[:rank])
-        rows = slice(start, start + SPLIT[rank])
-        local = [t[rows] for t in embeddings(0)]
-        loss, grads = loss_and_grads(*local, hard_negatives)
-        # What data-parallel training does: average the ranks' gradients (here: of the rows each rank owns).
-        queue.put((rank, loss.item(), [(g / world).numpy() for g in grads]))  # by value, not shared memory
+        for scenario in SCENARIOS:
+            hard_negatives, negative_ranks = scenario
+            loss, grads = loss_and_grads(*local_batch(rank, negative_ranks), hard_negatives)
+            # What data-parallel training does: average the ranks' gradients (of the rows each rank owns).
+            grads = [np.zeros(0) if g is None else (g / world).numpy() for g in grads]
+            queue.put((scenario, rank, loss.item(), grads))  # by value, not shared memory
+        # Retrieval evaluation: each rank encodes its shard (37 records: 19 + 18, the last padded), the candidate
+        # shards are broadcast in turn.
+        queries, positives = tables()
+        metrics = sharded_retrieval_metrics(
+            table_embed(queries, positives), TableDataset(len(queries)), [(1, 1), (2, 4), (4, 8)], batch_size=4
+        )
+        queue.put(("evaluation", rank, metrics, None))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("hard_negatives", ["own", "shared"])
-def test_two_processes_match_one_process_on_the_concatenated_batch(hard_negatives):
-    full_loss, full_grads = loss_and_grads(*embeddings(0), hard_negatives)
+def test_two_processes_match_one_process_on_the_concatenated_batch():
+    """Every rank with hard negatives, only rank 0 with some, and none; own and shared negatives: two gloo
+    processes give the loss and gradients of one process on the concatenated batch, and never hang. The sharded
+    retrieval evaluation gives the one-process metrics."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_loss_worker, args=(r, 2, port, hard_negatives, queue)) for r in range(2)]
+    processes = [context.Process(target=_loss_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in processes:
         p.start()
-    results = dict((rank, (loss, grads)) for rank, loss, grads in (queue.get(timeout=120) for _ in processes))
+    results = {}
+    for _ in range(2 * len(SCENARIOS) + 2):
+        scenario, rank, loss, grads = queue.get(timeout=300)
+        results[scenario, rank] = (loss, grads)
     for p in processes:
         p.join(timeout=60)
         assert p.exitcode == 0
-    # The mean of the ranks' losses is the global loss.
-    assert (results[0][0] + results[1][0]) / 2 == pytest.approx(full_loss.item(), abs=1e-5)
+    queries, positives = tables()
+    one_process = sharded_retrieval_metrics(
+        table_embed(queries, positives), TableDataset(len(queries)), [(1, 1), (2, 4), (4, 8)]
+    )
     for rank in range(2):
-        start = sum(SPLIT[:rank])
-        rows = slice(start, start + SPLIT[rank])
-        for local, full in zip(results[rank][1], full_grads):
-            torch.testing.assert_close(torch.from_numpy(local), full[rows], atol=1e-5, rtol=1e-5)
+        assert results["evaluation", rank][0] == pytest.approx(one_process, abs=1e-9)
+    for scenario in SCENARIOS:
+        hard_negatives, negative_ranks = scenario
+        full_loss, full_grads = loss_and_grads(*global_batch(negative_ranks), hard_negatives)
+        # The mean of the ranks' losses is the global loss.
+        mean_loss = (results[scenario, 0][0] + results[scenario, 1][0]) / 2
+        assert mean_loss == pytest.approx(full_loss.item(), abs=1e-5), scenario
+        negative_offset = 0
+        for rank in range(2):
+            rows = rank_slice(rank)
+            local_queries, local_positives, local_negatives = results[scenario, rank][1]
+            torch.testing.assert_close(torch.from_numpy(local_queries), full_grads[0][rows], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.from_numpy(local_positives), full_grads[1][rows], atol=1e-5, rtol=1e-5)
+            count = SPLIT[rank] if rank in negative_ranks else 0
+            if count:
+                expected = full_grads[2][negative_offset : negative_offset + count]
+                torch.testing.assert_close(torch.from_numpy(local_negatives), expected, atol=1e-5, rtol=1e-5)
+            negative_offset += count
 
 
 def _train_one_step(checkpoint, output_dir, per_device_batch, **distributed):

@@ -27,6 +27,8 @@ def gather_rows_with_grad(tensor: torch.Tensor) -> tuple:
     dist.all_gather(counts, count)
     counts = [int(c) for c in counts]
     longest = max(counts)
+    if longest == 0:  # every rank agrees (same counts), so every rank skips the gather
+        return tensor, counts
     if tensor.shape[0] < longest:  # all_gather needs equal shapes: pad, then drop the padding after
         padding = tensor.new_zeros((longest - tensor.shape[0],) + tuple(tensor.shape[1:]))
         tensor = torch.cat([tensor, padding])

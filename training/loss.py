@@ -45,7 +45,11 @@ class MatryoshkaContrastiveLoss(nn.Module):
         hard_negatives: "own" (paper): a query's hard negatives are extra columns of its own row only;
             "shared": every hard negative of the global batch is a negative for every query.
         gather_across_ranks: gather candidates from every rank (in-batch negatives across GPUs).
-        compute_dtype / max_block_bytes: see `matryoshka_maxsim`.
+        compute_dtype / max_block_bytes: see `matryoshka_maxsim` (used when `similarity` is not given).
+        similarity: `(queries, candidates, groups) -> (G, Nq, Nc)` scores of every query against every candidate
+            at every group (default: `matryoshka_maxsim`); `MetaEmbedTrainer` passes its `similarity` method.
+        paired_similarity: `(queries, candidates, owners, groups) -> (G, K)` scores of each hard negative against
+            its own query (default: `paired_matryoshka_maxsim`).
 
     Inputs (forward):
         queries (B, R_q, D), positives (B, R_c, D): row u of positives is query u's positive.
@@ -65,6 +69,8 @@ class MatryoshkaContrastiveLoss(nn.Module):
         gather_across_ranks: bool = True,
         compute_dtype: torch.dtype | None = None,
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+        similarity=None,
+        paired_similarity=None,
     ):
         super().__init__()
         self.groups = check_groups(groups)
@@ -87,6 +93,13 @@ class MatryoshkaContrastiveLoss(nn.Module):
         self.gather_across_ranks = gather_across_ranks
         self.compute_dtype = compute_dtype
         self.max_block_bytes = max_block_bytes
+        self.similarity = similarity or self._default_similarity
+        self.paired_similarity = paired_similarity or paired_matryoshka_maxsim
+
+    def _default_similarity(self, queries, candidates, groups):
+        return matryoshka_maxsim(
+            queries, candidates, groups, compute_dtype=self.compute_dtype, max_block_bytes=self.max_block_bytes
+        )
 
     def forward(self, queries, positives, negatives=None, negative_owners=None):
         num_queries = queries.shape[0]
@@ -104,14 +117,17 @@ class MatryoshkaContrastiveLoss(nn.Module):
             offset = sum(counts[: rank()])
         else:
             candidates, offset = positives, 0
-        if has_negatives and self.hard_negatives == "shared":
-            shared = gather_rows_with_grad(negatives)[0] if distributed else negatives
-            candidates = torch.cat([candidates, shared])
+        if self.hard_negatives == "shared" and distributed:
+            # Every rank enters this gather, with or without negatives of its own: a rank that skipped it would
+            # leave the others waiting in a collective it never joins. An empty slice of the positives keeps a
+            # negative-less rank in the autograd graph, so it also joins the gather's backward.
+            local = negatives if has_negatives else positives[:0]
+            candidates = torch.cat([candidates, gather_rows_with_grad(local)[0]])
+        elif self.hard_negatives == "shared" and has_negatives:
+            candidates = torch.cat([candidates, negatives])
 
         # [G, B, N]: every local query against every in-batch candidate, all groups from one pass.
-        scores = matryoshka_maxsim(
-            queries, candidates, self.groups, compute_dtype=self.compute_dtype, max_block_bytes=self.max_block_bytes
-        )
+        scores = self.similarity(queries, candidates, self.groups)
         if has_negatives and self.hard_negatives == "own":
             scores = torch.cat([scores, self._own_negative_scores(queries, negatives, negative_owners)], dim=-1)
 
@@ -131,7 +147,7 @@ class MatryoshkaContrastiveLoss(nn.Module):
         owners = owners.to(queries.device)
         if int(owners.min()) < 0 or int(owners.max()) >= queries.shape[0]:
             raise ValueError(f"negative_owners must index the {queries.shape[0]} queries of this batch")
-        paired = paired_matryoshka_maxsim(queries, negatives, owners, self.groups)  # [G, K]
+        paired = self.paired_similarity(queries, negatives, owners, self.groups)  # [G, K]
         counts = torch.bincount(owners, minlength=queries.shape[0])
         # Slot of each negative among its owner's: position in a stable sort by owner minus the owner's start.
         order = torch.sort(owners, stable=True).indices

@@ -7,6 +7,7 @@ contrastive batches larger than memory. Runs on one CPU, one GPU, or many proces
 """
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -14,9 +15,10 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .data import ContrastiveDataset, MetaEmbedCollator, SourceBatchSampler
-from .evaluation import retrieval_metrics
+from .evaluation import sharded_retrieval_metrics
+from .lora import VISION_PARTS
 from .loss import HARD_NEGATIVE_SCOPES, SCORE_NORMALIZATIONS, MatryoshkaContrastiveLoss
-from .similarity import check_groups
+from .similarity import check_groups, matryoshka_maxsim, paired_matryoshka_maxsim
 
 logger = logging.get_logger(__name__)
 PLACEHOLDER_MODES = ("auto", "always", "never")
@@ -43,7 +45,10 @@ class MetaEmbedTrainingArguments(TrainingArguments):
     )
     placeholder_image: str = field(
         default="auto",
-        metadata={"help": "Placeholder image for chunks without images: auto (multi-process + vision), always, never."},
+        metadata={
+            "help": "Placeholder image for chunks without images: auto (several processes with FSDP, or with a "
+            "trainable vision tower), always, never."
+        },
     )
     max_negatives: int | None = field(default=None, metadata={"help": "Hard negatives kept per record (None: all)."})
     similarity_block_mb: int = field(default=128, metadata={"help": "Bound on one block of token similarities."})
@@ -77,6 +82,25 @@ def unwrap_metaembed(model):
             model = model.get_base_model()
         else:
             return model
+
+
+def is_fsdp(args) -> bool:
+    """Whether this run shards the model with FSDP (Trainer arguments or `accelerate launch`'s environment)."""
+    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def needs_vision_on_every_rank(model, args) -> bool:
+    """Whether a chunk without images must still run the vision tower: with several processes, FSDP all-gathers
+    the tower's shards in its forward (every rank must join, frozen or not), and DDP waits for the gradient of
+    every trainable parameter. DDP with a frozen tower (every paper recipe) needs nothing."""
+    if args.world_size <= 1:
+        return False
+    if is_fsdp(args):
+        return True
+    return any(
+        parameter.requires_grad and any(part in VISION_PARTS for part in name.split("."))
+        for name, parameter in model.named_parameters()
+    )
 
 
 class RandomState:
@@ -123,7 +147,7 @@ class MetaEmbedTrainer(Trainer):
         self.metaembed = metaembed
         has_vision = metaembed.processor.has_vision
         placeholder = args.placeholder_image == "always" or (
-            args.placeholder_image == "auto" and args.world_size > 1 and has_vision
+            args.placeholder_image == "auto" and has_vision and needs_vision_on_every_rank(model, args)
         )
         if placeholder and not has_vision:
             raise ValueError("placeholder_image='always' needs a vision backbone; this model is text-only")
@@ -144,6 +168,8 @@ class MetaEmbedTrainer(Trainer):
                 hard_negatives=args.hard_negatives,
                 score_normalization=args.score_normalization,
                 max_block_bytes=args.similarity_block_mb * 1024 * 1024,
+                similarity=self.similarity,
+                paired_similarity=self.paired_similarity,
             )
         self.loss_fn = loss
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
@@ -151,6 +177,33 @@ class MetaEmbedTrainer(Trainer):
         self._group_sums, self._group_steps = {}, 0
         self._eval_group_sums, self._eval_group_steps = {}, 0
         self._check_batch_fits(self.train_dataset, "train")
+
+    # ---------------------------------------------------------------------------------------------- similarity
+    def similarity(self, queries: torch.Tensor, candidates: torch.Tensor, groups=None) -> torch.Tensor:
+        """Matryoshka MaxSim scores of every query against every candidate at every group: the scores the loss
+        trains on. Override it to plug in another late-interaction kernel; the loss calls it once per step.
+
+        Args:
+            queries: (Nq, R_q, D) query embeddings (on the accelerator during training).
+            candidates: (Nc, R_c, D) candidate embeddings: the (gathered) positives, then shared hard negatives.
+            groups: nested budgets [(r_q, r_c), ...]; default: the loss's groups.
+
+        Returns:
+            (G, Nq, Nc) float32 scores, differentiable with respect to both inputs. The default kernel runs on the
+            inputs' device, bf16 GEMMs with fp32 accumulation on a GPU, in blocks of at most
+            `similarity_block_mb` (its backward recomputes each block instead of storing it).
+        """
+        return matryoshka_maxsim(
+            queries,
+            candidates,
+            groups if groups is not None else self.loss_fn.groups,
+            max_block_bytes=self.args.similarity_block_mb * 1024 * 1024,
+        )
+
+    def paired_similarity(self, queries, candidates, owners, groups=None) -> torch.Tensor:
+        """(G, K) scores of each hard negative (candidates[k]) against its own query (queries[owners[k]]) at
+        every group, with hard_negatives="own". Override it together with `similarity`."""
+        return paired_matryoshka_maxsim(queries, candidates, owners, groups if groups is not None else self.loss_fn.groups)
 
     def _check_batch_fits(self, dataset, what: str) -> None:
         if dataset is None:
@@ -252,10 +305,11 @@ class MetaEmbedTrainer(Trainer):
         loss = loss / self.current_gradient_accumulation_steps
         loss.backward()  # gradients of the cached embeddings only: no model parameter is in this graph
 
-        no_sync = getattr(model, "no_sync", None)  # DDP: reduce gradients once, on the last chunk
+        # Reduce gradients once, on the last chunk: accelerate's no_sync is DDP's no_sync, and FSDP2's
+        # set_requires_gradient_sync(False) (no reduce-scatter until the last chunk's backward).
         for index, ((chunk, role), state, part) in enumerate(zip(plan, states, cached)):
             last = index == len(plan) - 1
-            sync_context = contextlib.nullcontext() if last or no_sync is None else no_sync()
+            sync_context = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync_context, state.restored():
                 with self.compute_loss_context_manager():
                     embeddings = self._embed_chunk(model, chunk, role)
@@ -279,13 +333,35 @@ class MetaEmbedTrainer(Trainer):
         for name, total in self._eval_group_sums.items():
             metrics[f"{metric_key_prefix}_loss_{name}"] = total / max(1, self._eval_group_steps)
         if self.args.eval_retrieval and isinstance(dataloader.dataset, ContrastiveDataset):
-            was_training = self.model.training
-            scores = retrieval_metrics(
-                self.metaembed, dataloader.dataset, self.loss_fn.groups, batch_size=self.args.eval_batch_size
-            )
-            self.model.train(was_training)
-            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
+            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.retrieval_metrics(dataloader.dataset).items()})
         return output._replace(metrics=metrics)
+
+    def retrieval_metrics(self, dataset) -> dict:
+        """Recall@1 and MRR at every group over `dataset`, each process encoding its shard through the trained
+        (wrapped) model and the training collator (placeholder images included), then scoring against every
+        shard in bounded blocks (`training.evaluation.sharded_retrieval_metrics`)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+
+        def embed(records):
+            records = [{key: value for key, value in r.items() if key != "negatives"} for r in records]
+            inputs = self._prepare_inputs(self.data_collator(records))
+            with self.compute_loss_context_manager():
+                return self._embed_side(model, inputs["queries"], "query"), self._embed_side(
+                    model, inputs["candidates"], "candidate"
+                )
+
+        try:
+            return sharded_retrieval_metrics(
+                embed,
+                dataset,
+                self.loss_fn.groups,
+                batch_size=self.args.eval_batch_size,
+                max_block_bytes=self.args.similarity_block_mb * 1024 * 1024,
+            )
+        finally:
+            model.train(was_training)
 
     def log(self, logs: dict, start_time=None) -> None:
         if self._group_steps and "loss" in logs:  # a training log: add each group's mean loss since the last one

@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from training.evaluation import positive_ranks
+
 
 def precision_at_1(scores: torch.Tensor, positive_alike: torch.Tensor | None = None) -> torch.Tensor:
     """Hits of each query whose positive (column 0 of `scores` [Q, C]) scores strictly above every other candidate.
@@ -14,12 +16,12 @@ def precision_at_1(scores: torch.Tensor, positive_alike: torch.Tensor | None = N
     if scores.dim() != 2 or scores.shape[1] < 1:
         shape = tuple(scores.shape)
         raise ValueError(f"scores must be (queries, candidates) with the positive in column 0, got {shape}")
-    others = scores[:, 1:]
     if positive_alike is not None:
-        others = others.masked_fill(positive_alike[:, 1:], float("-inf"))
-    if others.shape[1] == 0:
-        return torch.ones(scores.shape[0], dtype=torch.bool)
-    return scores[:, 0] > others.max(dim=1).values
+        alike = positive_alike.clone()
+        alike[:, 0] = False
+        scores = scores.masked_fill(alike, float("-inf"))
+    columns = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    return positive_ranks(scores, columns) == 1  # the project's one definition of rank (ties are misses)
 
 
 def ndcg_at_k(ranking: list, relevance: dict, k: int) -> float:
