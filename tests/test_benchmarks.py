@@ -21,8 +21,10 @@ def run(script: str, *args: str) -> str:
 
 def test_index_scoring():
     out = run("index_scoring.py", "--num-items", "300", "--dim", "16", "--budgets", "1", "1", "2", "4",
-              "--peer-budgets", "2", "4", "--repeats", "1", "--batch", "4")  # fmt: skip
-    assert "copy bandwidth" in out and "| (2, 4) |" in out
+              "--peer-budgets", "2", "4", "--repeats", "1", "--batch", "4", "--flush-mb", "8",
+              "--bandwidth-mb", "64")  # fmt: skip
+    assert "read bandwidth" in out and "GEMM peak" in out
+    assert re.search(r"\| \(2, 4\) \| [\d,]+ \|.* \| yes \|", out)  # top-10 equal to the float32 reference
     assert re.search(r"\| \(2, 4\) \| naive einsum \| [\d.]+ \| [\d.]+ \|", out)
 
 
@@ -55,3 +57,21 @@ def test_reasoning_cost():
               "64", "--layers", "1", "--repeats", "1")  # fmt: skip
     row = next(line for line in out.splitlines() if line.startswith("| think, then embed | 4 |"))
     assert float(row.split("|")[-2]) > 0
+
+
+def test_compressed_recall(tiny_checkpoint):
+    out = run("compressed_recall.py", "--checkpoint", str(tiny_checkpoint("qwen2_5_vl")), "--limit", "40",
+              "--shortlists", "10", "20", "--budgets", "1", "1", "2", "4", "--k", "5")  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| (2, 4) | int8") or line.startswith("| (2, 4) | binary")]
+    assert len(rows) == 2
+    for row in rows:
+        recalls = [float(v) for v in re.findall(r"\| (\d\.\d{3})", row)]
+        assert len(recalls) == 3 and all(0.0 <= r <= 1.0 for r in recalls)
+
+
+def test_load_test():
+    out = run("load_test.py", "--items", "1500", "--queries", "12", "--dim", "32", "--shortlist", "50", "--batch", "8")
+    rows = [line for line in out.splitlines() if line.startswith("| MetaEmbedIndex") or line.startswith("| Qdrant")]
+    assert len(rows) == 6
+    exhaustive = next(row for row in rows if "exhaustive, bf16" in row)
+    assert float(exhaustive.split("|")[-2]) >= 0.9  # bf16 storage against float32 exact search
