@@ -185,15 +185,26 @@ class MetaEmbedProcessor:
         return FALLBACK_PIXELS_PER_TOKEN
 
     def _cap_image_processor(self) -> None:
-        """Make the backbone's image processor itself respect the visual-token cap (Qwen: max_pixels)."""
-        size = getattr(self.processor.image_processor, "size", None)
+        """Make the backbone's image processor itself respect the visual-token cap (Qwen: max_pixels). The
+        backbone's own limit is kept aside and is what `save_pretrained` writes, so that a later load with a
+        larger `max_image_tokens` can raise the cap again (a saved cap would only ever go down)."""
+        self._backbone_longest_edge = self._longest_edge()
+        if self._backbone_longest_edge is not None:
+            self._set_longest_edge(min(self._backbone_longest_edge, self.max_image_pixels))
+
+    def _longest_edge(self):
+        """The Qwen-style image processor's `size.longest_edge` (its max_pixels), or None for other families."""
+        image_processor = self.processor.image_processor
+        size = getattr(image_processor, "size", None)
         longest = getattr(size, "longest_edge", None) if not isinstance(size, dict) else size.get("longest_edge")
-        if longest is not None and getattr(self.processor.image_processor, "merge_size", None) is not None:
-            capped = min(longest, self.max_image_pixels)
-            if isinstance(size, dict):
-                size["longest_edge"] = capped
-            else:
-                size.longest_edge = capped
+        return longest if getattr(image_processor, "merge_size", None) is not None else None
+
+    def _set_longest_edge(self, value) -> None:
+        size = self.processor.image_processor.size
+        if isinstance(size, dict):
+            size["longest_edge"] = value
+        else:
+            size.longest_edge = value
 
     # ---------------------------------------------------------------------------------------------------- prompts
     def build_prompt(self, item: EncodeItem, role: str, instruction=None) -> str:
@@ -380,7 +391,15 @@ class MetaEmbedProcessor:
         `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` returns a MetaEmbedProcessor."""
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        self.processor.save_pretrained(save_directory, **kwargs)
+        backbone_limit = getattr(self, "_backbone_longest_edge", None)
+        capped = self._longest_edge() if self.has_vision else None
+        if backbone_limit is not None:  # write the backbone's own limit; the cap lives in config.max_image_tokens
+            self._set_longest_edge(backbone_limit)
+        try:
+            self.processor.save_pretrained(save_directory, **kwargs)
+        finally:
+            if backbone_limit is not None:
+                self._set_longest_edge(capped)
         path = save_directory / PROCESSOR_CONFIG_NAME
         data = json.loads(path.read_text()) if path.exists() else {}
         data["backbone_processor_class"] = type(self.processor).__name__ if self.has_vision else "AutoTokenizer"

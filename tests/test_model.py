@@ -224,3 +224,25 @@ def test_shipped_code_imports_only_public_torch_transformers_pil(tiny_checkpoint
             else:
                 continue
             assert roots <= allowed, (path.name, roots)
+
+
+def visual_tokens_of_a_large_image(model) -> int:
+    processor = model.processor
+    batch = processor([random_image(width=600, height=600)])
+    return int(batch["image_grid_thw"].prod(dim=-1).sum()) // processor.processor.image_processor.merge_size**2
+
+
+def test_the_image_cap_can_be_raised_after_a_save(tiny_checkpoint, tmp_path):
+    """The cap lives in config.max_image_tokens; the saved image processor keeps the backbone's own limit, so a
+    checkpoint saved with a small cap loads with a larger one (before: the saved size only ever went down)."""
+    small = MetaEmbedModel.from_pretrained(tiny_checkpoint("qwen2_5_vl", max_image_tokens=4))
+    assert visual_tokens_of_a_large_image(small) <= 4
+    small.save_pretrained(tmp_path / "saved")
+    assert visual_tokens_of_a_large_image(small) <= 4  # saving does not change the live processor
+    full = visual_tokens_of_a_large_image(MetaEmbedModel.from_pretrained(tiny_checkpoint("qwen2_5_vl")))
+    assert full > 4
+    raised = MetaEmbedModel.from_pretrained(tmp_path / "saved", max_image_tokens=1024)
+    assert raised.config.max_image_tokens == 1024
+    assert visual_tokens_of_a_large_image(raised) == full
+    again = MetaEmbedModel.from_pretrained(tmp_path / "saved")
+    assert visual_tokens_of_a_large_image(again) <= 4  # the saved config still caps it

@@ -18,7 +18,10 @@ joined to the side's text by `config.reasoning_template`, as `model.encode(..., 
 (allowed on the roles in `config.reasoning_roles`: queries by default). `training.reasoning` writes the traces.
 """
 
+import bisect
+import functools
 import io
+import itertools
 import json
 import math
 import random
@@ -133,20 +136,70 @@ class ContrastiveDataset(torch.utils.data.Dataset):
 
     @property
     def sources(self) -> list:
+        """Each record's source name, read without touching anything else of a record (no image is decoded):
+        the given list, else a `source` column, else the `source` field of in-memory dict records."""
         if self._sources is None:
-            column = None
-            if hasattr(self.records, "column_names") and "source" in self.records.column_names and self.convert is None:
-                column = self.records["source"]
-            self._sources = column if column is not None else [self[i].get("source") for i in range(len(self))]
+            records = self.records
+            if hasattr(records, "column_names"):  # a datasets.Dataset: read one column
+                has_column = "source" in records.column_names
+                self._sources = list(records["source"]) if has_column else [None] * len(records)
+            elif isinstance(records, list) and self.convert is None:
+                self._sources = [r.get("source") if isinstance(r, dict) else None for r in records]
+            else:
+                self._sources = [self[i].get("source") for i in range(len(self))]
         return self._sources
 
-    def validate(self, check_images: bool = True, show_progress_bar: bool = False) -> None:
-        """Check every record (and, by default, that every image opens) before any training step."""
+    @classmethod
+    def concatenate(cls, parts: list) -> "ContrastiveDataset":
+        """One dataset over several, lazily: a record is read from its part when it is accessed, and relative image
+        paths resolve against that part's image_root. Nothing is copied or decoded here."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(_Concatenation(parts), sources=[s for part in parts for s in part.sources])
+
+    def fingerprint(self) -> str:
+        """A digest of the records (and how they are read), for caches such as the validation marker."""
+        import hashlib
+
+        digest = hashlib.sha256(type(self.records).__name__.encode())
+        digest.update(str(self.image_root).encode())
+        digest.update(_callable_name(self.convert).encode())
+        records = self.records
+        if isinstance(records, (_Concatenation, _Subset)):
+            digest.update(records.fingerprint().encode())
+        elif getattr(records, "_fingerprint", None):  # a datasets.Dataset knows its own
+            digest.update(records._fingerprint.encode())
+        else:
+            for record in records:
+                digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+        return digest.hexdigest()
+
+    def validate(
+        self,
+        check_images: bool = True,
+        show_progress_bar: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        cache_dir=None,
+    ) -> None:
+        """Check records (and, by default, that every image opens) before any training step.
+
+        With several processes each checks its share (every `world_size`-th record from `rank`), so the images are
+        opened once in all, not once per process. With `cache_dir`, a passed check leaves a marker keyed by the
+        records' fingerprint and the share, and a rerun (a resumed job) skips it; delete the folder to check again.
+        """
         from transformers.utils.logging import tqdm
 
         if len(self) == 0:
             raise RecordError("the training data holds no records")
-        for index in tqdm(range(len(self)), desc="Checking records", disable=not show_progress_bar):
+        marker = None
+        if cache_dir is not None:
+            what = "images" if check_images else "records"
+            marker = Path(cache_dir) / f"{self.fingerprint()[:32]}-{what}-{rank}of{world_size}.ok"
+            if marker.exists():
+                return
+        indices = range(rank, len(self), world_size)
+        for index in tqdm(indices, desc="Checking records", disable=not show_progress_bar):
             record = self[index]
             check_record(record, index)
             if not check_images:
@@ -156,12 +209,68 @@ class ContrastiveDataset(torch.utils.data.Dataset):
             sides += [(f"negative {k}", n) for k, n in enumerate(record.get("negatives") or [])]
             for label, side in sides:
                 if side.get("image") is not None:
-                    open_image(side["image"], self.image_root, f"{name}: {label}")
+                    open_image(side["image"], self.image_root, f"{name}: {label}").close()
+        if marker is not None:
+            from modeling_metaembed.processing_metaembed import write_atomic
+
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, f"{len(self)} records checked\n")
 
     def subset(self, indices) -> "ContrastiveDataset":
         indices = list(indices)
         sources = [self.sources[i] for i in indices]
         return ContrastiveDataset(_Subset(self.records, indices), self.image_root, self.convert, sources)
+
+
+def _callable_name(function) -> str:
+    if function is None:
+        return ""
+    if isinstance(function, functools.partial):
+        return f"{_callable_name(function.func)}{function.args}{sorted(function.keywords.items())}"
+    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"
+
+
+def _resolve_images(record: dict, image_root) -> dict:
+    """The record with its relative image paths made absolute against `image_root` (sides copied, not changed)."""
+    record = dict(record)
+    record.pop("_index", None)
+    if image_root is None:
+        return record
+
+    def resolve(side):
+        image = side.get("image") if isinstance(side, dict) else None
+        if isinstance(image, str) and not Path(image).is_absolute():
+            return dict(side, image=str(Path(image_root) / image))
+        return side
+
+    for key in RECORD_SIDES:
+        if key in record:
+            record[key] = resolve(record[key])
+    if isinstance(record.get("negatives"), list):
+        record["negatives"] = [resolve(n) for n in record["negatives"]]
+    return record
+
+
+class _Concatenation:
+    """Records of several `ContrastiveDataset`s end to end, read from their parts on access."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.ends = list(itertools.accumulate(len(part) for part in parts))
+
+    def __len__(self):
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} is outside the {len(self)} records")
+        part = bisect.bisect_right(self.ends, index)
+        start = self.ends[part - 1] if part else 0
+        dataset = self.parts[part]
+        return _resolve_images(dataset[index - start], dataset.image_root)
+
+    def fingerprint(self) -> str:
+        return ",".join(part.fingerprint() for part in self.parts)
 
 
 class _Subset:
@@ -173,6 +282,13 @@ class _Subset:
 
     def __getitem__(self, index):
         return self.records[self.indices[index]]
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        inner = self.records.fingerprint() if hasattr(self.records, "fingerprint") else ""
+        inner += str(getattr(self.records, "_fingerprint", ""))
+        return hashlib.sha256((inner + json.dumps(self.indices)).encode()).hexdigest()
 
 
 def load_jsonl(path, image_root=None) -> ContrastiveDataset:
@@ -241,14 +357,15 @@ def load_mmeb_train(subsets: dict, image_root) -> ContrastiveDataset:
             On a machine with the Hub: `{name: load_dataset("TIGER-Lab/MMEB-train", name, split="original")}`.
         image_root: the folder the data set's image archive was extracted to (paths such as "ImageNet_1K/...").
     """
-    rows, sources = [], []
+    parts = []
     for name, data in subsets.items():
         data = _as_dataset(data)
         _require_columns(data, ("qry", "qry_image_path", "pos_text", "pos_image_path"), f"MMEB-train subset {name}")
-        for row in data:
-            rows.append(mmeb_row_to_record(row, source=name))
-            sources.append(name)
-    return ContrastiveDataset(rows, image_root=image_root, sources=sources)
+        convert = functools.partial(mmeb_row_to_record, source=name)  # rows are read (lazily) on access
+        parts.append(ContrastiveDataset(data, image_root=image_root, convert=convert, sources=[name] * len(data)))
+    if not parts:
+        raise RecordError("MMEB-train: no subsets given")
+    return ContrastiveDataset.concatenate(parts)
 
 
 def colpali_row_to_record(row: dict) -> dict:
@@ -271,7 +388,12 @@ def load_colpali_train(data) -> ContrastiveDataset:
     """
     data = _as_dataset(data)
     _require_columns(data, ("query", "image"), "ColPali train set")
-    sources = data["source"] if "source" in data.column_names else None
+    features = getattr(data, "features", None) or {}
+    if getattr(features.get("image"), "decode", False):  # keep pages as bytes: decoded by the collator, in workers
+        import datasets
+
+        data = data.cast_column("image", datasets.Image(decode=False))
+    sources = list(data["source"]) if "source" in data.column_names else [None] * len(data)
     return ContrastiveDataset(data, convert=colpali_row_to_record, sources=sources)
 
 
