@@ -129,40 +129,65 @@ def test_two_processes_match_one_process_on_the_concatenated_batch():
             negative_offset += count
 
 
-def _train_one_step(checkpoint, output_dir, per_device_batch, **distributed):
+def _train_one_step(checkpoint, output_dir, per_device_batch, gradcache_chunk_size=None, **distributed):
     from modeling_metaembed import MetaEmbedModel
     from training.data import ContrastiveDataset
     from training.synthetic import synthetic_records
     from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
+
+    reductions = []
+
+    class CountingTrainer(MetaEmbedTrainer):
+        """Counts DDP's gradient all-reduces (one per bucket per synchronised backward) with a comm hook."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if hasattr(model, "register_comm_hook") and not reductions:
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+                def counting_hook(state, bucket):
+                    reductions.append(1)
+                    return allreduce_hook(state, bucket)
+
+                model.register_comm_hook(None, counting_hook)
+                reductions.append(0)  # registered
+            return super().training_step(model, inputs, num_items_in_batch)
 
     model = MetaEmbedModel.from_pretrained(checkpoint)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MetaEmbedTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=per_device_batch, max_steps=1, optim="sgd",
         learning_rate=1.0, max_grad_norm=0.0, logging_steps=1, lr_scheduler_type="constant", weight_decay=0.0, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, **distributed,
+        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, gradcache_chunk_size=gradcache_chunk_size,
+        **distributed,
     )
-    trainer = MetaEmbedTrainer(model=model, args=args, train_dataset=ContrastiveDataset(synthetic_records(8, seed=12)))
+    data = ContrastiveDataset(synthetic_records(8, seed=12))
+    trainer = CountingTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)  # logged: mean over processes
     # SGD with lr 1: the update is minus the (rank-averaged) gradient.
-    return loss, {n: before[n] - p.detach() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+    update = {n: before[n] - p.detach() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+    return loss, update, sum(reductions)
 
 
 def _trainer_worker(rank, world, port, checkpoint, output_dir, queue):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
-    loss, update = _train_one_step(checkpoint, output_dir, per_device_batch=4, ddp_backend="gloo")
-    if rank == 0:
-        queue.put((loss, {n: t.numpy() for n, t in update.items()}))  # by value: the process may exit first
+    for chunk in (None, 2):  # a plain step, then GradCache in chunks of 2 rows (2 query + 2 candidate chunks)
+        loss, update, reductions = _train_one_step(
+            checkpoint, f"{output_dir}-{chunk}", per_device_batch=4, gradcache_chunk_size=chunk, ddp_backend="gloo"
+        )
+        if rank == 0:
+            queue.put((chunk, loss, {n: t.numpy() for n, t in update.items()}, reductions))  # by value
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_path):
+    """A DDP step (plain and GradCache) on two processes equals one process on the whole batch, and GradCache
+    reduces the gradients once per step (no_sync on every chunk but the last), as a plain step does."""
     checkpoint = str(tiny_checkpoint("qwen3"))
-    single_loss, single = _train_one_step(checkpoint, str(tmp_path / "single"), per_device_batch=8)
+    single_loss, single, _ = _train_one_step(checkpoint, str(tmp_path / "single"), per_device_batch=8)
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
@@ -172,13 +197,22 @@ def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_p
     ]
     for p in processes:
         p.start()
-    loss, update = queue.get(timeout=300)
+    results = {}
+    for _ in range(2):
+        chunk, loss, update, reductions = queue.get(timeout=300)
+        results[chunk] = (loss, update, reductions)
     for p in processes:
         p.join(timeout=120)
         assert p.exitcode == 0
-    assert loss == pytest.approx(single_loss, abs=1e-5)
-    assert update.keys() == single.keys()
     moved = [n for n in single if single[n].abs().max() > 0]
     assert moved  # the step changed the weights
-    for name in single:
-        torch.testing.assert_close(torch.from_numpy(update[name]), single[name], atol=1e-5, rtol=1e-4, msg=name)
+    for chunk, (loss, update, _) in results.items():
+        assert loss == pytest.approx(single_loss, abs=1e-5), chunk
+        assert update.keys() == single.keys()
+        for name in single:
+            torch.testing.assert_close(
+                torch.from_numpy(update[name]), single[name], atol=1e-5, rtol=1e-4, msg=f"{name} (chunk {chunk})"
+            )
+    plain_reductions, gradcache_reductions = results[None][2], results[2][2]
+    assert plain_reductions >= 1
+    assert gradcache_reductions == plain_reductions  # 4 re-forward chunks, one reduction

@@ -1,6 +1,7 @@
 """MetaEmbedTrainer end to end on tiny backbones: learning, per-group logs, GradCache, placeholder images, LoRA,
 exact resume."""
 
+import contextlib
 import json
 
 import pytest
@@ -206,3 +207,38 @@ def test_collator_chunks_and_owners(tiny_checkpoint):
     assert [c["inputs"]["input_ids"].shape[0] for c in batch["queries"]] == [2, 2, 1]
     assert sum(c["inputs"]["input_ids"].shape[0] for c in batch["candidates"]) == 5 + 5
     assert batch["negative_owners"].tolist() == [0, 2, 3, 3, 4]
+
+
+def test_gradcache_replays_dropout_in_the_re_forward(tiny_checkpoint, tmp_path, monkeypatch):
+    """With dropout in the model, each chunk's re-forward must see the masks of its first (no-grad) forward, or
+    the gradient pushed through it belongs to other embeddings than the loss saw."""
+    records = [dict(r, _index=i) for i, r in enumerate(synthetic_records(8, seed=5))]
+
+    def forward_pairs(replay: bool):
+        model = fresh_model(tiny_checkpoint)
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.5
+        seen = []
+
+        class Recording(MetaEmbedTrainer):
+            def _embed_chunk(self, model, chunk, role):
+                embeddings = super()._embed_chunk(model, chunk, role)
+                seen.append(embeddings.detach().clone())
+                return embeddings
+
+        trainer = Recording(
+            model=model, args=make_args(tmp_path, gradcache_chunk_size=3), train_dataset=ContrastiveDataset(records)
+        )
+        if not replay:
+            monkeypatch.setattr(RandomState, "restored", lambda self: contextlib.nullcontext())
+        trainer.training_step(model, one_batch(trainer, records))
+        monkeypatch.undo()
+        half = len(seen) // 2  # first pass (no grad), then the re-forward of the same chunks
+        return list(zip(seen[:half], seen[half:]))
+
+    pairs = forward_pairs(replay=True)
+    assert len(pairs) == 9  # 3 query chunks, 6 candidate chunks (8 positives, 8 hard negatives)
+    assert all(torch.equal(first, again) for first, again in pairs)
+    # The check can fail: without the replay, dropout draws other masks in the re-forward.
+    assert not all(torch.equal(first, again) for first, again in forward_pairs(replay=False))
