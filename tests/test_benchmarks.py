@@ -75,3 +75,10 @@ def test_load_test():
     assert len(rows) == 6
     exhaustive = next(row for row in rows if "exhaustive, bf16" in row)
     assert float(exhaustive.split("|")[-2]) >= 0.9  # bf16 storage against float32 exact search
+
+
+def test_training_step():
+    out = run("training_step.py", "--tiny")
+    row = next(line for line in out.splitlines() if line.startswith("| ") and " s |" in line)
+    assert float(row.split("|")[1].split()[0]) > 0  # a step time was measured
+    assert "GradCache chunks of 2" in out and "5 MMR groups" in out
