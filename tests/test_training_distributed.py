@@ -166,7 +166,9 @@ def _train_one_step(checkpoint, output_dir, per_device_batch, gradcache_chunk_si
     loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)  # logged: mean over processes
     # SGD with lr 1: the update is minus the (rank-averaged) gradient.
     update = {n: before[n] - p.detach() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
-    return loss, update, sum(reductions)
+    # The retrieval evaluation, each process encoding its shard (9 records: 5 + 4) through the wrapped model.
+    retrieval = trainer.retrieval_metrics(ContrastiveDataset(synthetic_records(9, seed=13)))
+    return loss, update, sum(reductions), retrieval
 
 
 def _trainer_worker(rank, world, port, checkpoint, output_dir, queue):
@@ -174,20 +176,21 @@ def _trainer_worker(rank, world, port, checkpoint, output_dir, queue):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
     for chunk in (None, 2):  # a plain step, then GradCache in chunks of 2 rows (2 query + 2 candidate chunks)
-        loss, update, reductions = _train_one_step(
+        loss, update, reductions, retrieval = _train_one_step(
             checkpoint, f"{output_dir}-{chunk}", per_device_batch=4, gradcache_chunk_size=chunk, ddp_backend="gloo"
         )
         if rank == 0:
-            queue.put((chunk, loss, {n: t.numpy() for n, t in update.items()}, reductions))  # by value
+            queue.put((chunk, loss, {n: t.numpy() for n, t in update.items()}, reductions, retrieval))  # by value
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_path):
-    """A DDP step (plain and GradCache) on two processes equals one process on the whole batch, and GradCache
-    reduces the gradients once per step (no_sync on every chunk but the last), as a plain step does."""
+    """A DDP step (plain and GradCache) on two processes equals one process on the whole batch, GradCache
+    reduces the gradients once per step (no_sync on every chunk but the last), as a plain step does, and the
+    trainer's retrieval evaluation sharded over the two processes gives the one-process metrics."""
     checkpoint = str(tiny_checkpoint("qwen3"))
-    single_loss, single, _ = _train_one_step(checkpoint, str(tmp_path / "single"), per_device_batch=8)
+    single_loss, single, _, single_retrieval = _train_one_step(checkpoint, str(tmp_path / "single"), per_device_batch=8)
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
@@ -199,15 +202,16 @@ def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_p
         p.start()
     results = {}
     for _ in range(2):
-        chunk, loss, update, reductions = queue.get(timeout=300)
-        results[chunk] = (loss, update, reductions)
+        chunk, loss, update, reductions, retrieval = queue.get(timeout=300)
+        results[chunk] = (loss, update, reductions, retrieval)
     for p in processes:
         p.join(timeout=120)
         assert p.exitcode == 0
     moved = [n for n in single if single[n].abs().max() > 0]
     assert moved  # the step changed the weights
-    for chunk, (loss, update, _) in results.items():
+    for chunk, (loss, update, _, retrieval) in results.items():
         assert loss == pytest.approx(single_loss, abs=1e-5), chunk
+        assert retrieval == pytest.approx(single_retrieval, abs=1e-6), chunk  # sharded evaluation, same metrics
         assert update.keys() == single.keys()
         for name in single:
             torch.testing.assert_close(
