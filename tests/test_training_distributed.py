@@ -129,7 +129,21 @@ def test_two_processes_match_one_process_on_the_concatenated_batch():
             negative_offset += count
 
 
-def _train_one_step(checkpoint, output_dir, per_device_batch, gradcache_chunk_size=None, **distributed):
+def mixed_records():
+    """8 text records, one of whose queries is an image: in a global batch of 8 split 4 + 4, one rank holds an
+    image chunk and the other only text."""
+    from tests.conftest import random_image
+    from training.synthetic import synthetic_records
+
+    records = synthetic_records(8, seed=12)
+    records[5]["query"] = {"image": random_image(seed=5)}
+    return records
+
+
+def _train_one_step(
+    checkpoint, output_dir, per_device_batch, gradcache_chunk_size=None, records=None, freeze_vision=False,
+    **distributed,
+):  # fmt: skip
     from modeling_metaembed import MetaEmbedModel
     from training.data import ContrastiveDataset
     from training.synthetic import synthetic_records
@@ -153,6 +167,9 @@ def _train_one_step(checkpoint, output_dir, per_device_batch, gradcache_chunk_si
             return super().training_step(model, inputs, num_items_in_batch)
 
     model = MetaEmbedModel.from_pretrained(checkpoint)
+    for name, parameter in model.named_parameters():
+        if freeze_vision and name.startswith("vlm.visual"):
+            parameter.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MetaEmbedTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=per_device_batch, max_steps=1, optim="sgd",
@@ -160,7 +177,7 @@ def _train_one_step(checkpoint, output_dir, per_device_batch, gradcache_chunk_si
         save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, gradcache_chunk_size=gradcache_chunk_size,
         **distributed,
     )
-    data = ContrastiveDataset(synthetic_records(8, seed=12))
+    data = ContrastiveDataset(records if records is not None else synthetic_records(8, seed=12))
     trainer = CountingTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)  # logged: mean over processes
@@ -168,19 +185,26 @@ def _train_one_step(checkpoint, output_dir, per_device_batch, gradcache_chunk_si
     update = {n: before[n] - p.detach() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
     # The retrieval evaluation, each process encoding its shard (9 records: 5 + 4) through the wrapped model.
     retrieval = trainer.retrieval_metrics(ContrastiveDataset(synthetic_records(9, seed=13)))
-    return loss, update, sum(reductions), retrieval
+    return loss, update, sum(reductions), retrieval, trainer.data_collator.placeholder_image
 
 
-def _trainer_worker(rank, world, port, checkpoint, output_dir, queue):
+def _trainer_worker(rank, world, port, checkpoint, vision_checkpoint, output_dir, queue):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
     for chunk in (None, 2):  # a plain step, then GradCache in chunks of 2 rows (2 query + 2 candidate chunks)
-        loss, update, reductions, retrieval = _train_one_step(
+        loss, update, reductions, retrieval, _ = _train_one_step(
             checkpoint, f"{output_dir}-{chunk}", per_device_batch=4, gradcache_chunk_size=chunk, ddp_backend="gloo"
         )
         if rank == 0:
             queue.put((chunk, loss, {n: t.numpy() for n, t in update.items()}, reductions, retrieval))  # by value
+    for frozen in (True, False):  # an image chunk on one rank, text only on the other
+        loss, update, _, _, placeholder = _train_one_step(
+            vision_checkpoint, f"{output_dir}-vision-{frozen}", per_device_batch=4, records=mixed_records(),
+            freeze_vision=frozen, ddp_backend="gloo",
+        )  # fmt: skip
+        if rank == 0:
+            queue.put((f"vision-frozen-{frozen}", loss, {n: t.numpy() for n, t in update.items()}, placeholder, None))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -190,18 +214,23 @@ def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_p
     reduces the gradients once per step (no_sync on every chunk but the last), as a plain step does, and the
     trainer's retrieval evaluation sharded over the two processes gives the one-process metrics."""
     checkpoint = str(tiny_checkpoint("qwen3"))
-    single_loss, single, _, single_retrieval = _train_one_step(checkpoint, str(tmp_path / "single"), per_device_batch=8)
+    vision_checkpoint = str(tiny_checkpoint("qwen2_5_vl"))
+    single_loss, single, _, single_retrieval, _ = _train_one_step(
+        checkpoint, str(tmp_path / "single"), per_device_batch=8
+    )
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_trainer_worker, args=(r, 2, port, checkpoint, str(tmp_path / "ddp"), queue))
+        context.Process(
+            target=_trainer_worker, args=(r, 2, port, checkpoint, vision_checkpoint, str(tmp_path / "ddp"), queue)
+        )
         for r in range(2)
     ]
     for p in processes:
         p.start()
     results = {}
-    for _ in range(2):
+    for _ in range(4):
         chunk, loss, update, reductions, retrieval = queue.get(timeout=300)
         results[chunk] = (loss, update, reductions, retrieval)
     for p in processes:
@@ -209,7 +238,8 @@ def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_p
         assert p.exitcode == 0
     moved = [n for n in single if single[n].abs().max() > 0]
     assert moved  # the step changed the weights
-    for chunk, (loss, update, _, retrieval) in results.items():
+    for chunk in (None, 2):
+        loss, update, _, retrieval = results[chunk]
         assert loss == pytest.approx(single_loss, abs=1e-5), chunk
         assert retrieval == pytest.approx(single_retrieval, abs=1e-6), chunk  # sharded evaluation, same metrics
         assert update.keys() == single.keys()
@@ -220,3 +250,19 @@ def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_p
     plain_reductions, gradcache_reductions = results[None][2], results[2][2]
     assert plain_reductions >= 1
     assert gradcache_reductions == plain_reductions  # 4 re-forward chunks, one reduction
+    # Images on one rank, text only on the other: a frozen tower needs no placeholder (DDP waits for no gradient
+    # of it); a trainable one gets a placeholder on the text-only rank. Both equal one process on the whole batch.
+    for frozen in (True, False):
+        loss, update, placeholder, _ = results[f"vision-frozen-{frozen}"]
+        one_loss, one_update, _, _, _ = _train_one_step(
+            vision_checkpoint, str(tmp_path / f"single-vision-{frozen}"), per_device_batch=8,
+            records=mixed_records(), freeze_vision=frozen,
+        )  # fmt: skip
+        assert placeholder is (not frozen)
+        assert loss == pytest.approx(one_loss, abs=1e-5), frozen
+        vision_moved = [n for n in one_update if n.startswith("vlm.visual") and one_update[n].abs().max() > 0]
+        assert bool(vision_moved) is (not frozen)
+        for name in one_update:
+            torch.testing.assert_close(
+                torch.from_numpy(update[name]), one_update[name], atol=1e-5, rtol=1e-4, msg=f"{name} (frozen {frozen})"
+            )
