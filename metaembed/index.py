@@ -11,14 +11,18 @@ temporary is counted against `max_work_bytes`, so a search over a memory-mapped 
 bounded amount of anonymous memory.
 
 Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127); "binary" keeps
-one bit per dimension (the sign) and one float32 scale (mean |x|). Both are searched at any budget by the same scan
+one bit per dimension (the sign of x - c, with c the index's center, the mean vector of the first items added) and
+one float32 scale (mean |x - c|), so a vector reads back as c + s * sign(x - c); its scan scores the query with its
+component along c removed against s * sign(x - c), which ranks items as <q, c> + <q, x - c> does when x - c has no
+component along c (trained embeddings share a strong common direction; binary codes of their raw signs, or errors
+along that direction multiplied by the query's large component on it, would swamp the differences that rank). Both are searched at any budget by the same scan
 (codes widened and scaled per tile: an approximate MaxSim against the full-precision query), and the best
 `shortlist` items per query are re-scored exactly from full-precision vectors kept beside the codes (in
 `full.safetensors`, memory-mapped when loaded), so the top-k is exact MaxSim over that shortlist; its recall
 against exhaustive exact search is measured (`benchmarks/compressed_recall.py`).
 
 On disk (`save` / `load`): a folder with `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the
-codes `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8 and `scales` `[R_c, N]`), `full.safetensors` for compressed
+codes `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `center` `[D]`), `full.safetensors` for compressed
 indexes, and `index.json` (format, shape, dtypes, ids, SHA-256 of each tensor file). Saving builds the new folder
 beside the old one and swaps it in, so an interrupted save leaves the previous index intact; loading validates
 everything and can memory-map the vectors for indexes larger than RAM.
@@ -109,11 +113,14 @@ def _dtype_name(dtype, compressed: bool = True) -> str:
     raise ValueError(f"dtype must be one of {allowed}, got {dtype!r}")
 
 
-def quantize(vectors: torch.Tensor, dtype_name: str) -> tuple:
+def quantize(vectors: torch.Tensor, dtype_name: str, center: torch.Tensor | None = None) -> tuple:
     """Codes and float32 scales of float vectors [..., D]: "int8" rounds x / s to int8 with s = max |x| / 127;
-    "binary" packs the signs (bit b of byte i is dimension 8 i + b; 1 = positive) with s = mean |x|, the scale
-    that makes s * sign(x) the closest such vector to x."""
+    "binary" packs the signs of x - center (bit b of byte i is dimension 8 i + b; 1 = positive) with
+    s = mean |x - center|, the scale that makes center + s * sign(x - center) the closest such vector to x.
+    Trained embeddings share a large common direction; without the center most of their signs would agree."""
     x = vectors.float()
+    if dtype_name == "binary" and center is not None:
+        x = x - center.float()
     if dtype_name == "int8":
         scales = x.abs().amax(dim=-1) / 127
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
@@ -167,6 +174,7 @@ class MetaEmbedIndex:
         self._vectors = torch.empty(num_vectors, 0, width, dtype=self.dtype, device=self.device)  # [R_c, cap, D']
         self._scales = torch.empty(num_vectors, 0, device=self.device) if self.compressed else None  # [R_c, cap]
         self._full = torch.empty(num_vectors, 0, dim, dtype=self.full_dtype) if self.compressed else None
+        self._center = None  # [D] float32, binary only: set by the first add
         self._count = 0
         self.ids: list = []
         self._id_set: set = set()
@@ -222,10 +230,12 @@ class MetaEmbedIndex:
                 self._scales = _grown(self._scales, self._count, capacity)
                 self._full = _grown(self._full, self._count, capacity)
         new = embeddings[:, : self.num_vectors].transpose(0, 1)  # [R_c, n, D]
+        if self.dtype_name == "binary" and self._center is None and count:
+            self._center = new[:, :65536].float().mean(dim=(0, 1)).to(self.device)
         if self.compressed:
             for start in range(0, count, 4096):  # quantize a few thousand items at a time
                 part = new[:, start : start + 4096]
-                codes, scales = quantize(part, self.dtype_name)
+                codes, scales = quantize(part, self.dtype_name, center=self._center)
                 where = slice(self._count + start, self._count + start + part.shape[1])
                 self._vectors[:, where] = codes.to(self.device)
                 self._scales[:, where] = scales.to(self.device)
@@ -364,6 +374,9 @@ class MetaEmbedIndex:
         all_scores, all_positions = [], []
         for q_start in range(0, num_queries, step):
             batch = queries[q_start : q_start + step].to(device=self.device, dtype=torch.float32).contiguous()
+            if self.dtype_name == "binary" and self._center is not None and self._center.norm() > 0:
+                direction = self._center / self._center.norm()  # drop the query's component along the center
+                batch = batch - (batch @ direction).unsqueeze(-1) * direction
             best_scores = best_positions = None  # [k', Q]
             for start, stop, block in scan_maxsim(batch, self._count, r_c, load, tile, chunk):
                 top = block.topk(min(k, stop - start), dim=0)  # [k', Q]
@@ -416,6 +429,8 @@ class MetaEmbedIndex:
             tensors = {"vectors": self.codes.contiguous().cpu()}
             if self.compressed:
                 tensors["scales"] = self.scales.contiguous().cpu()
+            if self._center is not None:
+                tensors["center"] = self._center.contiguous().cpu()
             save_file(tensors, str(tensor_path), metadata={"format": FORMAT})
             manifest = {
                 "format": FORMAT,
@@ -474,6 +489,8 @@ class MetaEmbedIndex:
         expected = {"vectors": (manifest["dtype"], [num_vectors, count, width])}
         if compressed:
             expected["scales"] = ("float32", [num_vectors, count])
+        if manifest["dtype"] == "binary" and count:
+            expected["center"] = ("float32", [dim])
         tensors = _read_tensors(tensor_path, expected, mmap=mmap)
 
         index = cls(dim, num_vectors, dtype=manifest["dtype"], device=device,
@@ -481,6 +498,8 @@ class MetaEmbedIndex:
         index._vectors = tensors["vectors"].to(index.device) if not mmap else tensors["vectors"]
         if compressed:
             index._scales = tensors["scales"].to(index.device) if not mmap else tensors["scales"]
+            if "center" in tensors:
+                index._center = tensors["center"].to(index.device)
             full = {"vectors": (manifest["full_dtype"], [num_vectors, count, dim])}
             index._full = _read_tensors(full_path, full, mmap=True)["vectors"]
         index._count = count
