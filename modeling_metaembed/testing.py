@@ -71,8 +71,9 @@ _TEXT_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":
 
 
 def _tiny_text(vocab_size: int, sizes: dict, **extra) -> dict:
-    """A tiny decoder text config: hidden 64, 2 layers, 4 heads / 2 KV heads unless `sizes` says otherwise."""
-    return {"vocab_size": vocab_size, **sizes, **extra}
+    """A tiny decoder text config: hidden 64, 2 layers, 4 heads / 2 KV heads unless `sizes` says otherwise
+    (`sizes` may also replace the family's own extras, e.g. head_dim or rope_parameters)."""
+    return {"vocab_size": vocab_size, **extra, **sizes}
 
 
 def _special_ids(tokenizer) -> dict:

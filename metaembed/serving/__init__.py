@@ -1,0 +1,11 @@
+"""Serving MetaEmbed checkpoints with vLLM (`pip install 'metaembed[vllm]'`).
+
+- `plugin`: what vLLM loads through its entry points in every process (`vllm.general_plugins`: the checkpoint's
+  config read as its backbone's, the model classes; `vllm.io_processor_plugins`: requests of raw items over HTTP).
+- `model`: the vLLM model classes (backbone + meta-token pooler + output projection + L2 normalisation).
+- `requests`: vLLM prompts built from items exactly as `MetaEmbedProcessor` builds model inputs.
+- `client`: `VLLMEncoder` (offline engine) and `ServerEncoder` (an OpenAI-compatible vLLM server, over HTTP), both
+  with `encode(inputs, num_vectors=, role=, instruction=)` returning `(N, k, D)` tensors like `model.encode`.
+
+Importing this package imports neither vLLM nor torch: the checkpoint's own code never depends on it.
+"""

@@ -1,0 +1,143 @@
+"""Encoders backed by vLLM, with `model.encode`'s signature and output: (N, num_vectors, D) float32 tensors.
+
+    from metaembed.serving import client
+    encoder = client.VLLMEncoder("path/to/checkpoint")          # offline engine (the vLLM environment)
+    encoder = client.ServerEncoder("http://host:8000", "path/to/checkpoint")  # a running server (any environment)
+    candidates = encoder.encode(["a page", {"image": "page.png"}], role="candidate")
+    queries = encoder.encode(["what is it?"], role="query", num_vectors=4)
+
+vLLM returns each prompt's R vectors (R_q or R_c); `num_vectors` is a prefix taken here, as `model.encode` takes it.
+"""
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import torch
+
+from modeling_metaembed.configuration_metaembed import MetaEmbedConfig, check_role
+from modeling_metaembed.processing_metaembed import EncodeItem, MetaEmbedProcessor, parse_inputs
+
+
+def _check_num_vectors(config: MetaEmbedConfig, role: str, num_vectors):
+    check_role(role)
+    full = config.num_vectors(role)
+    if num_vectors is None:
+        return full
+    if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or not 1 <= num_vectors <= full:
+        raise ValueError(f"num_vectors={num_vectors!r} is outside 1..{full}, the number of {role} vectors")
+    return num_vectors
+
+
+def _stack(vectors: list, num_vectors: int, expected: int, dim: int) -> torch.Tensor:
+    output = torch.empty(len(vectors), num_vectors, dim, dtype=torch.float32)
+    for row, data in enumerate(vectors):
+        data = torch.as_tensor(data, dtype=torch.float32)
+        if tuple(data.shape) != (expected, dim):
+            raise RuntimeError(f"item {row}: the engine returned shape {tuple(data.shape)}, expected {(expected, dim)}"
+                               " (is the server running this checkpoint with the metaembed plugin?)")  # fmt: skip
+        output[row] = data[:num_vectors]
+    return output
+
+
+class _Encoder:
+    def __init__(self, checkpoint):
+        self.checkpoint = os.fspath(checkpoint)
+        self.processor = MetaEmbedProcessor.from_pretrained(self.checkpoint)
+        self.config = self.processor.config
+
+    def _items(self, inputs) -> list:
+        items = inputs if inputs and all(isinstance(i, EncodeItem) for i in inputs) else parse_inputs(inputs)
+        self.processor.check_items(items)
+        return items
+
+    def encode_queries(self, inputs, num_vectors=None, **kwargs) -> torch.Tensor:
+        return self.encode(inputs, num_vectors=num_vectors, role="query", **kwargs)
+
+    def encode_candidates(self, inputs, num_vectors=None, **kwargs) -> torch.Tensor:
+        return self.encode(inputs, num_vectors=num_vectors, role="candidate", **kwargs)
+
+
+class VLLMEncoder(_Encoder):
+    """vLLM's offline engine over a MetaEmbed checkpoint (`runner="pooling"`, float32 by default). `engine_kwargs`
+    go to `vllm.LLM` (e.g. max_model_len, enforce_eager, dtype, tensor_parallel_size). Run it under an
+    `if __name__ == "__main__":` guard: vLLM spawns its engine processes."""
+
+    def __init__(self, checkpoint, **engine_kwargs):
+        super().__init__(checkpoint)
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        engine_kwargs.setdefault("dtype", "float32")
+        engine_kwargs.setdefault("pooler_config", PoolerConfig(task="token_embed"))
+        self.llm = LLM(model=self.checkpoint, runner="pooling", **engine_kwargs)
+
+    def encode(self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None,
+               show_progress_bar=False) -> torch.Tensor:  # fmt: skip
+        """`model.encode`'s contract (batch_size is ignored: vLLM batches itself)."""
+        from .requests import build_prompts
+
+        num_vectors = _check_num_vectors(self.config, role, num_vectors)
+        prompts = build_prompts(self.processor, self._items(inputs), role, instruction)
+        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=bool(show_progress_bar))
+        return _stack([o.outputs.data for o in outputs], num_vectors, self.config.num_vectors(role), self.config.output_dim)
+
+
+def _image_payload(image) -> dict:
+    """An image for the wire: the file's own bytes (decoded server-side exactly as locally), or a PIL image as PNG."""
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as file:
+            data = file.read()
+    else:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+class ServerEncoder(_Encoder):
+    """A running vLLM server (`python -m vllm.entrypoints.openai.api_server --model CHECKPOINT --runner pooling`
+    with this package installed): items are posted to `/pooling` as `{"data": {...}}` and turned into prompts
+    server-side by the `metaembed` request plugin, with the same code as `VLLMEncoder`. Needs only the checkpoint's
+    processor files here (no vLLM, no weights loaded)."""
+
+    def __init__(self, url: str, checkpoint, model_name: str | None = None, timeout: float = 600.0,
+                 max_items_per_request: int = 64):  # fmt: skip
+        super().__init__(checkpoint)
+        self.url = url.rstrip("/")
+        self.model_name = model_name or self.checkpoint
+        self.timeout = timeout
+        self.max_items_per_request = max_items_per_request
+
+    def _post(self, payload: dict) -> dict:
+        request = urllib.request.Request(self.url + "/pooling", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(f"{self.url}/pooling answered {error.code}: {error.read().decode()[:500]}") from None
+
+    def encode(self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None,
+               show_progress_bar=False) -> torch.Tensor:  # fmt: skip
+        num_vectors = _check_num_vectors(self.config, role, num_vectors)
+        items = self._items(inputs)
+        instructions = self.processor._per_item_instructions(instruction, len(items))
+        vectors = []
+        step = batch_size or self.max_items_per_request
+        for start in range(0, len(items), step):
+            chunk = []
+            for item, item_instruction in zip(items[start : start + step], instructions[start : start + step]):
+                record = {"index": item.index, "text": item.text, "instruction": item_instruction}
+                if item.image is not None:
+                    record["image"] = _image_payload(item.image)
+                chunk.append(record)
+            answer = self._post({"model": self.model_name, "data": {"role": role, "items": chunk}})
+            vectors += answer["data"]["embeddings"]
+        return _stack(vectors, num_vectors, self.config.num_vectors(role), self.config.output_dim)
+
+
+__all__ = ["VLLMEncoder", "ServerEncoder"]
