@@ -48,3 +48,22 @@ def test_bad_overrides_and_sections(tmp_path):
         load_recipe(bad)
     with pytest.raises(SystemExit, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_an_existing_export_is_refused_before_training(tmp_path):
+    from training.train import main
+
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_text("an earlier export")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: {tiny_family: qwen3}\n"
+        "data: {synthetic: {count: 16, seed: 0}}\n"
+        f"training: {{output_dir: '{tmp_path / 'run'}', per_device_train_batch_size: 4, max_steps: 1, "
+        "use_cpu: true, report_to: []}\n"
+    )
+    with pytest.raises(SystemExit, match="already holds an export"):
+        main(["--config", str(recipe)])
+    assert not (tmp_path / "run" / ".validated").exists()  # refused before any work
+    assert (final / "model.safetensors").read_text() == "an earlier export"

@@ -8,6 +8,7 @@ the exports in this process and compares them with one-process runs of the same 
 """
 
 import os
+from pathlib import Path
 import queue as queue_module
 import socket
 import traceback
@@ -70,10 +71,8 @@ def scenarios(checkpoint, root):
         ("lora-adapter-resumed", recipe("lora-adapter-resumed", lora=True, merged=False)
          + ["--resume", str(root / "lora" / "checkpoint-1")]),
         ("ddp-lora-adapter", recipe("ddp-lora-adapter", lora=True, merged=False)),  # FSDP off: plain DDP
-        ("export-refused", recipe("export-refused", max_steps=1)),  # its final folder exists: rank 0 refuses
+        ("export-refused", recipe("export-refused", max_steps=1)),  # its final folder appears: rank 0 refuses
     ]  # fmt: skip
-    (root / "export-refused" / "final").mkdir(parents=True)
-    (root / "export-refused" / "final" / "keep.txt").write_text("an earlier export\n")
     assert [name for name, _ in runs] == list(SCENARIO_NAMES)
     return runs
 
@@ -125,6 +124,12 @@ def _observe():
         from torch.nn.parallel import DistributedDataParallel
 
         output = train(self, *args, **kwargs)
+        final = Path(self.args.output_dir) / "final"
+        if final.parent.name == "export-refused" and self.is_world_process_zero():
+            # Another job writes there while this one trains (training.train refuses an existing export only
+            # at its start): the export must fail on process 0, and every process must raise with it.
+            final.mkdir(parents=True)
+            (final / "keep.txt").write_text("an earlier export\n")
         parameters = list(self.model.parameters())
         seen.update(
             distributed_type=self.accelerator.distributed_type.value,

@@ -17,6 +17,8 @@ A recipe has four sections (see training/recipes/):
     export:   merged (true: also save a merged checkpoint, loadable without PEFT, to <output_dir>/final).
 
 Overrides use dotted keys with YAML values: `training.learning_rate=5e-5 lora.r=16 data.synthetic.count=64`.
+`--dry-run` builds the data and the model (on the meta device) at full size, prints the steps and what each process
+will hold, and exits: a paper recipe checks offline in seconds (docs/training-dry-run.md).
 Everything is checked (records, images, groups, batch sizes) before the first step.
 """
 
@@ -91,26 +93,11 @@ def build_data(settings: dict):
         parts.append(ContrastiveDataset(synthetic_records(**settings["synthetic"])))
     if not parts:
         raise SystemExit("error: the data section names no data (jsonl, mmeb_train, colpali_train or synthetic)")
-    dataset = parts[0] if len(parts) == 1 else _concatenate(parts)
+    dataset = ContrastiveDataset.concatenate(parts)  # lazy: records are read (and images decoded) when used
     fraction = settings.get("holdout_fraction")
     if fraction:
         return split_holdout(dataset, fraction=fraction, seed=settings.get("holdout_seed", 0))
     return dataset, None
-
-
-def _concatenate(parts):
-    from training.data import ContrastiveDataset
-
-    records = [dict(part[i], _image_root=part.image_root) for part in parts for i in range(len(part))]
-    for record in records:  # resolve relative image paths per part, so one dataset can hold them all
-        root = record.pop("_image_root")
-        record.pop("_index", None)
-        if root is not None:
-            for side in [record["query"], record["positive"]] + list(record.get("negatives") or []):
-                image = side.get("image")
-                if isinstance(image, str) and not Path(image).is_absolute():
-                    side["image"] = str(Path(root) / image)
-    return ContrastiveDataset(records)
 
 
 def main(argv=None) -> int:
@@ -120,19 +107,46 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe (see training/recipes/)")
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest'")
     parser.add_argument("--no-image-check", action="store_true", help="skip opening every image before training")
+    parser.add_argument("--dry-run", action="store_true", help="build data and model (meta device) at full size, "
+                        "print steps and per-rank memory estimates, and exit without training")
+    parser.add_argument("--num-processes", type=int, default=None, help="dry run: processes (default: the recipe's "
+                        "launch comment, else 8)")
+    parser.add_argument("--accelerate-config", default=None, help="dry run: accelerate config (DDP or FSDP2; "
+                        "default: the recipe's launch comment)")
+    parser.add_argument("--json", default=None, help="dry run: also write the estimate to this JSON file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     options = parser.parse_args(argv)
     recipe = load_recipe(options.config, options.overrides)
+    if options.dry_run:
+        from training.dry_run import dry_run
 
-    from training.lora import apply_lora, save_adapter, save_merged
+        dry_run(recipe, options.config, options.num_processes, options.accelerate_config, options.json)
+        return 0
+
+    from training.export import export_final
+    from training.lora import apply_lora
     from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     try:
         args = MetaEmbedTrainingArguments(**(recipe.get("training") or {}))
     except TypeError as error:
         raise SystemExit(f"error: training section: {error}") from error
+    final = Path(args.output_dir) / "final"
+    if final.exists() and any(final.iterdir()):  # the export would refuse it, but only after the whole run
+        raise SystemExit(f"error: {final} already holds an export; choose another output_dir or move it away")
     train_data, eval_data = build_data(recipe.get("data") or {})
-    train_data.validate(check_images=not options.no_image_check, show_progress_bar=True)
+    for data in (train_data, eval_data):  # each process checks its share; a passed check is remembered
+        if data is not None:
+            data.validate(
+                check_images=not options.no_image_check,
+                show_progress_bar=args.process_index == 0,
+                rank=args.process_index,
+                world_size=args.world_size,
+                cache_dir=Path(args.output_dir) / ".validated",
+            )
+    from transformers import set_seed
+
+    set_seed(args.seed)  # new rows (meta tokens, LoRA) start alike on every process and in every rerun
     model = build_model(recipe.get("model") or {})
     if recipe.get("reasoning") is not None:  # traces first, from the weights as they are before training
         from training.reasoning import add_reasoning, build_reasoner
@@ -152,16 +166,8 @@ def main(argv=None) -> int:
     trainer.train(resume_from_checkpoint=resume)
     if eval_data is not None:
         trainer.evaluate()
-    if trainer.is_world_process_zero():
-        final = Path(args.output_dir) / "final"
-        if recipe.get("lora") is not None:
-            peft_model = trainer.accelerator.unwrap_model(trainer.model)
-            if (recipe.get("export") or {}).get("merged", True):
-                save_merged(peft_model, final)
-            else:
-                save_adapter(peft_model, final)
-        else:
-            trainer.save_model(str(final))
+    final = export_final(trainer, recipe, final)  # every process: under FSDP it gathers the shards
+    if final is not None:
         print(f"saved {final}")
     return 0
 
