@@ -1,0 +1,38 @@
+"""Runs in the vLLM environment (.venv-vllm), driven by tests/test_vllm.py: one offline engine over a checkpoint,
+the calls of a JSON job, results saved for the main environment to compare with `model.encode`.
+
+    .venv-vllm/bin/python tests/vllm_worker.py JOB.json
+"""
+
+import json
+import sys
+
+import torch
+
+
+def main(job_path: str) -> None:
+    job = json.loads(open(job_path, encoding="utf-8").read())
+    from metaembed.serving import client
+
+    encoder = client.VLLMEncoder(job["checkpoint"], max_model_len=512, enforce_eager=True)
+    results = {}
+    for call in job["calls"]:
+        results[call["name"]] = encoder.encode(call["inputs"], role=call["role"], instruction=call.get("instruction"),
+                                               num_vectors=call.get("num_vectors"))  # fmt: skip
+    errors = {}
+    for name, inputs in job.get("bad_inputs", {}).items():
+        try:
+            encoder.encode(inputs, role="query")
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    # `metaembed encode --engine vllm`, on the engine already started (one engine start per test run).
+    client.VLLMEncoder = lambda *args, **kwargs: encoder
+    from metaembed.cli import main as cli
+
+    codes = [cli(args) for args in job.get("cli", [])]
+    torch.save({"results": results, "errors": errors, "cli_codes": codes}, job["output"])
+
+
+if __name__ == "__main__":  # vLLM spawns its engine processes
+    main(sys.argv[1])
