@@ -10,19 +10,21 @@ multiplied there (one GEMM per tile), then a max over r_c, a sum over r_q, and a
 temporary is counted against `max_work_bytes`, so a search over a memory-mapped index far larger than RAM holds a
 bounded amount of anonymous memory.
 
-Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127); "binary" keeps
-one bit per dimension (the sign of x - c, with c the index's center, the mean vector of the first items added) and
-one float32 scale (mean |x - c|), so a vector reads back as c + s * sign(x - c); its scan scores the query with its
-component along c removed against s * sign(x - c), which ranks items as <q, c> + <q, x - c> does when x - c has no
-component along c (trained embeddings share a strong common direction; binary codes of their raw signs, or errors
-along that direction multiplied by the query's large component on it, would swamp the differences that rank). Both are searched at any budget by the same scan
+Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127). "binary" keeps,
+around a center c_j per vector tier (the mean of tier j over the first items added), the exact component of
+x - c_j along c_j and one bit per dimension for the rest (its signs, scaled by their mean magnitude): a vector reads
+back as c_j + delta * u_j + s * sign(r) with u_j = c_j / |c_j| (delta chosen so the component along u_j is exact).
+Trained embeddings share a strong common direction per tier (here: the mean vector has norm 0.98 of 1); raw sign
+bits would all agree, and a sign code's error along that direction, multiplied by the query's large component on
+it, would swamp the differences that rank items. Both are searched at any budget by the same scan
 (codes widened and scaled per tile: an approximate MaxSim against the full-precision query), and the best
 `shortlist` items per query are re-scored exactly from full-precision vectors kept beside the codes (in
 `full.safetensors`, memory-mapped when loaded), so the top-k is exact MaxSim over that shortlist; its recall
 against exhaustive exact search is measured (`benchmarks/compressed_recall.py`).
 
 On disk (`save` / `load`): a folder with `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the
-codes `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `center` `[D]`), `full.safetensors` for compressed
+codes `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `offsets` `[R_c, N]`
+and `centers` `[R_c, D]`), `full.safetensors` for compressed
 indexes, and `index.json` (format, shape, dtypes, ids, SHA-256 of each tensor file). Saving builds the new folder
 beside the old one and swaps it in, so an interrupted save leaves the previous index intact; loading validates
 everything and can memory-map the vectors for indexes larger than RAM.
@@ -114,21 +116,29 @@ def _dtype_name(dtype, compressed: bool = True) -> str:
 
 
 def quantize(vectors: torch.Tensor, dtype_name: str, center: torch.Tensor | None = None) -> tuple:
-    """Codes and float32 scales of float vectors [..., D]: "int8" rounds x / s to int8 with s = max |x| / 127;
-    "binary" packs the signs of x - center (bit b of byte i is dimension 8 i + b; 1 = positive) with
-    s = mean |x - center|, the scale that makes center + s * sign(x - center) the closest such vector to x.
-    Trained embeddings share a large common direction; without the center most of their signs would agree."""
+    """(codes, scales, offsets) of float vectors [..., D]. "int8": x / s rounded to int8 with s = max |x| / 127
+    (offsets None). "binary", around `center` c (broadcastable to the vectors; zero when None), u = c / |c|:
+    r = x - c, gamma = <r, u>, the rest p = r - gamma u packed as sign bits (bit b of byte i is dimension 8 i + b;
+    1 = positive), s = mean |p| (the scale making s * sign(p) the closest such vector to p), and the offset
+    delta = gamma - s <sign(p), u>, so that c + delta u + s sign(p) reads back x's component along u exactly."""
     x = vectors.float()
-    if dtype_name == "binary" and center is not None:
-        x = x - center.float()
     if dtype_name == "int8":
         scales = x.abs().amax(dim=-1) / 127
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         codes = torch.round(x / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-        return codes, scales
-    bits = (x > 0).to(torch.uint8).view(*x.shape[:-1], x.shape[-1] // 8, 8)
+        return codes, scales, None
+    center = torch.zeros(x.shape[-1]) if center is None else center.float()
+    norm = center.norm(dim=-1, keepdim=True)
+    direction = torch.where(norm > 0, center / norm.clamp_min(1e-30), torch.zeros_like(center))
+    residual = x - center
+    gamma = (residual * direction).sum(dim=-1)
+    rest = residual - gamma.unsqueeze(-1) * direction
+    signs = torch.where(rest > 0, 1.0, -1.0)
+    scales = rest.abs().mean(dim=-1)
+    offsets = gamma - scales * (signs * direction).sum(dim=-1)
+    bits = (rest > 0).to(torch.uint8).view(*x.shape[:-1], x.shape[-1] // 8, 8)
     codes = (bits << torch.arange(8, dtype=torch.uint8)).sum(dim=-1, dtype=torch.uint8)
-    return codes, x.abs().mean(dim=-1)
+    return codes, scales, offsets
 
 
 _SIGNS = {}
@@ -174,7 +184,8 @@ class MetaEmbedIndex:
         self._vectors = torch.empty(num_vectors, 0, width, dtype=self.dtype, device=self.device)  # [R_c, cap, D']
         self._scales = torch.empty(num_vectors, 0, device=self.device) if self.compressed else None  # [R_c, cap]
         self._full = torch.empty(num_vectors, 0, dim, dtype=self.full_dtype) if self.compressed else None
-        self._center = None  # [D] float32, binary only: set by the first add
+        self._offsets = torch.empty(num_vectors, 0, device=self.device) if self.dtype_name == "binary" else None
+        self._centers = None  # [R_c, D] float32, binary only: the mean of each tier over the first add
         self._count = 0
         self.ids: list = []
         self._id_set: set = set()
@@ -211,7 +222,8 @@ class MetaEmbedIndex:
     def bytes_per_item(self, r_c: int | None = None) -> int:
         """Bytes one item costs a scan at candidate budget r_c (default: all stored vectors)."""
         r_c = self.num_vectors if r_c is None else r_c
-        return r_c * (self._vectors.shape[2] * self._vectors.element_size() + (4 if self.compressed else 0))
+        extra = {"int8": 4, "binary": 8}.get(self.dtype_name, 0)  # float32 scale (and offset) per vector
+        return r_c * (self._vectors.shape[2] * self._vectors.element_size() + extra)
 
     def add(self, embeddings: torch.Tensor, ids: list | None = None) -> None:
         """Append items: `embeddings` [N, R, D] with R >= num_vectors (the first num_vectors are kept), e.g.
@@ -229,16 +241,21 @@ class MetaEmbedIndex:
             if self.compressed:
                 self._scales = _grown(self._scales, self._count, capacity)
                 self._full = _grown(self._full, self._count, capacity)
+            if self._offsets is not None:
+                self._offsets = _grown(self._offsets, self._count, capacity)
         new = embeddings[:, : self.num_vectors].transpose(0, 1)  # [R_c, n, D]
-        if self.dtype_name == "binary" and self._center is None and count:
-            self._center = new[:, :65536].float().mean(dim=(0, 1)).to(self.device)
+        if self.dtype_name == "binary" and self._centers is None and count:
+            self._centers = new[:, :65536].float().mean(dim=1).to(self.device)  # [R_c, D]
         if self.compressed:
             for start in range(0, count, 4096):  # quantize a few thousand items at a time
                 part = new[:, start : start + 4096]
-                codes, scales = quantize(part, self.dtype_name, center=self._center)
+                center = None if self._centers is None else self._centers.cpu().unsqueeze(1)
+                codes, scales, offsets = quantize(part, self.dtype_name, center=center)
                 where = slice(self._count + start, self._count + start + part.shape[1])
                 self._vectors[:, where] = codes.to(self.device)
                 self._scales[:, where] = scales.to(self.device)
+                if offsets is not None:
+                    self._offsets[:, where] = offsets.to(self.device)
                 self._full[:, where] = part.to(device="cpu", dtype=self.full_dtype)
         else:
             self._vectors[:, self._count : needed] = new.to(device=self.device, dtype=self.dtype)
@@ -343,14 +360,17 @@ class MetaEmbedIndex:
 
     def _load_codes(self, r_c: int):
         """load(start, stop, out) for `scan_maxsim`: stored rows start..stop widened (and scaled) into out."""
-        codes, scales = self._vectors, self._scales
+        codes, scales, offsets = self._vectors, self._scales, self._offsets
         if self.dtype_name == "binary":
             table = _sign_table(self.device)
+            centers = self._centers[:r_c].unsqueeze(1)  # [r_c, 1, D]
+            directions = centers / centers.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
-            def load(start, stop, out):  # bytes -> 8 signs each, through a [256, 8] table, then the scale
+            def load(start, stop, out):  # bytes -> 8 signs each through a [256, 8] table; c + delta u + s signs
                 index = codes[:r_c, start:stop].reshape(-1).to(torch.int32)
                 torch.index_select(table, 0, index, out=out.view(-1, 8))
-                out.mul_(scales[:r_c, start:stop].unsqueeze(-1))
+                out.mul_(scales[:r_c, start:stop].unsqueeze(-1)).add_(centers)
+                out.addcmul_(offsets[:r_c, start:stop].unsqueeze(-1), directions)
 
         elif self.dtype_name == "int8":
 
@@ -374,9 +394,6 @@ class MetaEmbedIndex:
         all_scores, all_positions = [], []
         for q_start in range(0, num_queries, step):
             batch = queries[q_start : q_start + step].to(device=self.device, dtype=torch.float32).contiguous()
-            if self.dtype_name == "binary" and self._center is not None and self._center.norm() > 0:
-                direction = self._center / self._center.norm()  # drop the query's component along the center
-                batch = batch - (batch @ direction).unsqueeze(-1) * direction
             best_scores = best_positions = None  # [k', Q]
             for start, stop, block in scan_maxsim(batch, self._count, r_c, load, tile, chunk):
                 top = block.topk(min(k, stop - start), dim=0)  # [k', Q]
@@ -429,8 +446,9 @@ class MetaEmbedIndex:
             tensors = {"vectors": self.codes.contiguous().cpu()}
             if self.compressed:
                 tensors["scales"] = self.scales.contiguous().cpu()
-            if self._center is not None:
-                tensors["center"] = self._center.contiguous().cpu()
+            if self._centers is not None:
+                tensors["offsets"] = self._offsets[:, : self._count].contiguous().cpu()
+                tensors["centers"] = self._centers.contiguous().cpu()
             save_file(tensors, str(tensor_path), metadata={"format": FORMAT})
             manifest = {
                 "format": FORMAT,
@@ -490,7 +508,8 @@ class MetaEmbedIndex:
         if compressed:
             expected["scales"] = ("float32", [num_vectors, count])
         if manifest["dtype"] == "binary" and count:
-            expected["center"] = ("float32", [dim])
+            expected["offsets"] = ("float32", [num_vectors, count])
+            expected["centers"] = ("float32", [num_vectors, dim])
         tensors = _read_tensors(tensor_path, expected, mmap=mmap)
 
         index = cls(dim, num_vectors, dtype=manifest["dtype"], device=device,
@@ -498,8 +517,9 @@ class MetaEmbedIndex:
         index._vectors = tensors["vectors"].to(index.device) if not mmap else tensors["vectors"]
         if compressed:
             index._scales = tensors["scales"].to(index.device) if not mmap else tensors["scales"]
-            if "center" in tensors:
-                index._center = tensors["center"].to(index.device)
+            if "centers" in tensors:
+                index._offsets = tensors["offsets"].to(index.device) if not mmap else tensors["offsets"]
+                index._centers = tensors["centers"].to(index.device)
             full = {"vectors": (manifest["full_dtype"], [num_vectors, count, dim])}
             index._full = _read_tensors(full_path, full, mmap=True)["vectors"]
         index._count = count
