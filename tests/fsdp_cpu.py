@@ -11,9 +11,9 @@ Why a shim: accelerate does not run FSDP on CPU.
 What the shim does, and nothing more:
 1. `launch_environment` computes the launch environment from the shipped config with accelerate's own code
    (`launch_command_parser`, `_validate_launch_command`, `prepare_multi_gpu_env`, the path `accelerate launch`
-   takes for this config), overriding only the number of processes, the layer classes to wrap (the tiny
-   backbone's) and mixed precision ("no": no bf16 on CPU). CPU is forced by `ACCELERATE_USE_CPU` and the
-   recipe's `use_cpu: true`.
+   takes for this config), overriding only the number of processes, the layer classes to wrap (a text-only tiny
+   backbone's; a tiny Qwen2.5-VL keeps the shipped ones) and mixed precision ("no": no bf16 on CPU). CPU is forced
+   by `ACCELERATE_USE_CPU` and the recipe's `use_cpu: true`.
 2. `enable_fsdp_on_cpu`, called in each worker before anything builds an `AcceleratorState`, wraps
    `AcceleratorState.__init__`: when accelerate has built a MULTI_CPU state and an FSDP plugin was given (the
    `Accelerator` builds it from the `FSDP_*` variables), it does what that GPU branch does —
@@ -29,9 +29,12 @@ from pathlib import Path
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "training" / "accelerate" / "fsdp2.yaml"
 
 
-def launch_environment(layer_classes: str, num_processes: int = 2, port: int = 29500, config=SHIPPED_CONFIG) -> dict:
+def launch_environment(
+    layer_classes: str | None, num_processes: int = 2, port: int = 29500, config=SHIPPED_CONFIG
+) -> dict:
     """The `ACCELERATE_*` / `FSDP_*` variables `accelerate launch --config_file CONFIG` gives each process, computed
-    by accelerate itself, plus the torchrun variables common to all ranks and `ACCELERATE_USE_CPU`."""
+    by accelerate itself, plus the torchrun variables common to all ranks and `ACCELERATE_USE_CPU`. `layer_classes`
+    overrides the config's `fsdp_transformer_layer_cls_to_wrap`; None keeps the config's."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
@@ -39,10 +42,10 @@ def launch_environment(layer_classes: str, num_processes: int = 2, port: int = 2
         "--config_file", str(config),
         "--num_processes", str(num_processes),
         "--mixed_precision", "no",
-        "--fsdp_transformer_layer_cls_to_wrap", layer_classes,
+        *(["--fsdp_transformer_layer_cls_to_wrap", layer_classes] if layer_classes is not None else []),
         "--main_process_port", str(port),
         "-m", "training.train",
-    ]
+    ]  # fmt: skip
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     if not args.use_fsdp:
         raise ValueError(f"{config} is not an FSDP config")
