@@ -411,12 +411,30 @@ class MetaEmbedIndex:
 
     def _rescore(self, queries, shortlists: torch.Tensor, r_c: int, k: int, max_work_bytes: int) -> SearchResult:
         """Exact MaxSim at (r_q = queries' vectors, r_c) of each query's shortlisted rows, from the full vectors;
-        the top-k of each shortlist."""
+        the top-k of each shortlist. Queries go in groups whose gathered rows fit `max_work_bytes` (one batched
+        product per group); a shortlist too large for that is scanned tile by tile, one query at a time."""
         r_q, size = queries.shape[1], shortlists.shape[1]
         full = self._full if self.compressed else self._vectors
         device = self.device
-        _, tile, chunk = plan_scan(1, r_q, r_c, self.dim, max_work_bytes, device)
+        # Per query: the gathered rows in the stored dtype, widened, regrouped item-major, and the similarities.
+        per_query = size * r_c * self.dim * (full.element_size() + 8) + 4 * (r_q * self.dim + 2 * r_q * size * r_c)
+        group = max_work_bytes // 2 // per_query
         scores, positions = [], []
+        if group >= 1:
+            for start in range(0, queries.shape[0], group):
+                rows = shortlists[start : start + group]  # [G, s]
+                g = rows.shape[0]
+                gathered = full[:r_c, rows.reshape(-1).to(full.device)].to(device=device, dtype=torch.float32)
+                items = gathered.view(r_c, g, size, self.dim).permute(1, 2, 0, 3).reshape(g, size * r_c, self.dim)
+                del gathered
+                q = queries[start : start + group].to(device=device, dtype=torch.float32)  # [G, r_q, D]
+                sims = torch.bmm(q, items.transpose(1, 2))  # [G, r_q, s * r_c]
+                fine = sims.view(g, r_q, size, r_c).amax(dim=3).sum(dim=1).cpu()  # [G, s]
+                top = fine.topk(k, dim=1)
+                scores.append(top.values)
+                positions.append(rows.gather(1, top.indices))
+            return self._result(torch.cat(scores), torch.cat(positions))
+        _, tile, chunk = plan_scan(1, r_q, r_c, self.dim, max_work_bytes, device)
         for query, rows in zip(queries, shortlists):
             rows_here = rows.to(full.device)
 
