@@ -49,7 +49,10 @@ def _encoder(args, device):
         if args.server:
             return ServerEncoder(args.server, args.model), {"engine": "vllm-server", "server": args.server}
         engine = {"dtype": args.dtype or "float32"}
-        return VLLMEncoder(args.model, **engine), {"engine": "vllm", **engine}
+        try:
+            return VLLMEncoder(args.model, **engine), {"engine": "vllm", **engine}
+        except ImportError as error:  # run it in the vLLM environment: ./run vllm -m metaembed encode ...
+            raise CommandFailed(str(error)) from error
     model = _load_model(args.model, device, args.dtype)
     return model, {"engine": "transformers", "weights": model._fingerprint(), "dtype": args.dtype}
 
@@ -70,8 +73,10 @@ def run_encode(args) -> None:
         from modeling_metaembed.reasoning_metaembed import GenerativeReasoner
 
         options = {"max_new_tokens": args.max_new_tokens}
-        reasoning["reasoner"] = (encoder.as_reasoner(**options) if args.reasoner == "self" else
-                                 GenerativeReasoner.from_pretrained(args.reasoner, device=device, **options))  # fmt: skip
+        reasoning["reasoner"] = (
+            encoder.as_reasoner(**options) if args.reasoner == "self"
+            else GenerativeReasoner.from_pretrained(args.reasoner, device=device, **options)
+        )  # fmt: skip
         reasoning["trace_cache"] = args.trace_cache
 
     def encode(chunk, progress):
@@ -80,7 +85,7 @@ def run_encode(args) -> None:
 
     if sharded:
         settings.update(model=args.model, num_vectors=args.num_vectors, instruction=args.instruction,
-                        reasoner=args.reasoner, max_new_tokens=args.max_new_tokens if args.reasoner else None)  # fmt: skip
+                        reasoner=args.reasoner, max_new_tokens=args.reasoner and args.max_new_tokens)  # fmt: skip
         report = encode_sharded(lambda chunk: encode(chunk, False), ids, items, args.output, role=args.role,
                                 model=args.model, settings=settings, chunk_size=args.chunk_size or 1024,
                                 shard_dir=args.shard_dir, precision=args.precision, quiet=args.quiet)  # fmt: skip

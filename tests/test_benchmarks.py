@@ -82,3 +82,13 @@ def test_training_step():
     row = next(line for line in out.splitlines() if line.startswith("| ") and " s |" in line)
     assert float(row.split("|")[1].split()[0]) > 0  # a step time was measured
     assert "GradCache chunks of 2" in out and "5 MMR groups" in out
+
+
+def test_vllm_throughput():
+    # Runs vLLM's offline engine in .venv-vllm (built by ./run test); fails, not skips, without it.
+    out = run("vllm_throughput.py", "--items", "4", "--text-tokens", "20", "--layers", "1", "--hidden-size", "64",
+              "--intermediate-size", "128", "--heads", "2", "--kv-heads", "1", "--head-dim", "32")  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| vLLM offline |"))
+    assert float(row.split("|")[-2]) > 0
+    difference = float(out.rsplit("max |vLLM - model.encode| over the embeddings:", 1)[1])
+    assert difference <= 1e-4

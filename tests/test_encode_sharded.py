@@ -61,7 +61,8 @@ def test_one_process_chunked_equals_plain_encode(job):
     embeddings, ids, meta = load_embeddings(job["reference"])
     assert ids == [line["id"] for line in job["lines"]] and meta["role"] == "candidate"
     model = MetaEmbedModel.from_pretrained(job["checkpoint"])
-    items = [{k: (job["folder"] / v if k == "image" else v) for k, v in line.items() if k != "id"} for line in job["lines"]]
+    items = [{k: (job["folder"] / v if k == "image" else v) for k, v in line.items() if k != "id"}
+             for line in job["lines"]]
     # Chunks are batched apart from each other, so only float rounding may differ from one model.encode call.
     torch.testing.assert_close(embeddings, model.encode(items), atol=1e-5, rtol=0)
 

@@ -117,7 +117,8 @@ def test_qwen3_offline_engine_equals_encode(qwen3, files, tmp_path):
     assert out["results"]["prefix"].shape == (2, 3, 32)
     # The same validation as model.encode, naming the item.
     assert out["errors"]["empty_text"] == "item 1: text is empty or whitespace-only"
-    assert "item 0: has an image but this MetaEmbed backbone (qwen3) is text-only" in out["errors"]["image_for_text_model"]
+    assert "item 0: has an image but this MetaEmbed backbone (qwen3) is text-only" in out["errors"][
+        "image_for_text_model"]
     # `metaembed encode --engine vllm` writes the file `metaembed encode` writes (ids, role, model, embeddings).
     assert out["cli_codes"] == [0]
     assert main(["encode", str(qwen3), str(texts_file), str(tmp_path / "hf.safetensors"), "--role", "query",
@@ -167,7 +168,8 @@ def server(qwen25vl, tmp_path_factory):
         deadline = time.monotonic() + 600
         while True:
             if process.poll() is not None:
-                pytest.fail(f"the vLLM server exited ({process.returncode}):\n{(folder / 'server.log').read_text()[-4000:]}")
+                log_text = (folder / "server.log").read_text()[-4000:]
+                pytest.fail(f"the vLLM server exited ({process.returncode}):\n{log_text}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2):
                     break
@@ -194,7 +196,8 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
     inputs = mixed(files)
     for role, options in (("query", {}), ("candidate", {"instruction": "Represent: "}),
                           ("candidate", {"num_vectors": 2})):  # fmt: skip
-        assert_equal_embeddings(encoder.encode(inputs, role=role, **options), model.encode(inputs, role=role, **options))
+        want = model.encode(inputs, role=role, **options)
+        assert_equal_embeddings(encoder.encode(inputs, role=role, **options), want)
 
     # `metaembed encode --server URL` (this environment, no vLLM here) writes what `metaembed encode` writes.
     lines = [{"id": f"doc-{i}", **({"text": x} if isinstance(x, str) else x)} for i, x in enumerate(inputs)]
@@ -210,8 +213,9 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
 
 
 def test_server_rejects_a_bad_item_naming_it(server, qwen25vl):
-    request = urllib.request.Request(server + "/pooling", headers={"Content-Type": "application/json"}, data=json.dumps(
-        {"model": str(qwen25vl), "data": {"role": "query", "items": [{"text": "ok"}, {"text": " "}]}}).encode())  # fmt: skip
+    body = {"model": str(qwen25vl), "data": {"role": "query", "items": [{"text": "ok"}, {"text": " "}]}}
+    request = urllib.request.Request(server + "/pooling", headers={"Content-Type": "application/json"},
+                                     data=json.dumps(body).encode())  # fmt: skip
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, timeout=60)
     assert raised.value.code == 400 and "item 1: text is empty" in raised.value.read().decode()

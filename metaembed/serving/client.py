@@ -68,8 +68,12 @@ class VLLMEncoder(_Encoder):
 
     def __init__(self, checkpoint, **engine_kwargs):
         super().__init__(checkpoint)
-        from vllm import LLM
-        from vllm.config import PoolerConfig
+        try:
+            from vllm import LLM
+            from vllm.config import PoolerConfig
+        except ImportError as error:
+            raise ImportError(f"VLLMEncoder needs vLLM in this environment ({error}); see docs/serving.md, or use "
+                              "ServerEncoder with a running server") from error  # fmt: skip
 
         engine_kwargs.setdefault("dtype", "float32")
         engine_kwargs.setdefault("pooler_config", PoolerConfig(task="token_embed"))
@@ -83,7 +87,8 @@ class VLLMEncoder(_Encoder):
         num_vectors = _check_num_vectors(self.config, role, num_vectors)
         prompts = build_prompts(self.processor, self._items(inputs), role, instruction)
         outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=bool(show_progress_bar))
-        return _stack([o.outputs.data for o in outputs], num_vectors, self.config.num_vectors(role), self.config.output_dim)
+        vectors = [output.outputs.data for output in outputs]
+        return _stack(vectors, num_vectors, self.config.num_vectors(role), self.config.output_dim)
 
 
 def _image_payload(image) -> dict:

@@ -53,7 +53,8 @@ class MetaTokenPool(AllPool):
             # The states cover the prompt's last len(data) tokens (all of them unless a cached prefix was skipped).
             positions = self._positions(ids.cpu()) - (len(ids) - data.shape[0])
             if bool((positions < 0).any()):
-                raise RuntimeError("meta-token states were skipped (a cached prefix covered them): disable prefix caching")
+                raise RuntimeError("meta-token states were skipped (a cached prefix covered them): "
+                                   "disable prefix caching")
             pooled.append(data[positions.to(data.device)])
         return pooled
 
@@ -162,7 +163,8 @@ def _vision_language(base):
     class CappedProcessingInfo(factories.info):
         def get_hf_processor(self, **kwargs):
             processor = super().get_hf_processor(**kwargs)
-            cap_image_processor(processor.image_processor, self.ctx.model_config.hf_config.metaembed["max_image_tokens"])
+            limit = self.ctx.model_config.hf_config.metaembed["max_image_tokens"]
+            cap_image_processor(processor.image_processor, limit)
             return processor
 
     register = MULTIMODAL_REGISTRY.register_processor(
