@@ -9,7 +9,9 @@ full vectors. It also prints the recall of the compressed scan alone (shortlist 
 """
 
 import argparse
+from pathlib import Path
 
+import torch
 from transformers import AutoModel
 
 from metaembed.index import MetaEmbedIndex
@@ -27,14 +29,20 @@ def main(argv=None) -> None:
     parser.add_argument("--shortlists", type=int, nargs="+", default=[20, 50, 100])
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 8, 32], help="r_q r_c pairs")
     parser.add_argument("--limit", type=int, default=None, help="use the first N image-caption pairs (a quick run)")
+    parser.add_argument("--embeddings-cache", default=None, help="a .pt file: encode once, reuse in later runs")
     args = parser.parse_args(argv)
     budgets = list(zip(args.budgets[::2], args.budgets[1::2]))
 
     model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
     config = model.config
     pairs = twemoji_pairs()[: args.limit]
-    candidates = model.encode_candidates([p["image"] for p in pairs], batch_size=32, show_progress_bar=True)
-    queries = model.encode_queries([p["caption"] for p in pairs], batch_size=64, show_progress_bar=True)
+    if args.embeddings_cache and Path(args.embeddings_cache).is_file():
+        candidates, queries = torch.load(args.embeddings_cache)
+    else:
+        candidates = model.encode_candidates([p["image"] for p in pairs], batch_size=32, show_progress_bar=True)
+        queries = model.encode_queries([p["caption"] for p in pairs], batch_size=64, show_progress_bar=True)
+        if args.embeddings_cache:
+            torch.save((candidates, queries), args.embeddings_cache)
     indexes = {}
     for dtype in ("bfloat16", "int8", "binary"):
         indexes[dtype] = MetaEmbedIndex(config.output_dim, config.num_candidate_vectors, dtype=dtype)
