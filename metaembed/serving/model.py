@@ -17,6 +17,7 @@ from vllm.model_executor.layers.pooler.tokwise.poolers import TokenPooler
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -189,5 +190,6 @@ def cap_image_processor(image_processor, max_image_tokens: int) -> None:
 
 MetaEmbedQwen2_5_VL = type("MetaEmbedQwen2_5_VL", (_vision_language(Qwen2_5_VLForConditionalGeneration),), {})
 MetaEmbedQwen2VL = type("MetaEmbedQwen2VL", (_vision_language(Qwen2VLForConditionalGeneration),), {})
+MetaEmbedQwen3VL = type("MetaEmbedQwen3VL", (_vision_language(Qwen3VLForConditionalGeneration),), {})
 
-__all__ = ["MetaEmbedTextModel", "MetaEmbedQwen2_5_VL", "MetaEmbedQwen2VL", "MetaTokenPool"]
+__all__ = ["MetaEmbedTextModel", "MetaEmbedQwen2_5_VL", "MetaEmbedQwen2VL", "MetaEmbedQwen3VL", "MetaTokenPool"]

@@ -17,13 +17,13 @@ from .torchvision_ops import define_missing_ops
 SERVED_FAMILIES = {
     "qwen2_5_vl": ("MetaEmbedQwen2_5_VL", "metaembed.serving.model:MetaEmbedQwen2_5_VL"),
     "qwen2_vl": ("MetaEmbedQwen2VL", "metaembed.serving.model:MetaEmbedQwen2VL"),
+    "qwen3_vl": ("MetaEmbedQwen3VL", "metaembed.serving.model:MetaEmbedQwen3VL"),
     "qwen3": ("MetaEmbedQwen3", "metaembed.serving.model:MetaEmbedTextModel"),
     "qwen2": ("MetaEmbedQwen2", "metaembed.serving.model:MetaEmbedTextModel"),
     "llama": ("MetaEmbedLlama", "metaembed.serving.model:MetaEmbedTextModel"),
 }
 # Not served, and why (the README's table says the same).
 NOT_SERVED = {
-    "qwen3_vl": "not wired yet (its deepstack vision path needs its own model class here)",
     "litevl": "a backbone that ships with MetaEmbed, unknown to vLLM",
     "bert": "bidirectional encoder: queries need the full [content; M_q; M_c] layout, which vLLM's pooling runner "
             "does not give a decoder-style prompt",
