@@ -1,8 +1,7 @@
 """Retrieval quality at every budget on held-out records: each query against all positives of the split.
 
 One definition of rank everywhere (training evaluation, the quickstart, the benchmark harness): a positive's
-rank is 1 + the number of *other* candidates that score at least as high (within float rounding when the
-positive's score is computed apart from the others'). A tie counts against the positive, and
+rank is 1 + the number of *other* candidates that score at least as high. A tie counts against the positive, and
 a NaN positive score is last, so a collapsed model (every score alike) gets Recall@1 = 0 and MRR = 1/N, never the
 perfect score an optimistic tie rule would give it.
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from .data import open_image
 from .distributed import rank as process_rank
 from .distributed import world_size
-from .similarity import DEFAULT_MAX_BLOCK_BYTES, matryoshka_maxsim, paired_matryoshka_maxsim
+from .similarity import DEFAULT_MAX_BLOCK_BYTES, matryoshka_maxsim
 
 
 def positive_ranks(scores: torch.Tensor, positive_columns: torch.Tensor) -> torch.Tensor:
@@ -119,25 +118,31 @@ def sharded_retrieval_metrics(
     device = queries.device
 
     passes = [budgets] if _nested(budgets) else [[b] for b in budgets]
-    # The positive's own score comes from a paired product, the others' from block GEMMs: the same exact score can
-    # differ in its last bits along the two paths, so scores this close to the positive's count as ties.
-    tie_tolerance = 1e-5
     valid = torch.tensor([start + i < num_records for i in range(shard)], device=device)
     own_columns = torch.arange(start, start + shard, device=device)
     hits = {b: torch.zeros((), dtype=torch.float64, device=device) for b in budgets}
     reciprocal = {b: torch.zeros((), dtype=torch.float64, device=device) for b in budgets}
+    step = max(1, max_block_bytes // (4 * len(budgets) * shard))  # candidates per block of (G, n, step) scores
+
+    def blocks(candidates):
+        for c0 in range(0, shard, step):
+            yield c0, matryoshka_maxsim(queries, candidates[c0 : c0 + step], groups, max_block_bytes=max_block_bytes)
+
     for groups in passes:
-        target = paired_matryoshka_maxsim(queries, positives, torch.arange(shard, device=device), groups)  # [G, n]
+        # Each positive's own score, read from the very block products that score the other candidates: the same
+        # inputs, shapes and kernel give the same bits, so an exact duplicate of the positive ties with it exactly.
+        target = torch.empty(len(groups), shard, device=device)
+        rows = torch.arange(shard, device=device)
+        for c0, block in blocks(positives):
+            mine = rows[c0 : c0 + block.shape[-1]]
+            target[:, mine] = block[:, mine, mine - c0]
         ahead = torch.zeros(len(groups), shard, dtype=torch.long, device=device)  # other candidates >= positive
         for source in range(processes):
-            candidates = _candidate_shard(positives, source, me)
             first = source * shard
-            step = max(1, max_block_bytes // (4 * len(groups) * shard))
-            for c0 in range(0, shard, step):
-                block = matryoshka_maxsim(queries, candidates[c0 : c0 + step], groups, max_block_bytes=max_block_bytes)
+            for c0, block in blocks(_candidate_shard(positives, source, me)):
                 columns = torch.arange(first + c0, first + c0 + block.shape[-1], device=device)
                 counted = (columns < num_records)[None, :] & (columns[None, :] != own_columns[:, None])  # [n, nc]
-                at_least = (block >= (target - tie_tolerance * target.abs())[:, :, None]) | block.isnan()
+                at_least = (block >= target[:, :, None]) | block.isnan()
                 ahead += (at_least & counted).sum(dim=-1)
         ranks = torch.where(target.isnan(), num_records, ahead + 1).double()
         for g, budget in enumerate(groups):
