@@ -68,6 +68,25 @@ def gemm_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float
     return 2 * size**3 / best_time(lambda: torch.mm(a, b, out=out), repeats, device)
 
 
+def agreement(positions: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-5) -> str:
+    """"yes" when each query's top ids are the reference's top ids (as sets), "ties" when they differ only by items
+    whose reference scores are within `tolerance` of the reference's k-th score, "NO" otherwise."""
+    k = positions.shape[1]
+    verdict = "yes"
+    for found, scores in zip(positions.cpu(), reference):
+        top = scores.topk(k)
+        expected = set(top.indices.tolist())
+        if set(found.tolist()) == expected:
+            continue
+        kth = top.values[-1].item()
+        differing = (set(found.tolist()) ^ expected)
+        if all(abs(scores[i].item() - kth) <= tolerance for i in differing):
+            verdict = "ties"
+        else:
+            return "NO"
+    return verdict
+
+
 def peer_scorers() -> dict:
     """name -> fn(queries [Q, r_q, D], candidates [N, r_c, D]) -> scores [Q, N]; a string where not installed."""
     scorers = {"naive einsum": lambda q, c: torch.einsum("qid,njd->qnij", q, c).amax(-1).sum(-1)}
@@ -100,7 +119,10 @@ def main(argv=None) -> None:
     parser.add_argument("--peer-budgets", type=int, nargs="+", default=[1, 1, 4, 8, 16, 64], help="budgets the peers run")
     parser.add_argument("--flush-mb", type=int, default=1024, help="buffer read between timed runs (cold caches)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer the read bandwidth is measured on")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (floors included)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     budgets = list(zip(args.budgets[::2], args.budgets[1::2]))
     r_q_max, r_c_max = max(b[0] for b in budgets), max(b[1] for b in budgets)
@@ -120,7 +142,7 @@ def main(argv=None) -> None:
           f"N = {args.num_items:,}, D = {args.dim}, bf16 storage, float32 queries; batch of {args.batch}")  # fmt: skip
     print()
     print("| budget | bytes per scan | floor ms (1 query) | single query ms | x floor | floor ms/query (batched) "
-          "| batched ms/query | x floor | top-10 = fp32 reference |")  # fmt: skip
+          "| batched ms/query | x floor | top-10 ids = fp32 reference |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
 
     def floor(r_q, r_c, q):
@@ -135,14 +157,15 @@ def main(argv=None) -> None:
         # Exactness: the top-10 of 4 queries against a float32 reference built independently (einsum per tier).
         checked = queries[:4, :r_q]
         reference = torch.stack([torch.einsum("qid,nd->qin", checked, vectors[j].float()) for j in range(r_c)])
-        expected = reference.amax(0).sum(1).topk(10, dim=1).indices.cpu()
-        same = torch.equal(index.search(checked, budget=(r_q, r_c), k=10).positions, expected)
-        same = same and torch.equal(index.search(queries, budget=(r_q, r_c), k=10).positions[:4], expected)
+        reference = reference.amax(0).sum(1).cpu()  # [4, N]
+        same = "yes"
+        for found in (index.search(checked, budget=(r_q, r_c), k=10), index.search(queries, budget=(r_q, r_c), k=10)):
+            same = min(same, agreement(found.positions[:4], reference), key=["NO", "ties", "yes"].index)
         del reference
         f1, fb = floor(r_q, r_c, 1), floor(r_q, r_c, args.batch) / args.batch
         print(f"| ({r_q}, {r_c}) | {args.num_items * r_c * args.dim * 2:,} | {f1 * 1e3:.2f} | {single * 1e3:.2f} | "
               f"{single / f1:.2f} | {fb * 1e3:.2f} | {batched * 1e3:.2f} | {batched / fb:.2f} | "
-              f"{'yes' if same else 'NO'} |")  # fmt: skip
+              f"{same} |")  # fmt: skip
 
     print()
     print("Single query, the same bf16 embeddings (item-major, bf16 queries for the peers): ratio to the floor")
