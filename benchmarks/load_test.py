@@ -62,6 +62,14 @@ def measure(name: str, search, queries: torch.Tensor, exact_ids: list, k: int, b
             f"{len(latencies) / sum(latencies):.1f} | {queries.shape[0] / batched_seconds:.1f} | {recall:.3f} |")  # fmt: skip
 
 
+class Rows(list):
+    """Table rows, each printed as soon as it is measured."""
+
+    def append(self, row: str) -> None:
+        super().append(row)
+        print(row, flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -75,19 +83,26 @@ def main(argv=None) -> None:
     parser.add_argument("--qdrant-exhaustive-queries", type=int, default=None,
                         help="queries for Qdrant's exhaustive MaxSim scan (default: all; it is the slowest row)")
     parser.add_argument("--no-qdrant", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (MetaEmbedIndex)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r_q, r_c = args.budget
     k, sequential = args.k, args.sequential or args.queries
     candidates, queries = synthetic(args.items, args.queries, r_c, r_q, args.dim)
     print(f"{args.items:,} items x {r_c} vectors x {args.dim} dims, {args.queries:,} queries x {r_q} vectors; "
-          f"budget ({r_q}, {r_c}), top-{k}, shortlist {args.shortlist}; torch threads {torch.get_num_threads()}")
+          f"budget ({r_q}, {r_c}), top-{k}, shortlist {args.shortlist}; torch threads {torch.get_num_threads()}",
+          flush=True)  # fmt: skip
 
     reference = MetaEmbedIndex(args.dim, r_c, dtype="float32")
     reference.add(candidates)
     exact_ids = reference.search(queries, budget=(r_q, r_c), k=k).ids
     del reference
 
-    rows = []
+    print()
+    print(f"| system | p50 ms | p99 ms | QPS, one at a time | QPS, batches of {args.batch} | recall@{k} vs exact |")
+    print("|---|---|---|---|---|---|")
+    rows = Rows()
     systems = {}
     for dtype in ("bfloat16", "int8", "binary"):
         index = MetaEmbedIndex(args.dim, r_c, dtype=dtype)
@@ -113,8 +128,8 @@ def main(argv=None) -> None:
             store = QdrantMetaEmbedIndex.create(edge, "load", args.dim, (r_c,))
             store.add(candidates, ids=list(range(args.items)), batch_size=1024)
             store.optimize()
-            print(f"Qdrant embedded engine: {args.items:,} points upserted and optimized (HNSW on the coarse field) "
-                  f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+            print(f"(Qdrant embedded engine: {args.items:,} points upserted and optimized, HNSW on the coarse field, "
+                  f"in {time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
             many = args.qdrant_exhaustive_queries or args.queries
             rows.append(measure(f"Qdrant (embedded engine) exhaustive MaxSim ({many} queries)",
                                 lambda q: store.search(q, budget=(r_q, r_c), k=k).ids,
@@ -124,11 +139,6 @@ def main(argv=None) -> None:
                                 queries, exact_ids, k, args.batch, sequential))  # fmt: skip
             edge.close()
 
-    print()
-    print(f"| system | p50 ms | p99 ms | QPS, one at a time | QPS, batches of {args.batch} | recall@{k} vs exact |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(row)
 
 
 if __name__ == "__main__":
