@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="model.encode's batch size")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts model.encode is timed at (default: torch's default only)")
     parser.add_argument("--engine-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_worker:
@@ -99,11 +102,13 @@ def main() -> None:
         model = MetaEmbedModel.from_pretrained(checkpoint).eval()
         parameters = sum(p.numel() for p in model.parameters())
         tokens = model.processor(inputs[:1], role="candidate")["input_ids"].shape[1]
-        model.encode(inputs, role="candidate", batch_size=args.batch_size)  # warm-up
-        start = time.perf_counter()
-        reference = model.encode(inputs, role="candidate", batch_size=args.batch_size)
-        hf_seconds = time.perf_counter() - start
-        hf_threads = torch.get_num_threads()
+        hf_seconds = {}
+        for threads in args.threads or [torch.get_num_threads()]:
+            torch.set_num_threads(threads)
+            model.encode(inputs, role="candidate", batch_size=args.batch_size)  # warm-up
+            start = time.perf_counter()
+            reference = model.encode(inputs, role="candidate", batch_size=args.batch_size)
+            hf_seconds[threads] = time.perf_counter() - start
         del model
 
         job = {"checkpoint": str(checkpoint), "inputs": inputs, "max_model_len": max(512, 2 * tokens),
@@ -116,6 +121,8 @@ def main() -> None:
         if result.returncode != 0:
             sys.exit(f"the vLLM run failed:\n{result.stderr[-4000:]}")
         vllm = torch.load(folder / "vllm.pt")
+        # The cores vLLM's CPU worker is bound to, from its log.
+        binding = re.search(r"core ids=\[([^\]]*)\]", result.stdout + result.stderr)
 
     difference = (vllm["embeddings"] - reference).abs().max().item()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs)")
@@ -123,14 +130,18 @@ def main() -> None:
           f"{args.intermediate_size}, {args.heads} heads / {args.kv_heads} KV heads of {args.head_dim}; "
           f"{parameters / 1e6:.1f} M parameters; float32")  # fmt: skip
     print(f"inputs: {args.items} candidates of {tokens} tokens each (R_c = 64 meta tokens included)")
-    print(f"vLLM engine start-up: {vllm['startup']:.1f} s (not timed below); model.encode on {hf_threads} torch "
-          "threads, vLLM with its default CPU thread binding")  # fmt: skip
+    cores = binding.group(1) if binding else "not reported"
+    print(f"vLLM engine start-up: {vllm['startup']:.1f} s (not timed below); vLLM's CPU worker bound to core ids "
+          f"[{cores}] (its default: one core is kept for the engine's own process)")  # fmt: skip
     print()
-    print("| engine | seconds | items / s | ratio to model.encode |")
+    baseline = hf_seconds[next(iter(hf_seconds))]
+    print(f"| engine | seconds | items / s | ratio to model.encode ({next(iter(hf_seconds))} threads) |")
     print("|---|---|---|---|")
-    print(f"| model.encode (batch {args.batch_size}) | {hf_seconds:.2f} | {args.items / hf_seconds:.1f} | 1.00 |")
+    for threads, seconds in hf_seconds.items():
+        print(f"| model.encode (batch {args.batch_size}, {threads} torch threads) | {seconds:.2f} | "
+              f"{args.items / seconds:.1f} | {baseline / seconds:.2f} |")  # fmt: skip
     print(f"| vLLM offline | {vllm['seconds']:.2f} | {args.items / vllm['seconds']:.1f} | "
-          f"{hf_seconds / vllm['seconds']:.2f} |")  # fmt: skip
+          f"{baseline / vllm['seconds']:.2f} |")  # fmt: skip
     print()
     print(f"max |vLLM - model.encode| over the embeddings: {difference:.2e}")
 

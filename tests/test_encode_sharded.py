@@ -69,7 +69,7 @@ def test_one_process_chunked_equals_plain_encode(job):
 
 def test_two_processes_under_torchrun_equal_one_process(job):
     output = job["folder"] / "two-processes.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "metaembed", "encode", job["checkpoint"], str(job["inputs"]), str(output),
                "--chunk-size", str(CHUNK)]  # fmt: skip
     result = subprocess.run(command, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
