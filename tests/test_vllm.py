@@ -22,6 +22,7 @@ from tests.conftest import random_image
 
 from metaembed.cli import main
 from metaembed.files import load_embeddings
+from metaembed.index import MetaEmbedIndex
 from metaembed.serving.plugin import backbone_config
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import make_tiny_checkpoint
@@ -107,7 +108,9 @@ def test_qwen3_offline_engine_equals_encode(qwen3, files, tmp_path):
     cli = [["encode", str(qwen3), str(texts_file), str(tmp_path / "vllm.safetensors"), "--engine", "vllm",
             "--role", "query", "--quiet"]]  # fmt: skip
     bad = {"empty_text": ["fine", "   "], "image_for_text_model": [{"image": str(files / "photo.png")}]}
-    out = run_worker(tmp_path, {"checkpoint": str(qwen3), "calls": calls, "cli": cli, "bad_inputs": bad})
+    job = {"checkpoint": str(qwen3), "calls": calls, "cli": cli, "bad_inputs": bad,
+           "index": {"inputs": TEXTS, "num_vectors": 4}}  # fmt: skip
+    out = run_worker(tmp_path, job)
 
     model = MetaEmbedModel.from_pretrained(qwen3)
     for call in calls:
@@ -115,6 +118,10 @@ def test_qwen3_offline_engine_equals_encode(qwen3, files, tmp_path):
                             num_vectors=call.get("num_vectors"))  # fmt: skip
         assert_equal_embeddings(out["results"][call["name"]], want)
     assert out["results"]["prefix"].shape == (2, 3, 32)
+    # MetaEmbedIndex.add_items takes the vLLM encoder where it takes a model.
+    index = MetaEmbedIndex(dim=32, num_vectors=4, dtype="float32")
+    index.add_items(model, TEXTS, show_progress_bar=False)
+    assert_equal_embeddings(out["results"]["index_vectors"], index.vectors)
     # The same validation as model.encode, naming the item.
     assert out["errors"]["empty_text"] == "item 1: text is empty or whitespace-only"
     assert "item 0: has an image but this MetaEmbed backbone (qwen3) is text-only" in out["errors"][

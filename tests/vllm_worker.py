@@ -26,6 +26,12 @@ def main(job_path: str) -> None:
             errors[name] = None
         except ValueError as error:
             errors[name] = str(error)
+    if "index" in job:  # MetaEmbedIndex.add_items with the vLLM encoder in place of a model
+        from metaembed.index import MetaEmbedIndex
+
+        index = MetaEmbedIndex(dim=encoder.config.output_dim, num_vectors=job["index"]["num_vectors"], dtype="float32")
+        index.add_items(encoder, job["index"]["inputs"], show_progress_bar=False)
+        results["index_vectors"] = index.vectors.clone()
     # `metaembed encode --engine vllm`, on the engine already started (one engine start per test run).
     client.VLLMEncoder = lambda *args, **kwargs: encoder
     from metaembed.cli import main as cli
