@@ -26,10 +26,17 @@ def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identic
     assert "t2i R@1" in result.stdout and "(4,8)" in result.stdout
 
     summary = json.loads((output / "summary.json").read_text())
-    chance = 1 / summary["test_pairs"]
+    pairs = summary["test_pairs"]
+    chance_recall = 1 / pairs
+    chance_mrr = sum(1 / rank for rank in range(1, pairs + 1)) / pairs  # a random ranking: 0.042 for 128 pairs
     full = "4x8"
+    # MRR uses every query's rank; Recall@1 over 128 pairs counts a few hits (3 to 10 here, 1 by chance), too few
+    # for a tight bound that holds on every CPU's float rounding. Chance MRR is 0.042 +- 0.009 (one sd) for 128
+    # queries, so twice that is more than four sds above chance.
     for direction in ("text-to-image", "image-to-text"):
-        assert summary["quality"][direction]["recall@1"][full] > 4 * chance, summary["quality"]
+        quality = summary["quality"][direction]
+        assert quality["mrr"][full] > 2 * chance_mrr, summary["quality"]
+        assert quality["recall@1"][full] > chance_recall, summary["quality"]
     checkpoint = output / "checkpoint"
     for name in ("README.md", "eval_results.json", "budget_quality.png", "model.safetensors", "modeling_litevl.py"):
         assert (checkpoint / name).is_file(), name
