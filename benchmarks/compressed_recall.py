@@ -27,7 +27,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", default="runs/quickstart/checkpoint")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--shortlists", type=int, nargs="+", default=[20, 50, 100])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 8, 32], help="r_q r_c pairs")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 8, 32],
+                        help="r_q r_c pairs")
     parser.add_argument("--limit", type=int, default=None, help="use the first N image-caption pairs (a quick run)")
     parser.add_argument("--embeddings-cache", default=None, help="a .pt file: encode once, reuse in later runs")
     args = parser.parse_args(argv)

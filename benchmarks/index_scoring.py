@@ -116,7 +116,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 16, 64])
     parser.add_argument("--batch", type=int, default=32, help="queries per batch for the batched per-query time")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peer-budgets", type=int, nargs="+", default=[1, 1, 4, 8, 16, 64], help="budgets the peers run")
+    parser.add_argument("--peer-budgets", type=int, nargs="+", default=[1, 1, 4, 8, 16, 64],
+                        help="budgets the peers run")
     parser.add_argument("--flush-mb", type=int, default=1024, help="buffer read between timed runs (cold caches)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer the read bandwidth is measured on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (floors included)")

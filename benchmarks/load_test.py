@@ -59,7 +59,8 @@ def measure(name: str, search, queries: torch.Tensor, exact_ids: list, k: int, b
     recall = sum(len(set(a[:k]) & set(b[:k])) for a, b in zip(batched, exact_ids)) / (k * len(exact_ids))
     assert found == batched[: len(found)] or name.startswith("Qdrant")  # one query alone = in a batch
     return (f"| {name} | {percentile(latencies, 0.5) * 1e3:.2f} | {percentile(latencies, 0.99) * 1e3:.2f} | "
-            f"{len(latencies) / sum(latencies):.1f} | {queries.shape[0] / batched_seconds:.1f} | {recall:.3f} |")  # fmt: skip
+            f"{len(latencies) / sum(latencies):.1f} | {queries.shape[0] / batched_seconds:.1f} | "
+            f"{recall:.3f} |")  # fmt: skip
 
 
 class Rows(list):

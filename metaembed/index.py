@@ -196,7 +196,8 @@ class MetaEmbedIndex:
 
     def __repr__(self) -> str:
         stored = f"{self.dtype_name} (+ {self.full_dtype_name} for re-scoring)" if self.compressed else self.dtype_name
-        return f"MetaEmbedIndex({self._count} items, {self.num_vectors} vectors x {self.dim} dims, {stored}, {self.device})"
+        return (f"MetaEmbedIndex({self._count} items, {self.num_vectors} vectors x {self.dim} dims, {stored}, "
+                f"{self.device})")  # fmt: skip
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -575,7 +576,8 @@ def _check_manifest(manifest, path: Path) -> dict:
         raise IndexFileError(f"{path}: sha256 is missing")
     if manifest["dtype"] in COMPRESSED:
         if manifest.get("full_dtype") not in DTYPES:
-            raise IndexFileError(f"{path}: full_dtype must be one of {sorted(DTYPES)}, got {manifest.get('full_dtype')!r}")
+            found = manifest.get("full_dtype")
+            raise IndexFileError(f"{path}: full_dtype must be one of {sorted(DTYPES)}, got {found!r}")
         if not isinstance(manifest.get("full_sha256"), str):
             raise IndexFileError(f"{path}: full_sha256 is missing")
     return manifest

@@ -124,7 +124,8 @@ class _ClientBackend:
         for field, (dim, multivector, quantization) in fields.items():
             extra = {}
             if multivector:
-                extra = {"multivector_config": models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+                comparator = models.MultiVectorComparator.MAX_SIM
+                extra = {"multivector_config": models.MultiVectorConfig(comparator=comparator),
                          "hnsw_config": models.HnswConfigDiff(m=0)}  # fmt: skip
             if quantization == "int8":
                 extra["quantization_config"] = models.ScalarQuantization(
@@ -185,8 +186,9 @@ class _EdgeBackend:
         for field, (dim, multivector, quantization) in fields.items():
             extra = {}
             if multivector:
-                extra = {"multivector_config": qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim),
-                         "hnsw_config": qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)}  # fmt: skip
+                hnsw = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)  # re-rank only: no graph
+                multivector = qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim)
+                extra = {"multivector_config": multivector, "hnsw_config": hnsw}
             if quantization == "int8":
                 extra["quantization_config"] = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, always_ram=True)
             elif quantization == "binary":
@@ -196,8 +198,8 @@ class _EdgeBackend:
         if self.edge.indexing_threshold_kb is not None:
             optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self.edge.indexing_threshold_kb)
         self.edge.folder.mkdir(parents=True, exist_ok=True)
-        shard = qe.EdgeShard.create(str(self.edge.folder / self.name), qe.EdgeConfig(vectors=vectors,
-                                                                                     optimizers=optimizers))  # fmt: skip
+        config = qe.EdgeConfig(vectors=vectors, optimizers=optimizers)
+        shard = qe.EdgeShard.create(str(self.edge.folder / self.name), config)
         self.edge._shards[self.name] = shard
         # Written last: a collection without it is an interrupted creation, refused by `open`.
         write_atomic(self.edge._metadata_path(self.name), json.dumps({**metadata, "fields": sorted(fields)}))
@@ -212,7 +214,8 @@ class _EdgeBackend:
     def upsert(self, points: list) -> None:
         qe = _edge()
         shard = self.edge.shard(self.name)
-        shard.update(qe.UpdateOperation.upsert_points([qe.Point(pid, vector, payload) for pid, vector, payload in points]))
+        built = [qe.Point(pid, vector, payload) for pid, vector, payload in points]
+        shard.update(qe.UpdateOperation.upsert_points(built))
 
     def count(self) -> int:
         return self.edge.shard(self.name).count(_edge().CountRequest(exact=True))
@@ -363,7 +366,8 @@ class QdrantMetaEmbedIndex:
 
     # ------------------------------------------------------------------------------------------------ search
     def search(self, queries: torch.Tensor, budget: tuple | None = None, k: int = 10, shortlist: int | None = None,
-               exact: bool = False, rescore: bool = True, oversampling: float | None = None) -> SearchResult:  # fmt: skip
+               exact: bool = False, rescore: bool = True,
+               oversampling: float | None = None) -> SearchResult:  # fmt: skip
         """Top-k by MaxSim at `budget` = (r_q, r_c), r_c one of `candidate_budgets` (default: the largest).
 
         With `shortlist`, Qdrant first keeps the `shortlist` best items by vector 0 (the "coarse" field; HNSW on a

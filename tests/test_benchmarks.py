@@ -62,7 +62,7 @@ def test_reasoning_cost():
 def test_compressed_recall(tiny_checkpoint):
     out = run("compressed_recall.py", "--checkpoint", str(tiny_checkpoint("qwen2_5_vl")), "--limit", "40",
               "--shortlists", "10", "20", "--budgets", "1", "1", "2", "4", "--k", "5")  # fmt: skip
-    rows = [line for line in out.splitlines() if line.startswith("| (2, 4) | int8") or line.startswith("| (2, 4) | binary")]
+    rows = [line for line in out.splitlines() if line.startswith(("| (2, 4) | int8", "| (2, 4) | binary"))]
     assert len(rows) == 2
     for row in rows:
         recalls = [float(v) for v in re.findall(r"\| (\d\.\d{3})", row)]
