@@ -9,11 +9,18 @@ import tempfile
 from pathlib import Path
 
 
+def is_occupied(directory) -> bool:
+    """Whether `directory` holds something `save_folder_atomically` would refuse to replace (a file, or a
+    non-empty folder)."""
+    directory = Path(directory)
+    return directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+
+
 def save_folder_atomically(save, directory) -> Path:
     """Run `save(folder)` into a sibling temporary folder, then move it to `directory` (which must not exist or be
     empty). A failure leaves `directory` as it was and no temporary folder behind."""
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+    if is_occupied(directory):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -28,4 +35,4 @@ def save_folder_atomically(save, directory) -> Path:
     return directory
 
 
-__all__ = ["save_folder_atomically"]
+__all__ = ["save_folder_atomically", "is_occupied"]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .data import open_image
 from .distributed import rank as process_rank
 from .distributed import world_size
-from .similarity import DEFAULT_MAX_BLOCK_BYTES, matryoshka_maxsim
+from .similarity import DEFAULT_MAX_BLOCK_BYTES, check_groups, matryoshka_maxsim
 
 
 def positive_ranks(scores: torch.Tensor, positive_columns: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,12 @@ def model_encoder(model, dataset, batch_size: int = 16):
 
 
 def _nested(budgets) -> bool:
-    return all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(budgets, budgets[1:])) and len(set(budgets)) == len(
-        budgets
-    )
+    """Whether the budgets can be scored as Matryoshka groups in one pass (`check_groups`' rule)."""
+    try:
+        check_groups(budgets)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()

@@ -123,6 +123,7 @@ def main(argv=None) -> int:
         dry_run(recipe, options.config, options.num_processes, options.accelerate_config, options.json)
         return 0
 
+    from modeling_metaembed.folders import is_occupied
     from training.export import export_final
     from training.lora import apply_lora
     from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     except TypeError as error:
         raise SystemExit(f"error: training section: {error}") from error
     final = Path(args.output_dir) / "final"
-    if final.exists() and any(final.iterdir()):  # the export would refuse it, but only after the whole run
+    if is_occupied(final):  # the export would refuse it, but only after the whole run
         raise SystemExit(f"error: {final} already holds an export; choose another output_dir or move it away")
     train_data, eval_data = build_data(recipe.get("data") or {})
     for data in (train_data, eval_data):  # each process checks its share; a passed check is remembered
