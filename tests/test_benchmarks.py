@@ -1,7 +1,7 @@
 """Every benchmark script runs end to end in a CI-sized configuration and prints its table of measured ratios.
 
 These check that the scripts work, not their numbers (timings on shared CI machines are noise): the numbers in
-the README come from the full-size commands written next to them."""
+docs/ (listed in docs/benchmarks.md) come from the full-size commands written next to them."""
 
 import re
 import subprocess
