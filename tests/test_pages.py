@@ -1,0 +1,107 @@
+"""The pages task (metaembed.pages), the memoized frozen tower and the closed-form projector start."""
+
+import pytest
+import torch
+from torch import nn
+
+from metaembed.frozen_features import MemoizedTower, memoized_tower, ridge_map, set_mlp_to_linear_map
+from metaembed.pages import PageLayout, evaluation_set, layout_pages, render_page, training_records
+from metaembed.twemoji import split_pairs, twemoji_pairs
+
+
+@pytest.fixture(scope="module")
+def split():
+    return split_pairs(twemoji_pairs())
+
+
+def test_each_round_holds_every_emoji_at_most_once_and_depends_only_on_the_seed(split):
+    train, _ = split
+    layout = PageLayout()
+    pages = layout_pages(train, layout, rounds=3, seed=7)
+    per_round = len(train) // 4
+    assert len(pages) == 3 * per_round and all(len(page) == 4 for page in pages)
+    for r in range(3):
+        ids = [p["id"] for page in pages[r * per_round : (r + 1) * per_round] for p in page]
+        assert len(ids) == len(set(ids))
+    assert layout_pages(train, layout, 3, seed=7) == pages
+    assert layout_pages(train, layout, 3, seed=8) != pages
+
+
+def test_a_page_is_its_emoji_on_the_grid(split):
+    train, _ = split
+    layout = PageLayout(page_size=192, grid=2, margin=6)
+    items = [p["image"] for p in train[:4]]
+    page = render_page(items, layout)
+    assert page.size == (192, 192) and page.mode == "RGB"
+    assert page.getpixel((1, 1)) == (255, 255, 255)  # the margin is background
+    shuffled = render_page(items[::-1], layout)
+    assert list(page.getdata()) != list(shuffled.getdata())
+    with pytest.raises(ValueError, match="holds 4 emoji, got 3"):
+        render_page(items[:3], layout)
+    with pytest.raises(ValueError, match="does not fit"):
+        PageLayout(page_size=32, grid=4, margin=4)
+
+
+def test_every_query_has_exactly_one_right_page_built_from_held_out_emoji(split):
+    train, test = split
+    layout = PageLayout()
+    round_ = evaluation_set(test, layout, round_seed=3)
+    pages = layout_pages(test, layout, 1, 3)
+    assert len(round_["pages"]) == len(pages) == len(test) // 4
+    train_names = {p["caption"] for p in train}
+    names_on = [{p["caption"] for p in page} for page in pages]
+    for query, target, kind in zip(round_["queries"], round_["targets"], round_["kinds"]):
+        names = query.split(" and ") if kind == "two items" else [query]
+        if kind == "two items" and len(names) != 2:  # a name holding " and " itself: match on the whole query
+            names = [n for n in names_on[target] if n in query]
+        assert all(n in names_on[target] for n in names), query
+        assert not any(all(n in on for n in names) for i, on in enumerate(names_on) if i != target), query
+        assert not set(names) & train_names
+    assert round_["kinds"].count("one item") == 4 * len(pages)
+    assert round_["kinds"].count("two items") == 2 * len(pages)
+
+
+def test_training_records_batch_within_a_round(split):
+    train, _ = split
+    records = training_records(train[:40], PageLayout(), rounds=2, seed=0)
+    assert len(records) == 20
+    assert {r["source"] for r in records} == {"round 0", "round 1"}
+    assert all(r["positive"]["image"]["bytes"][:8] == b"\x89PNG\r\n\x1a\n" for r in records)
+    assert {len(r["query"]["text"].split(" and ")) >= 1 for r in records} == {True}
+
+
+def test_memoized_tower_returns_the_towers_outputs_and_computes_each_image_once():
+    torch.manual_seed(0)
+    tower = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).requires_grad_(False)
+    memo = MemoizedTower(tower)
+    images = torch.randn(5, 3, 8, 8)
+    batch = images[[0, 1, 0, 2]]
+    assert torch.equal(memo(batch), tower(batch))
+    assert memo.computed == 3  # image 0 twice in one call: computed once
+    again = images[[2, 3, 1, 4]]
+    assert torch.equal(memo(again), tower(again))
+    assert (memo.calls, memo.computed) == (8, 5)
+    with pytest.raises(ValueError, match="only a frozen tower"):
+        MemoizedTower(nn.Conv2d(3, 4, 3))
+
+
+def test_memoized_tower_is_swapped_in_and_restored():
+    holder = nn.Module()
+    holder.vlm = nn.Module()
+    holder.vlm.vision_tower = tower = nn.Identity()
+    with memoized_tower(holder) as memo:
+        assert holder.vlm.vision_tower is memo and memo.tower is tower
+    assert holder.vlm.vision_tower is tower
+
+
+def test_the_projector_is_set_exactly_to_the_closed_form_map():
+    torch.manual_seed(0)
+    features, targets = torch.randn(200, 6) * 3 + 1, torch.randn(200, 4)
+    weight, mean, std, target_mean = ridge_map(features, targets, penalty=1.0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))  # rank 4 = the map's full rank
+    kept = set_mlp_to_linear_map(mlp, weight, mean, std, target_mean)
+    expected = ((features - mean) / std) @ weight + target_mean
+    assert kept == pytest.approx(1.0)
+    torch.testing.assert_close(mlp(features), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="Linear -> GELU -> Linear"):
+        set_mlp_to_linear_map(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)), weight, mean, std, target_mean)
