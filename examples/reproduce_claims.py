@@ -1,15 +1,17 @@
-"""The paper's claims at small scale, on the quickstart's data, over several seeds (CPU).
+"""The paper's three claims at small scale, on the quickstart's tasks, over several seeds (CPU).
 
-    python examples/reproduce_claims.py --seeds 0 1 2 --image-size 96   # ~55 min; runs/reproduce/results.{json,md}
+    python examples/reproduce_claims.py --seeds 0 1 2                  # pages task; runs/reproduce/results.{json,md}
+    python examples/reproduce_claims.py --seeds 0 1 2 --task emoji     # single Twemoji <-> names
 
-Trains, with identical settings apart from the one under test:
+Trains, with the quickstart's settings and identical apart from the one under test:
 - metaembed:   MetaEmbed with the MMR loss (every group), evaluated at every budget (test-time scaling);
-- no_mmr:      MetaEmbed trained on the full budget only, evaluated at every budget (the paper's Fig. 4b ablation);
+- no_mmr:      MetaEmbed trained on the full budget only, evaluated at every budget (the paper's ablation);
 - last_token:  a single vector, the last token's state (the paper's Table 5 baseline);
 - mean:        a single vector, the mean of the token states (Table 5);
-and adds two references that need no training: ridge regression from frozen image features to frozen caption
-embeddings, and chance. A run whose summary.json already exists (same settings) is reused, so an interrupted
-reproduction resumes where it stopped. Reports mean and sample standard deviation of Recall@1 over the seeds.
+and adds references that need no training: chance, and closed-form ridge maps between frozen features (pages:
+one pooled vector per page, and one vector per grid cell; emoji: image features to caption embeddings). A run
+whose summary.json already exists (same settings) is reused, so an interrupted reproduction resumes where it
+stopped. Reports the mean and sample standard deviation over the seeds, and each seed's value.
 """
 
 import argparse
@@ -19,8 +21,16 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from metaembed.quickstart import QuickstartSettings, load_data, ridge_reference, run_quickstart
-from metaembed.twemoji import DIRECTIONS
+from metaembed.quickstart import (
+    GROUP_LABELS,
+    TASKS,
+    QuickstartSettings,
+    candidate_count,
+    load_data,
+    pages_ridge_reference,
+    ridge_reference,
+    run_quickstart,
+)
 from modeling_metaembed.processing_metaembed import write_atomic
 
 VARIANTS = {
@@ -29,84 +39,98 @@ VARIANTS = {
     "last_token": {"pooling": "last_token"},
     "mean": {"pooling": "mean"},
 }
+METRICS = ("recall@1", "mrr")
 
 
 def run_variant(base: QuickstartSettings, name: str, seed: int, output: Path) -> dict:
-    settings = replace(base, seed=seed, output_dir=str(output / f"{name}-seed{seed}"), save_checkpoint=False,
-                       **VARIANTS[name])  # fmt: skip
+    settings = replace(base, seed=seed, output_dir=str(output / f"{base.task}-{name}-seed{seed}"),
+                       save_checkpoint=False, **VARIANTS[name])  # fmt: skip
     summary_path = Path(settings.output_dir) / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        if summary["settings"] == asdict(settings):
+        if summary["settings"] == json.loads(json.dumps(asdict(settings))):
             print(f"{name} seed {seed}: reusing {summary_path}", flush=True)
             return summary
     print(f"{name} seed {seed}: training", flush=True)
-    return run_quickstart(settings, log=lambda *args: None)
+    summary = run_quickstart(settings, log=lambda *args: None)
+    print(f"{name} seed {seed}: done in {summary['total_seconds']:.0f} s", flush=True)
+    return summary
 
 
 def aggregate(summaries: list) -> dict:
-    """{metric: {direction: {budget: {"mean", "std", "values"}}}} of Recall@1 and MRR over the seeds."""
+    """{metric: {group: {budget: {"mean", "std", "values"}}}} over the seeds."""
     table = {}
-    for metric in ("recall@1", "mrr"):
+    for metric in METRICS:
         table[metric] = {}
-        for direction in DIRECTIONS:
-            table[metric][direction] = {}
-            for key in summaries[0]["quality"][direction][metric]:
-                values = [s["quality"][direction][metric][key] for s in summaries]
+        for group, per_metric in summaries[0]["quality"].items():
+            table[metric][group] = {}
+            for key in per_metric[metric]:
+                values = [s["quality"][group][metric][key] for s in summaries]
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
-                table[metric][direction][key] = {"mean": statistics.fmean(values), "std": std, "values": values}
+                table[metric][group][key] = {"mean": statistics.fmean(values), "std": std, "values": values}
     return table
 
 
 def markdown(results: dict) -> str:
-    seeds = len(results["seeds"])
+    groups = results["groups"]
+    labels = [GROUP_LABELS.get(g, g) for g in groups]
+    count = results["candidates"]
+    chance_mrr = sum(1 / r for r in range(1, count + 1)) / count
     lines = [
-        f"{results['test_pairs']} held-out Twemoji pairs, mean ± std over {seeds} seeds "
-        f"(chance: Recall@1 {results['chance']:.4f}, MRR {results['chance_mrr']:.4f})",
+        f"Task: {results['task']}; {count} candidates per query; mean ± std over seeds {results['seeds']} "
+        f"(each seed's value in results.json). Chance: Recall@1 {1 / count:.4f}, MRR {chance_mrr:.4f}.",
         "",
-        "| model | budget (r_q, r_c) | R@1 text → image | R@1 image → text | MRR text → image | MRR image → text |",
-        "|---|---|---|---|---|---|",
-    ]
+        "| model | budget (r_q, r_c) | " + " | ".join(f"R@1 {x}" for x in labels) + " | "
+        + " | ".join(f"MRR {x}" for x in labels) + " |",
+        "|---|---|" + "---|" * (2 * len(groups)),
+    ]  # fmt: skip
     for name, table in results["variants"].items():
-        for key in table["recall@1"]["text-to-image"]:
-            cells = [
-                f"{table[metric][d][key]['mean']:.3f} ± {table[metric][d][key]['std']:.3f}"
-                for metric in ("recall@1", "mrr") for d in DIRECTIONS
-            ]
+        for key in table["recall@1"][groups[0]]:
+            cells = [f"{table[m][g][key]['mean']:.3f} ± {table[m][g][key]['std']:.3f}" for m in METRICS for g in groups]
             lines.append(f"| {name} | ({key.replace('x', ', ')}) | " + " | ".join(cells) + " |")
-    ridge, chance = results["ridge"], results["chance"]
-    cells = [f"{ridge[d][metric]:.3f}" for metric in ("recall@1", "mrr") for d in DIRECTIONS]
-    lines.append("| ridge (frozen features, no training) | – | " + " | ".join(cells) + " |")
-    lines.append(f"| chance | – | {chance:.4f} | {chance:.4f} | {results['chance_mrr']:.4f} | {results['chance_mrr']:.4f} |")
+    for name, reference in results["references"].items():
+        cells = [f"{reference[g][m]:.3f}" for m in METRICS for g in groups]
+        lines.append(f"| {name} (closed form, no training) | – | " + " | ".join(cells) + " |")
+    cells = [f"{1 / count:.4f}"] * len(groups) + [f"{chance_mrr:.4f}"] * len(groups)
+    lines.append("| chance | – | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=TASKS, default="pages")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output", default="runs/reproduce")
     parser.add_argument("--epochs", type=float, default=QuickstartSettings.epochs)
+    parser.add_argument("--train-rounds", type=int, default=QuickstartSettings.train_rounds)
     parser.add_argument("--train-pairs", type=int, default=None)
     parser.add_argument("--test-pairs", type=int, default=None)
-    parser.add_argument("--image-size", type=int, default=QuickstartSettings.image_size)
     args = parser.parse_args(argv)
     output = Path(args.output)
-    base = QuickstartSettings(epochs=args.epochs, train_pairs=args.train_pairs, test_pairs=args.test_pairs,
-                              image_size=args.image_size, show_progress_bar=False)  # fmt: skip
-    variants = {}
+    base = QuickstartSettings(task=args.task, epochs=args.epochs, train_rounds=args.train_rounds,
+                              train_pairs=args.train_pairs, test_pairs=args.test_pairs,
+                              show_progress_bar=False)  # fmt: skip
+    variants, summaries = {}, {}
     for name in args.variants:
-        variants[name] = aggregate([run_variant(base, name, seed, output) for seed in args.seeds])
+        summaries[name] = [run_variant(base, name, seed, output) for seed in args.seeds]
+        variants[name] = aggregate(summaries[name])
     train_pairs, test_pairs = load_data(base)
+    if base.task == "pages":
+        references = pages_ridge_reference(train_pairs, test_pairs, base)
+    else:
+        ridge = ridge_reference(train_pairs, test_pairs, base.image_size)
+        references = {"ridge": {d: ridge[d] for d in base.groups}}
+    first = next(iter(summaries.values()))[0]
     results = {
         "command": "python examples/reproduce_claims.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "seeds": args.seeds, "settings": asdict(base), "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
-        "chance": 1 / len(test_pairs), "chance_mrr": sum(1 / r for r in range(1, len(test_pairs) + 1)) / len(test_pairs),
-        "variants": variants, "ridge": ridge_reference(train_pairs, test_pairs, base.image_size),
+        "task": base.task, "seeds": args.seeds, "settings": asdict(base), "groups": list(base.groups),
+        "candidates": candidate_count(first), "train_seconds": {n: [s["train_seconds"] for s in v] for n, v in summaries.items()},
+        "variants": variants, "references": references,
     }  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(output / "results.md", markdown(results))
+    write_atomic(output / f"results-{base.task}.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(output / f"results-{base.task}.md", markdown(results))
     print(markdown(results))
 
 

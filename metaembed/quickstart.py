@@ -1,16 +1,22 @@
 """The offline quickstart: a real MetaEmbed trained and evaluated on a 2-core CPU in minutes, with no Hub.
 
 1. backbone: LiteVL from packaged pretrained weights (all-MiniLM-L6-v2 text encoder, ImageNet EfficientNet-Lite0);
-2. model: `MetaEmbedModel.from_vlm` adds the meta tokens (R_q = 8, R_c = 32 here);
-3. data: Twemoji image-caption pairs (packaged), a fixed held-out test split never seen in training;
-4. training: `MetaEmbedTrainer` with the MMR loss, both directions (caption -> image, image -> caption);
-5. evaluation: Recall@1 and MRR of both directions at every budget, over the whole test split;
+2. model: `MetaEmbedModel.from_vlm` adds the meta tokens (R_q = 4, R_c = 16 here);
+3. data (`task`): "pages" (default): text -> page retrieval, each page a grid of several Twemoji, each query the
+   name of one or two of its items (`metaembed.pages`); "emoji": single Twemoji <-> its name, both directions.
+   A fixed hash split of the emoji holds out test concepts that training never sees;
+4. training: `MetaEmbedTrainer` with the MMR loss. The ImageNet tower is frozen, so each image goes through it
+   once (`metaembed.frozen_features.memoized_tower`), and the new projector starts from a closed-form map of the
+   tower's features to the text encoder's word embeddings (`warm_start_projector`);
+5. evaluation: Recall@1 and MRR at every budget over the held-out split; ties count against the positive;
 6. a Hub-ready checkpoint with its model card, results file and quality-versus-budget plot.
 
 `run_quickstart(QuickstartSettings(...))` returns every number it prints; examples/quickstart.py is its command
 line and examples/reproduce_claims.py runs it over seeds and ablations.
 """
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
@@ -26,45 +32,72 @@ from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.processing_metaembed import write_atomic
 
 from .backbones import build_litevl
+from .frozen_features import memoized_tower, ridge_map, set_mlp_to_linear_map
+from .pages import QUERY_KINDS, PageLayout, evaluation_set, render_page, training_records
 from .twemoji import ATTRIBUTION, DIRECTIONS, retrieval_records, split_pairs, twemoji_pairs
 
 METRIC_NAMES = {"recall@1": ("recall_at_1", "Recall@1"), "mrr": ("mrr", "MRR")}
+TASKS = ("pages", "emoji")
+# The test pages are fixed (not drawn with the training seed), so every seed is scored on the same pages.
+TEST_PAGE_SEED = 10_000
 
 
 @dataclass
 class QuickstartSettings:
     output_dir: str = "runs/quickstart"
+    task: str = "pages"  # "pages": text -> page of several Twemoji; "emoji": one Twemoji <-> its name
     seed: int = 0
     pooling: str = "meta_tokens"  # "last_token" / "mean": the paper's single-vector baselines (R_q = R_c = 1)
     mmr: bool = True  # False: the loss sees only the full budget (the paper's "without MMR" ablation)
-    num_query_vectors: int = 8
-    num_candidate_vectors: int = 32
+    num_query_vectors: int = 4
+    num_candidate_vectors: int = 16
     # Queries as [content; M_q]: under LiteVL's bidirectional attention this differs from the official
     # [content; M_q; M_c] layout, but training and inference agree and a query row is R_c tokens shorter.
     query_layout: str = "query_only"
     bf16: bool = False  # bf16 autocast in training (on CPU it pays off only where the CPU has AMX)
-    image_size: int = 160  # Twemoji images are 72 px; 160 gives a 5x5 grid (25 image tokens)
+    # pages: 192 px = a 6x6 feature grid, 3x3 tokens per item of a 2x2 page; emoji: 96 px = one page cell alone.
+    image_size: int | None = None
+    page_grid: int = 2  # pages: items per side of a page
+    train_rounds: int = 4  # pages: each round lays out every training emoji once (382 pages of 2x2 per round)
+    test_rounds: int = 2  # pages: rounds of held-out pages (92 pages of 2x2 each), scored separately and pooled
     epochs: float = 2.0
     batch_size: int = 32
-    learning_rate: float = 1e-4  # the pretrained text encoder
-    projector_learning_rate: float = 2e-3  # the new, randomly initialised image projector
-    temperature: float = 0.03  # the paper's InfoNCE temperature
-    # Logits = MaxSim / (r_q * tau): every group gets the logit range of (1,1). With the paper's plain sum
-    # (MaxSim / tau) this small model collapses to the uniform loss log(batch) at every group (README).
+    learning_rate: float = 5e-5  # the pretrained text encoder (and the meta-token rows of its embeddings)
+    projector_learning_rate: float = 3e-3  # the new image projector
+    # 0.1, not the paper's 0.03: from fresh meta vectors that are near-copies across inputs, 0.03 drives this
+    # small model to the uniform loss log(batch) before it learns anything (docs/quickstart.md, measured).
+    temperature: float = 0.1
+    # Logits = MaxSim / (r_q * tau): every group gets the logit range of (1,1) (see docs/training.md).
     score_normalization: str = "mean"
     warmup_ratio: float = 0.1
-    train_pairs: int | None = None  # a prefix of the training split (the CI test uses a small one)
-    test_pairs: int | None = None
+    projector_init: str = "closed_form"  # or "random" (the backbone's own initialisation)
+    train_pairs: int | None = None  # a prefix of the training emoji (the CI test uses a small one)
+    test_pairs: int | None = None  # a prefix of the held-out emoji
     freeze_vision: bool = True  # the ImageNet tower stays as it is; projector and text encoder learn
     save_checkpoint: bool = True
     show_progress_bar: bool = True
-    budgets: list = field(default_factory=lambda: [[1, 1], [2, 4], [4, 8], [8, 16], [8, 32]])
+    budgets: list = field(default_factory=lambda: [[1, 1], [2, 4], [4, 8], [4, 16]])
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.projector_init not in ("closed_form", "random"):
+            raise ValueError(f"projector_init must be 'closed_form' or 'random', got {self.projector_init!r}")
+        if self.image_size is None:
+            self.image_size = 192 if self.task == "pages" else 96
         if self.pooling != "meta_tokens":
             self.num_query_vectors = self.num_candidate_vectors = 1
             self.budgets = [[1, 1]]
         self.budgets = [list(b) for b in self.budgets if b[0] <= self.num_query_vectors and b[1] <= self.num_candidate_vectors]
+
+    @property
+    def layout(self) -> PageLayout:
+        return PageLayout(page_size=self.image_size, grid=self.page_grid, margin=max(2, self.image_size // 32))
+
+    @property
+    def groups(self) -> tuple:
+        """The query groups the evaluation reports: directions (emoji) or query kinds (pages)."""
+        return DIRECTIONS if self.task == "emoji" else QUERY_KINDS
 
 
 def load_data(settings: QuickstartSettings) -> tuple:
@@ -94,7 +127,10 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
     """Train in place on both directions; returns the wall time in seconds."""
     from training import ContrastiveDataset, MetaEmbedTrainer, MetaEmbedTrainingArguments
 
-    records = [r for direction in DIRECTIONS for r in retrieval_records(train_pairs, direction)]
+    if settings.task == "pages":
+        records = training_records(train_pairs, settings.layout, settings.train_rounds, settings.seed)
+    else:
+        records = [r for direction in DIRECTIONS for r in retrieval_records(train_pairs, direction)]
     args = MetaEmbedTrainingArguments(
         output_dir=str(work_dir / "trainer"),
         per_device_train_batch_size=settings.batch_size,
@@ -126,14 +162,55 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
         model=model, args=args, train_dataset=ContrastiveDataset(records), optimizers=(optimizer, None)
     )
     start = time.perf_counter()
-    trainer.train()
+    # A frozen tower gives each image the same output every time: compute it once per image.
+    with memoized_tower(model) if settings.freeze_vision else contextlib.nullcontext():
+        trainer.train()
     return time.perf_counter() - start
 
 
 @torch.no_grad()
+def warm_start_projector(model, train_pairs: list, settings: QuickstartSettings, penalty: float = 1e3) -> float:
+    """Start the new projector from a closed-form map instead of noise: ridge regression from the frozen tower's
+    features of each training emoji's tokens (the emoji alone, at the size it has on a page) to the mean input
+    embedding of its name's word pieces, set exactly into the projector (`set_mlp_to_linear_map`). An image
+    token then enters the text encoder near the words that name it. From a random projector this model sat at
+    the uniform loss for its whole run (docs/quickstart.md). Returns the R^2 of the map on its training data."""
+    from modeling_metaembed.processing_litevl import LiteVLImageProcessor
+
+    from modeling_metaembed.processing_metaembed import load_image
+
+    if settings.task == "pages":  # the emoji alone on a page of one cell: its size and place on a real page
+        size = settings.image_size // settings.page_grid
+        alone = PageLayout(page_size=size, grid=1, margin=settings.layout.margin)
+        open_emoji = lambda pair: render_page([pair["image"]], alone)  # noqa: E731
+    else:  # the image as training opens it
+        size = settings.image_size
+        open_emoji = lambda pair: load_image(pair["image"], 0, 10**7)  # noqa: E731
+    images = LiteVLImageProcessor(size)
+    tower, embeddings = model.vlm.vision_tower, model.vlm.get_input_embeddings().weight.float()
+    tokenizer = getattr(model.processor.processor, "tokenizer", model.processor.processor)
+    features, targets = [], []
+    for start in range(0, len(train_pairs), 64):
+        batch = train_pairs[start : start + 64]
+        pixels = images([open_emoji(p) for p in batch])["pixel_values"]
+        grid = tower(pixels.to(model.vlm.projector[0].weight.dtype)).float()  # [n, C, t, t]
+        tokens = grid.flatten(2).transpose(1, 2)  # [n, t*t, C]
+        names = torch.stack([embeddings[tokenizer(p["caption"], add_special_tokens=False)["input_ids"]].mean(0) for p in batch])
+        features.append(tokens.reshape(-1, tokens.shape[-1]))
+        targets.append(names.repeat_interleave(tokens.shape[1], dim=0))
+    features, targets = torch.cat(features), torch.cat(targets)
+    weight, mean, std, target_mean = ridge_map(features, targets, penalty)
+    set_mlp_to_linear_map(model.vlm.projector, weight, mean, std, target_mean)
+    predicted = model.vlm.projector(features.to(model.vlm.projector[0].weight.dtype)).float()
+    return float(1 - ((predicted - targets) ** 2).sum() / ((targets - target_mean) ** 2).sum())
+
+
+@torch.no_grad()
 def evaluate(model, test_pairs: list, settings: QuickstartSettings) -> dict:
-    """{direction: {"recall@1": {budget_key: value}, "mrr": {...}}} over the whole test split, plus the time to
-    score one query against the test candidates at each budget."""
+    """{group: {"recall@1": {budget_key: value}, "mrr": {...}}} over the held-out split; groups are the
+    directions (emoji) or the query kinds (pages: one item, two items)."""
+    if settings.task == "pages":
+        return evaluate_pages(model, test_pairs, settings)
     from training import ContrastiveDataset, retrieval_metrics
 
     results = {}
@@ -142,6 +219,41 @@ def evaluate(model, test_pairs: list, settings: QuickstartSettings) -> dict:
         metrics = retrieval_metrics(model, dataset, settings.budgets, show_progress_bar=settings.show_progress_bar)
         results[direction] = {
             name: {budget_key(b): metrics[f"{name}_{b[0]}x{b[1]}"] for b in settings.budgets} for name in METRIC_NAMES
+        }
+    return results
+
+
+def held_out_pages(test_pairs: list, settings: QuickstartSettings) -> list:
+    """The held-out evaluation sets: `test_rounds` rounds of pages of held-out emoji, fixed for every seed."""
+    return [evaluation_set(test_pairs, settings.layout, TEST_PAGE_SEED + r) for r in range(settings.test_rounds)]
+
+
+@torch.no_grad()
+def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dict:
+    """Each round's queries ranked against that round's pages (each query has exactly one right page); the ranks
+    of all rounds are pooled per query kind. Ties count against the right page (`positive_ranks`)."""
+    from PIL import Image
+
+    from training.evaluation import positive_ranks
+
+    ranks = {kind: {budget_key(b): [] for b in settings.budgets} for kind in QUERY_KINDS}
+    options = {"batch_size": 32, "show_progress_bar": settings.show_progress_bar}
+    for round_ in held_out_pages(test_pairs, settings):
+        pages = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]], **options)
+        queries = model.encode_queries(round_["queries"], **options)
+        targets = torch.tensor(round_["targets"])
+        kinds = round_["kinds"]
+        for budget in settings.budgets:
+            found = positive_ranks(model.similarity(queries, pages, budget=tuple(budget)), targets).float()
+            for kind in QUERY_KINDS:
+                chosen = torch.tensor([k == kind for k in kinds])
+                ranks[kind][budget_key(budget)].append(found[chosen])
+    results = {}
+    for kind in QUERY_KINDS:
+        pooled = {key: torch.cat(parts) for key, parts in ranks[kind].items()}
+        results[kind] = {
+            "recall@1": {key: (r == 1).float().mean().item() for key, r in pooled.items()},
+            "mrr": {key: (1.0 / r).mean().item() for key, r in pooled.items()},
         }
     return results
 
@@ -167,42 +279,69 @@ def scoring_time(model, num_queries: int, num_candidates: int, budgets: list, re
     return times
 
 
-def results_benchmarks(quality: dict, dataset_size: int) -> list:
-    """The evaluation as `metaembed-results/1` benchmarks (one per direction and metric)."""
-    benchmarks = []
-    for direction in DIRECTIONS:
+GROUP_LABELS = {"text-to-image": "t2i", "image-to-text": "i2t", "one item": "one", "two items": "two"}
+
+
+def candidate_count(summary: dict) -> int:
+    """Candidates each query is ranked against: held-out pairs (emoji) or one round's pages."""
+    settings = summary["settings"]
+    if settings["task"] == "emoji":
+        return summary["test_pairs"]
+    return summary["test_pairs"] // (settings["page_grid"] ** 2)
+
+
+def results_benchmarks(summary: dict) -> list:
+    """The evaluation as `metaembed-results/1` benchmarks (one per query group and metric)."""
+    benchmarks, quality = [], summary["quality"]
+    for group in quality:
         for name, (metric_type, metric_name) in METRIC_NAMES.items():
-            benchmarks.append({
-                "name": f"Twemoji {direction} {metric_name}",
-                "task": {"type": "image-retrieval" if direction == "text-to-image" else "image-to-text",
-                         "name": f"{direction.capitalize()} retrieval"},
-                "dataset": {"name": f"Twemoji ({dataset_size} held-out pairs)", "type": "twemoji", "split": "test"},
-                "metric": {"type": metric_type, "name": metric_name},
-                "scores": quality[direction][name],
-            })  # fmt: skip
-    return benchmarks
+            if summary["settings"]["task"] == "emoji":
+                task = {"type": "image-retrieval" if group == "text-to-image" else "image-to-text",
+                        "name": f"{group.capitalize()} retrieval"}
+                dataset = {"name": f"Twemoji ({summary['test_pairs']} held-out pairs)", "type": "twemoji",
+                           "split": "test"}
+                title = f"Twemoji {group} {metric_name}"
+            else:
+                task = {"type": "image-retrieval", "name": f"Text-to-page retrieval, queries naming {group}"}
+                dataset = {"name": f"Twemoji pages ({candidate_count(summary)} held-out pages per round, "
+                                   f"{summary['settings']['test_rounds']} rounds)", "type": "twemoji-pages",
+                           "split": "test"}
+                title = f"Twemoji pages, {group} {metric_name}"
+            benchmarks.append({"name": title, "task": task, "dataset": dataset,
+                               "metric": {"type": metric_type, "name": metric_name}, "scores": quality[group][name]})
+    return benchmarks  # fmt: skip
 
 
 def run_quickstart(settings: QuickstartSettings, command: str | None = None, log=print) -> dict:
     """Build, train, evaluate and (optionally) save; returns settings, sizes, timings and quality per budget."""
+    started = time.perf_counter()
     torch.manual_seed(settings.seed)
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     train_pairs, test_pairs = load_data(settings)
-    log(f"data: {len(train_pairs)} training pairs, {len(test_pairs)} held-out test pairs (Twemoji)")
+    if settings.task == "pages":
+        log(f"data: pages of {settings.page_grid}x{settings.page_grid} Twemoji at {settings.image_size} px; "
+            f"{settings.train_rounds} rounds of {len(train_pairs)} training emoji, {settings.test_rounds} rounds of "
+            f"{len(test_pairs)} held-out emoji")  # fmt: skip
+    else:
+        log(f"data: {len(train_pairs)} training pairs, {len(test_pairs)} held-out test pairs (Twemoji)")
     with tempfile.TemporaryDirectory(dir=output, prefix=".work-") as work:
         work_dir = Path(work)
         model = build_model(settings, work_dir)
         log(f"model: MetaEmbed over LiteVL (MiniLM-L6 + EfficientNet-Lite0), pooling={settings.pooling}, "
             f"R_q={model.config.num_query_vectors}, R_c={model.config.num_candidate_vectors}, "
             f"MMR groups {model.config.matryoshka_groups}")  # fmt: skip
+        fit = None
+        if settings.projector_init == "closed_form":
+            fit = warm_start_projector(model, train_pairs, settings)
+            log(f"projector: closed-form start, R^2 = {fit:.3f} on the training emoji's tokens")
         train_seconds = train(model, train_pairs, settings, work_dir)
         model.eval()
         quality = evaluate(model, test_pairs, settings)
         timing = scoring_time(model, 64, 10_000, settings.budgets)
         summary = {
             "settings": asdict(settings), "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
-            "train_seconds": train_seconds, "quality": quality,
+            "projector_fit_r2": fit, "train_seconds": train_seconds, "quality": quality,
             "seconds_per_query_10k": timing, "dim": model.config.output_dim,
         }  # fmt: skip
         if settings.save_checkpoint:
@@ -210,42 +349,41 @@ def run_quickstart(settings: QuickstartSettings, command: str | None = None, log
             if checkpoint.exists():
                 shutil.rmtree(checkpoint)
             model.save_pretrained(checkpoint)
-            save_results(checkpoint / RESULTS_NAME, results_benchmarks(quality, len(test_pairs)), command=command)
+            save_results(checkpoint / RESULTS_NAME, results_benchmarks(summary), command=command)
+            name = "pages" if settings.task == "pages" else "twemoji"
             write_model_card(
                 checkpoint,
-                model_name="MetaEmbed LiteVL Twemoji (quickstart)",
-                repo_id="org/metaembed-litevl-twemoji",
+                model_name=f"MetaEmbed LiteVL Twemoji {name} (quickstart)",
+                repo_id=f"org/metaembed-litevl-{name}",
                 license="apache-2.0",
                 base_model=None,
             )
             shutil.copyfile(checkpoint / PLOT_NAME, output / PLOT_NAME)
             summary["checkpoint"] = str(checkpoint)
+    summary["total_seconds"] = time.perf_counter() - started
     write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def budget_table(summary: dict) -> str:
-    """The printed table: one row per budget with quality, bytes per item and scoring time."""
-    dim = summary["dim"]
-    lines = [
-        f"{'budget':>9} | {'t2i R@1':>7} | {'i2t R@1':>7} | {'t2i MRR':>7} | {'i2t MRR':>7} | "
-        f"{'bytes/item':>10} | {'ms/query (10k items)':>20}",
-        "-" * 91,
-    ]
+    """The printed table: one row per budget with quality per query group, bytes per item and scoring time."""
+    dim, quality = summary["dim"], summary["quality"]
+    labels = [GROUP_LABELS.get(group, group) for group in quality]
+    header = [f"{label} R@1" for label in labels] + [f"{label} MRR" for label in labels]
+    lines = [f"{'budget':>9} | " + " | ".join(f"{h:>7}" for h in header) + f" | {'bytes/item':>10} | "
+             f"{'ms/query (10k items)':>20}"]  # fmt: skip
+    lines.append("-" * len(lines[0]))
     for key, seconds in summary["seconds_per_query_10k"].items():
         r_c = int(key.split("x")[1])
-        q = summary["quality"]
-        lines.append(
-            f"{'(' + key.replace('x', ',') + ')':>9} | {q['text-to-image']['recall@1'][key]:7.3f} | "
-            f"{q['image-to-text']['recall@1'][key]:7.3f} | {q['text-to-image']['mrr'][key]:7.3f} | "
-            f"{q['image-to-text']['mrr'][key]:7.3f} | {r_c * dim * 2:>10,} | {seconds * 1000:20.3f}"
-        )
-    chance = 1 / summary["test_pairs"]
-    lines.append(f"chance R@1 = {chance:.4f} ({summary['test_pairs']} candidates); {ATTRIBUTION}")
+        cells = [quality[g][metric][key] for metric in ("recall@1", "mrr") for g in quality]
+        lines.append(f"{'(' + key.replace('x', ',') + ')':>9} | " + " | ".join(f"{v:7.3f}" for v in cells)
+                     + f" | {r_c * dim * 2:>10,} | {seconds * 1000:20.3f}")  # fmt: skip
+    count = candidate_count(summary)
+    lines.append(f"chance R@1 = {1 / count:.4f} ({count} candidates per query); {ATTRIBUTION}")
     return "\n".join(lines)
 
 
-__all__ = ["QuickstartSettings", "run_quickstart", "budget_table", "evaluate", "build_model", "load_data"]
+__all__ = ["QuickstartSettings", "run_quickstart", "budget_table", "evaluate", "build_model", "load_data", "TASKS"]
 
 
 @torch.no_grad()
@@ -306,3 +444,64 @@ def ridge_reference(train_pairs: list, test_pairs: list, image_size: int = 160) 
     ]
     penalty = penalties[max(range(len(penalties)), key=scores.__getitem__)]
     return {**both(fit(x_train, y_train, penalty), x_test, y_test), "penalty": penalty}
+
+
+@torch.no_grad()
+def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: QuickstartSettings, train_rounds: int = 2,
+                          penalty: float = 1e3) -> dict:  # fmt: skip
+    """Closed-form references for the pages task, no training: ridge regression from the frozen tower's features
+    of a page to the frozen all-MiniLM-L6-v2 embedding of the names on it, scored by cosine with the query's
+    embedding, on the same held-out pages as the trained models.
+    - "pooled": one vector per page (features averaged over the page -> mean of its names' embeddings);
+    - "per cell": one vector per grid cell (features averaged over the cell -> its item's name), a page scored
+      by its best cell: several vectors per page, placed with knowledge of the layout the models never get.
+    Returns {"pooled": {kind: {"recall@1", "mrr"}}, "per cell": {...}}."""
+    from PIL import Image
+    from transformers import AutoModel, AutoTokenizer
+
+    from modeling_metaembed.processing_litevl import LiteVLImageProcessor
+    from training.evaluation import positive_ranks
+
+    from .backbones import minilm_path, pretrained_efficientnet_lite
+    from .pages import layout_pages
+
+    layout, grid = settings.layout, settings.page_grid
+    tower, images = pretrained_efficientnet_lite("lite0", settings.image_size), LiteVLImageProcessor(settings.image_size)
+    tokenizer, text_model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
+
+    def cell_features(pngs_or_pages):  # [P, grid*grid, C]: the tower's features averaged over each cell
+        out = []
+        for start in range(0, len(pngs_or_pages), 64):
+            batch = [Image.open(io.BytesIO(p)) if isinstance(p, bytes) else p for p in pngs_or_pages[start : start + 64]]
+            features = tower(images(batch)["pixel_values"])  # [n, C, g, g]
+            n, channels, g, _ = features.shape
+            cells = features.view(n, channels, grid, g // grid, grid, g // grid).mean(dim=(3, 5))
+            out.append(cells.permute(0, 2, 3, 1).reshape(n, grid * grid, channels))
+        return torch.cat(out)
+
+    def embed(texts):
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        states, mask = text_model(**tokens).last_hidden_state, tokens["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+
+    train_pages = layout_pages(train_pairs, layout, train_rounds, settings.seed)
+    x_cells = cell_features([render_page([p["image"] for p in page], layout) for page in train_pages])
+    y_cells = embed([p["caption"] for page in train_pages for p in page]).view(len(train_pages), grid * grid, -1)
+    maps = {"pooled": ridge_map(x_cells.mean(1), y_cells.mean(1), penalty),
+            "per cell": ridge_map(x_cells.flatten(0, 1), y_cells.flatten(0, 1), penalty)}  # fmt: skip
+    ranks = {name: {kind: [] for kind in QUERY_KINDS} for name in maps}
+    for round_ in held_out_pages(test_pairs, settings):
+        cells, queries = cell_features(round_["pages"]), embed(round_["queries"])
+        targets, kinds = torch.tensor(round_["targets"]), round_["kinds"]
+        for name, (weight, mean, std, target_mean) in maps.items():
+            inputs = cells.mean(1, keepdim=True) if name == "pooled" else cells  # [P, V, C]
+            vectors = torch.nn.functional.normalize(((inputs - mean) / std) @ weight + target_mean, dim=-1)
+            scores = torch.einsum("qd,pvd->qpv", queries, vectors).amax(-1)
+            found = positive_ranks(scores, targets).float()
+            for kind in QUERY_KINDS:
+                ranks[name][kind].append(found[torch.tensor([k == kind for k in kinds])])
+    return {
+        name: {kind: {"recall@1": (torch.cat(r) == 1).float().mean().item(), "mrr": (1 / torch.cat(r)).mean().item()}
+               for kind, r in per_kind.items()}
+        for name, per_kind in ranks.items()
+    }  # fmt: skip

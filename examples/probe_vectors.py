@@ -1,0 +1,73 @@
+"""How alike are a checkpoint's meta vectors? A probe of why a budget does or does not pay (CPU, a minute).
+
+    python examples/probe_vectors.py runs/quickstart/checkpoint
+
+On the quickstart's held-out pages and their queries, prints the mean cosine between the vectors of one input
+(near 1: the vectors are near-copies, so MaxSim over more of them adds nothing) and between the first vectors of
+different inputs, and Recall@1 at every budget of the checkpoint after removing each side's mean vector (a shared
+direction that every input carries does not rank anything).
+"""
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModel
+
+from metaembed.quickstart import QuickstartSettings, held_out_pages, load_data
+from training.evaluation import positive_ranks
+
+
+def within_input_cosine(embeddings: torch.Tensor) -> float:
+    """Mean cosine between two different vectors of the same input ([N, R, D] unit vectors)."""
+    count = embeddings.shape[1]
+    if count < 2:
+        return float("nan")
+    gram = embeddings @ embeddings.transpose(1, 2)
+    off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)
+    return (off_diagonal / (count * count - count)).mean().item()
+
+
+def across_inputs_cosine(embeddings: torch.Tensor) -> float:
+    """Mean cosine between the first vectors of two different inputs."""
+    first = embeddings[:, 0]
+    gram, count = first @ first.T, first.shape[0]
+    return ((gram.sum() - gram.diagonal().sum()) / (count * count - count)).item()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a quickstart checkpoint folder (its summary.json is one level up)")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    summary = json.loads((checkpoint.parent / "summary.json").read_text())
+    settings = QuickstartSettings(**summary["settings"])
+    if settings.task != "pages":
+        raise SystemExit(f"{checkpoint}: the probe reads the pages task; this checkpoint was trained on {settings.task!r}")
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    _, test_pairs = load_data(settings)
+    round_ = held_out_pages(test_pairs, settings)[0]
+    with torch.no_grad():
+        pages = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]])
+        queries = model.encode_queries(round_["queries"])
+    targets = torch.tensor(round_["targets"])
+    print(f"{checkpoint}: {len(round_['pages'])} held-out pages, {len(round_['queries'])} queries")
+    print(f"mean cosine between the vectors of one input: queries {within_input_cosine(queries):.3f}, "
+          f"pages {within_input_cosine(pages):.3f}")  # fmt: skip
+    print(f"mean cosine between the first vectors of different inputs: queries {across_inputs_cosine(queries):.3f}, "
+          f"pages {across_inputs_cosine(pages):.3f}")  # fmt: skip
+    centered_queries = torch.nn.functional.normalize(queries - queries.mean(0, keepdim=True), dim=-1)
+    centered_pages = torch.nn.functional.normalize(pages - pages.mean(0, keepdim=True), dim=-1)
+    print("| budget | Recall@1 | Recall@1, each side's mean vector removed |")
+    print("|---|---|---|")
+    for budget in settings.budgets:
+        plain = positive_ranks(model.similarity(queries, pages, budget=tuple(budget)), targets)
+        centered = positive_ranks(model.similarity(centered_queries, centered_pages, budget=tuple(budget)), targets)
+        print(f"| ({budget[0]}, {budget[1]}) | {(plain == 1).float().mean():.3f} | {(centered == 1).float().mean():.3f} |")
+
+
+if __name__ == "__main__":
+    main()
