@@ -4,11 +4,14 @@ Layout. Vectors are stored vector-major, `[R_c, capacity, D]`: vector j of every
 matrix. A budget r_c then reads exactly the first r_c matrices, N * r_c * D * bytes, with no copy, for every r_c.
 (The item-major `[N, R_c, D]` that `model.encode` returns is not: its prefix `[:, :r_c]` is strided.)
 
-Scoring (`modeling_metaembed.scoring_metaembed.scan_maxsim`): for a batch of queries widened to float32 (never
-rounded to the storage dtype), the stored vectors are widened tile by tile into one cache-sized float32 buffer and
-multiplied there (one GEMM per tile), then a max over r_c, a sum over r_q, and a running top-k over chunks. Every
-temporary is counted against `max_work_bytes`, so a search over a memory-mapped index far larger than RAM holds a
-bounded amount of anonymous memory.
+Scoring. Queries are scored in float32 (never rounded to the storage dtype). bf16 vectors on an x86-64 CPU are
+scanned by a compiled kernel (`metaembed.scan_kernel`: AMX tiles with the query split into three bf16 parts, or
+AVX2 FMAs on bf16 widened in registers), which keeps each query's top-k as it goes. Everything else (other
+dtypes, GPUs, other CPUs, or no compiler) uses `modeling_metaembed.scoring_metaembed.scan_maxsim`: the stored
+vectors widened tile by tile into one cache-sized float32 buffer and multiplied there (one GEMM per tile), then a
+max over r_c, a sum over r_q, and a running top-k over chunks. Every temporary of either is counted against
+`max_work_bytes`, so a search over a memory-mapped index far larger than RAM holds a bounded amount of anonymous
+memory.
 
 Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127). "binary" keeps,
 around a center c_j per vector tier (the mean of tier j over the first items added), the exact component of
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from metaembed import scan_kernel
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
 
 FORMAT = "metaembed-index/1"
@@ -387,7 +391,11 @@ class MetaEmbedIndex:
         return load
 
     def _scan_top(self, queries, r_c: int, k: int, query_batch_size: int, max_work_bytes: int) -> tuple:
-        """Top-k (scores [Q, k], positions [Q, k], on CPU) of a scan over the stored rows (codes when compressed)."""
+        """Top-k (scores [Q, k], positions [Q, k], on CPU) of a scan over the stored rows (codes when compressed):
+        bf16 on an x86-64 CPU by a compiled kernel (`metaembed.scan_kernel`), the rest by the torch scan."""
+        found = self._kernel_top(queries, r_c, k, query_batch_size, max_work_bytes)
+        if found is not None:
+            return found
         num_queries, r_q, _ = queries.shape
         step, tile, chunk = plan_scan(min(num_queries, query_batch_size), r_q, r_c, self.dim, max_work_bytes,
                                       self.device)  # fmt: skip
@@ -409,6 +417,29 @@ class MetaEmbedIndex:
             all_scores.append(best_scores.T.cpu())
             all_positions.append(best_positions.T.cpu())
         return torch.cat(all_scores), torch.cat(all_positions)
+
+    def _kernel_top(self, queries, r_c: int, k: int, query_batch_size: int, max_work_bytes: int) -> tuple | None:
+        """`_scan_top` by the compiled CPU kernel, or None where it does not apply (see `scan_kernel.choose`), the
+        queries are not finite (the torch scan then gives what torch gives), or its buffers for even one query
+        would not fit `max_work_bytes` (a very large k)."""
+        if self.compressed:
+            return None
+        kind = scan_kernel.choose(self._vectors, r_c, num_values=r_c * self._count * self.dim)
+        if kind == "torch" or not torch.isfinite(queries).all():
+            return None
+        num_queries, r_q, _ = queries.shape
+        step = min(num_queries, query_batch_size)
+        while step > 1 and scan_kernel.work_bytes(kind, step, r_q, self.dim, k) > max_work_bytes:
+            step = (step + 1) // 2
+        if scan_kernel.work_bytes(kind, step, r_q, self.dim, k) > max_work_bytes:
+            return None
+        scores, positions = [], []
+        for start in range(0, num_queries, step):
+            batch = queries[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
+            found = scan_kernel.top_k(kind, self._vectors, r_c, self._count, batch, k)
+            scores.append(found[0])
+            positions.append(found[1])
+        return torch.cat(scores), torch.cat(positions)
 
     def _rescore(self, queries, shortlists: torch.Tensor, r_c: int, k: int, max_work_bytes: int) -> SearchResult:
         """Exact MaxSim at (r_q = queries' vectors, r_c) of each query's shortlisted rows, from the full vectors;

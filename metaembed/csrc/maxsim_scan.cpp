@@ -1,0 +1,481 @@
+// MaxSim top-k of float32 queries over bf16 candidate vectors on x86-64 CPUs, with no float32 copy of the candidates.
+//
+//   score[q, i] = sum_{r < r_q} max_{j < r_c} <query[q, r], vectors[j, i]>,  top-k over i for every query q
+//
+// Two kernels, chosen by the caller (metaembed/scan_kernel.py) from what the CPU reports here (`cpu_features`):
+//
+// amx   Intel AMX (Sapphire Rapids and later). The candidates are the A operand of TDPBF16PS, loaded straight from
+//       the stored [r_c, N, D] bf16 rows (16 items x 32 dims per tile, no repacking). Each float32 query value is
+//       split into three bf16 parts, q = hi + mid + lo (each the bf16 rounding of what is left; the residual is
+//       below 2^-24 of q), packed once per search as B tiles. bf16 x bf16 products are exact in float32 and the
+//       tile unit accumulates in float32, so hi + mid + lo products give <q, c> with float32 rounding only: the
+//       scores of a float32 product, not of a bf16 one.
+// avx2  AVX2 + FMA (any x86-64 from Haswell / Zen on). Each 16 bf16 values are widened in registers (an unpack
+//       with zeros puts them in the high halves of float32 lanes, one shuffle per 8 values) and multiplied with
+//       FMAs by float32 queries whose dimensions were permuted once to the unpack order.
+//
+// Both read every candidate value once from memory, keep a running max over the r_c tiers per (item, query row) in
+// a small per-thread buffer, sum the r_q rows of each query, and offer the score to the thread's running top-k of
+// that query (a score below the k-th best so far costs one comparison). Threads: torch's intra-op pool
+// (at::parallel_for) over blocks of items; their lists are merged at the end. Temporaries: per thread, a few
+// hundred KB plus the top-k lists (Q x 2k entries).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__linux__)
+#define METAEMBED_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+constexpr int64_t kTileRows = 16;  // items (A) or query rows (B columns) per AMX tile
+constexpr int64_t kTileDims = 32;  // bf16 values per tile row: 64 bytes, one cache line
+constexpr int64_t kSplits = 3;     // bf16 parts of each float32 query value
+constexpr int64_t kTileBytes = 1024;
+
+#ifdef METAEMBED_X86
+
+bool os_saves_ymm() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 6u) == 6u;  // XMM and YMM state
+}
+
+bool has_avx2_fma() {
+    unsigned a, b, c, d;
+    if (!os_saves_ymm()) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 12))) return false;  // FMA
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return b & (1u << 5);  // AVX2
+}
+
+// AMX-BF16 and AMX-TILE in CPUID, and the kernel's permission to use the tile state (Linux asks each process to
+// request it: arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+bool enable_amx() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;  // AMX-BF16, AMX-TILE
+    constexpr long kGetPerm = 0x1022, kRequestPerm = 0x1023, kXtileData = 18;
+    if (syscall(SYS_arch_prctl, kRequestPerm, kXtileData) != 0) return false;
+    unsigned long granted = 0;
+    if (syscall(SYS_arch_prctl, kGetPerm, &granted) != 0) return false;
+    return granted & (1ul << kXtileData);
+}
+
+// ----------------------------------------------------------------------------------------------------------- AMX
+#define METAEMBED_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+};
+
+METAEMBED_AMX void configure_tiles() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+        config.rows[t] = kTileRows;
+        config.bytes_per_row[t] = kTileDims * 2;
+    }
+    // GCC 12 does not treat ldtilecfg as reading the struct and drops the stores above without this barrier.
+    __asm__ volatile("" : : "r"(&config) : "memory");
+    _tile_loadconfig(&config);
+}
+
+METAEMBED_AMX void release_tiles() { _tile_release(); }
+
+// The B operand: "virtual rows", each query row's three bf16 parts as three rows (v = part * rows + row), 16 per tile,
+// packed per row block as [D / 32][16 pairs of dimensions][16 virtual rows][2] bf16: 1 KB per 32 dimensions. Parts
+// of one row are separate columns of the product (no tile accumulates twice per step, so the tile unit's latency
+// never waits on itself); they are added when the tier is folded into the running max.
+
+// One tier of one item block, 48 items (3 A tiles) x 16 virtual rows (1 B tile); C stored as [48][16] float32.
+// a: item 0's first value; a_stride: bytes between items; q: one packed row block;
+// next (or nullptr): the 48 rows (next_stride bytes apart) to prefetch into L2 meanwhile, a line per row per step.
+METAEMBED_AMX void amx_tier_48x16(const char* a, int64_t a_stride, const char* q, int64_t k_steps, float* c,
+                                  const char* next, int64_t next_stride) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t k = 0; k < k_steps; ++k) {
+        const char* ak = a + 64 * k;
+        if (next != nullptr) {
+            for (int64_t m = 0; m < 48; ++m) _mm_prefetch(next + m * next_stride + 64 * k, _MM_HINT_T1);
+        }
+        _tile_loadd(7, q + kTileBytes * k, 64);
+        _tile_loadd(4, ak, a_stride);
+        _tile_dpbf16ps(0, 4, 7);
+        _tile_loadd(5, ak + 16 * a_stride, a_stride);
+        _tile_dpbf16ps(1, 5, 7);
+        _tile_loadd(6, ak + 32 * a_stride, a_stride);
+        _tile_dpbf16ps(2, 6, 7);
+    }
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 16 * 16, 64);
+    _tile_stored(2, c + 32 * 16, 64);
+}
+
+// One tier of one item block, 32 items (2 A tiles) x 32 virtual rows (2 B tiles: q0, q1); C stored as [32][c_stride]
+// float32 (c_stride >= 32 floats); next: as above, rows next_first, next_first + next_step, ... of 32 (the groups of
+// virtual rows of one tier share the prefetching of the next).
+METAEMBED_AMX void amx_tier_32x32(const char* a, int64_t a_stride, const char* q0, const char* q1, int64_t k_steps,
+                                  float* c, int64_t c_stride, const char* next, int64_t next_stride,
+                                  int64_t next_first, int64_t next_step) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < k_steps; ++k) {
+        const char* ak = a + 64 * k;
+        if (next != nullptr) {
+            for (int64_t m = next_first; m < 32; m += next_step) {
+                _mm_prefetch(next + m * next_stride + 64 * k, _MM_HINT_T1);
+            }
+        }
+        _tile_loadd(4, ak, a_stride);
+        _tile_loadd(6, q0 + kTileBytes * k, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, q1 + kTileBytes * k, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, ak + 16 * a_stride, a_stride);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    const int64_t bytes = c_stride * 4;
+    _tile_stored(0, c, bytes);
+    _tile_stored(1, c + 16, bytes);
+    _tile_stored(2, c + 16 * c_stride, bytes);
+    _tile_stored(3, c + 16 * c_stride + 16, bytes);
+}
+
+// One tier's products folded into the running max: best[i][r] = max(best[i][r], hi + mid + lo) (or set, first).
+METAEMBED_AMX void fold_tier(const float* dots, int64_t virtual_rows, int64_t rows, int64_t items, float* best,
+                             bool first) {
+    for (int64_t i = 0; i < items; ++i) {
+        const float* hi = dots + i * virtual_rows;
+        const float* mid = hi + rows;
+        const float* lo = mid + rows;
+        float* running = best + i * rows;
+        if (first) {
+            for (int64_t r = 0; r < rows; ++r) running[r] = hi[r] + mid[r] + lo[r];
+        } else {
+            for (int64_t r = 0; r < rows; ++r) running[r] = std::max(running[r], hi[r] + mid[r] + lo[r]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------- AVX2
+#define METAEMBED_AVX2 __attribute__((target("avx2,fma")))
+
+METAEMBED_AVX2 inline float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Dot products of 2 candidate vectors (bf16) with ROWS query rows (float32, permuted to the unpack order):
+// out[c * ROWS + r] = <cand_c, q_r>. With one or two rows, the low and high halves accumulate apart (more
+// independent FMA chains). next (or nullptr): two vectors (stride apart) to prefetch meanwhile.
+template <int ROWS>
+METAEMBED_AVX2 void avx2_dots(const uint16_t* c0, const uint16_t* c1, const float* q, int64_t dim, float* out,
+                              const uint16_t* next, int64_t stride) {
+    constexpr bool apart = ROWS <= 2;
+    __m256 acc0[ROWS], acc1[ROWS], high_acc0[ROWS], high_acc1[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = high_acc0[r] = high_acc1[r] = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t d = 0; d < dim; d += 16) {
+        if (next != nullptr && d % 32 == 0) {
+            _mm_prefetch(reinterpret_cast<const char*>(next + d), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(next + stride + d), _MM_HINT_T1);
+        }
+        const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + d));
+        const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + d));
+        const __m256 low0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw0));
+        const __m256 high0 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw0));
+        const __m256 low1 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw1));
+        const __m256 high1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw1));
+        for (int r = 0; r < ROWS; ++r) {
+            const __m256 q_low = _mm256_loadu_ps(q + r * dim + d);
+            const __m256 q_high = _mm256_loadu_ps(q + r * dim + d + 8);
+            acc0[r] = _mm256_fmadd_ps(low0, q_low, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(low1, q_low, acc1[r]);
+            if (apart) {
+                high_acc0[r] = _mm256_fmadd_ps(high0, q_high, high_acc0[r]);
+                high_acc1[r] = _mm256_fmadd_ps(high1, q_high, high_acc1[r]);
+            } else {
+                acc0[r] = _mm256_fmadd_ps(high0, q_high, acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(high1, q_high, acc1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+        out[r] = horizontal_sum(_mm256_add_ps(acc0[r], high_acc0[r]));
+        out[ROWS + r] = horizontal_sum(_mm256_add_ps(acc1[r], high_acc1[r]));
+    }
+}
+
+#endif  // METAEMBED_X86
+
+void check_inputs(const torch::Tensor& vectors, int64_t r_c, int64_t count, int64_t k) {
+    TORCH_CHECK(vectors.device().is_cpu() && vectors.scalar_type() == torch::kBFloat16 && vectors.dim() == 3,
+                "vectors must be a CPU bf16 tensor [R, N, D]");
+    TORCH_CHECK(vectors.stride(2) == 1, "vectors must have contiguous rows");
+    TORCH_CHECK(1 <= r_c && r_c <= vectors.size(0), "r_c out of range");
+    TORCH_CHECK(1 <= count && count <= vectors.size(1), "count out of range");
+    TORCH_CHECK(1 <= k && k <= count, "k must be in 1..count");
+}
+
+using Entry = std::pair<float, int64_t>;  // (score, item)
+
+// The running top-k of every query within one thread's share of the items: scores are appended while they beat the
+// k-th best kept so far; when the buffer is full it is cut back to its best k (nth_element), raising the bar.
+class RunningTop {
+   public:
+    RunningTop(int64_t num_queries, int64_t k)
+        : k_(k), capacity_(std::max<int64_t>(2 * k, k + 64)), lists_(num_queries),
+          bars_(num_queries, -std::numeric_limits<float>::infinity()), totals_(num_queries) {
+        for (auto& list : lists_) list.reserve(capacity_);
+    }
+
+    // out[i, q] = sum over the r_q rows of query q of best[i][row]: item first + i's scores, offered to the lists.
+    // A list takes every score until it first fills (its bar is -inf), then only scores above its k-th best.
+    void offer(const float* best, int64_t row_stride, int64_t items, int64_t r_q, int64_t first) {
+        const int64_t num_queries = static_cast<int64_t>(lists_.size());
+        for (int64_t i = 0; i < items; ++i) {
+            const float* row = best + i * row_stride;
+            const float* totals = row;
+            if (r_q > 1) {
+                for (int64_t q = 0; q < num_queries; ++q) {
+                    float total = 0.0f;
+                    for (int64_t r = 0; r < r_q; ++r) total += row[q * r_q + r];
+                    totals_[q] = total;
+                }
+                totals = totals_.data();
+            }
+            bool any = false;  // the usual case once the bars have risen: nothing to insert (a vectorised test)
+            for (int64_t q = 0; q < num_queries; ++q) any |= totals[q] > bars_[q];
+            if (!any) continue;
+            for (int64_t q = 0; q < num_queries; ++q) {
+                if (totals[q] > bars_[q]) {
+                    auto& list = lists_[q];
+                    list.emplace_back(totals[q], first + i);
+                    if (static_cast<int64_t>(list.size()) == capacity_) cut(list, bars_[q]);
+                }
+            }
+        }
+    }
+
+    void cut(std::vector<Entry>& list, float& bar) const {
+        std::nth_element(list.begin(), list.begin() + (k_ - 1), list.end(), std::greater<Entry>());
+        list.resize(k_);
+        bar = list.back().first;
+    }
+
+    std::vector<std::vector<Entry>>& lists() { return lists_; }
+
+   private:
+    int64_t k_, capacity_;
+    std::vector<std::vector<Entry>> lists_;
+    std::vector<float> bars_, totals_;
+};
+
+// Every thread's lists merged: (scores [Q, k] float32 descending, positions [Q, k] int64).
+std::vector<torch::Tensor> merge(std::vector<std::vector<Entry>>& lists, int64_t num_queries, int64_t k) {
+    auto scores = torch::empty({num_queries, k}, torch::kFloat32);
+    auto positions = torch::empty({num_queries, k}, torch::kInt64);
+    float* s = scores.data_ptr<float>();
+    int64_t* p = positions.data_ptr<int64_t>();
+    for (int64_t q = 0; q < num_queries; ++q) {
+        std::vector<Entry> all;
+        for (size_t t = q; t < lists.size(); t += num_queries) all.insert(all.end(), lists[t].begin(), lists[t].end());
+        TORCH_CHECK(static_cast<int64_t>(all.size()) >= k,
+                    "fewer than k finite scores: the index or the queries hold NaN or inf");
+        std::partial_sort(all.begin(), all.begin() + k, all.end(), std::greater<Entry>());
+        for (int64_t i = 0; i < k; ++i) {
+            s[q * k + i] = all[i].first;
+            p[q * k + i] = all[i].second;
+        }
+    }
+    return {scores, positions};
+}
+
+// Runs block(b, first, last_block_of_this_thread, best, top) over item blocks in parallel; collects the lists.
+template <class Block>
+std::vector<torch::Tensor> run_blocks(int64_t blocks, int64_t num_queries, int64_t k, const Block& block) {
+    std::mutex mutex;
+    std::vector<std::vector<Entry>> lists;  // thread-major: lists[t * Q + q]
+    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+        RunningTop top(num_queries, k);
+        block(first, last, top);
+        std::lock_guard<std::mutex> guard(mutex);
+        for (auto& list : top.lists()) lists.push_back(std::move(list));
+    });
+    return merge(lists, num_queries, k);
+}
+
+}  // namespace
+
+// [avx2 + fma usable, amx-bf16 usable (permission granted)]: what this CPU and operating system let the kernels use.
+std::vector<bool> cpu_features() {
+#ifdef METAEMBED_X86
+    return {has_avx2_fma(), enable_amx()};
+#else
+    return {false, false};
+#endif
+}
+
+// Top-k of Q queries by MaxSim over items 0..count of `vectors` at budget (r_q, r_c), with AMX.
+// query_parts: [row_blocks, D / 32, 16, 32] bf16: the packed virtual rows (part * Q * r_q + row: hi, mid and lo
+// parts of every row; zero beyond 3 * Q * r_q; an even number of row blocks when more than one).
+// Returns (scores [Q, k], positions [Q, k]).
+std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                   const torch::Tensor& query_parts, int64_t num_queries, int64_t r_q, int64_t k) {
+    check_inputs(vectors, r_c, count, k);
+#ifdef METAEMBED_X86
+    const int64_t dim = vectors.size(2), k_steps = dim / kTileDims, row_blocks = query_parts.size(0);
+    const int64_t rows = num_queries * r_q;
+    TORCH_CHECK(dim % kTileDims == 0, "the AMX kernel needs D a multiple of 32");
+    TORCH_CHECK(query_parts.scalar_type() == torch::kBFloat16 && query_parts.is_contiguous() &&
+                    query_parts.dim() == 4 && query_parts.size(1) == k_steps && query_parts.size(2) == kTileRows &&
+                    query_parts.size(3) == kTileDims && row_blocks * kTileRows >= kSplits * rows &&
+                    (row_blocks == 1 || row_blocks % 2 == 0),
+                "query_parts has the wrong shape");
+    const bool narrow = row_blocks == 1;  // 48 items x 16 virtual rows per tile product, else 32 x 32
+    const int64_t block_items = narrow ? 48 : 32, group_rows = narrow ? 16 : 32;
+    const int64_t virtual_rows = row_blocks * kTileRows, blocks = (count + block_items - 1) / block_items;
+    const int64_t item_stride = vectors.stride(1) * 2, tier_stride = vectors.stride(0) * 2;  // bytes
+    const int64_t block_bytes = k_steps * kTileBytes;                                      // one row block
+    const char* base = reinterpret_cast<const char*>(vectors.data_ptr());
+    const char* parts = reinterpret_cast<const char*>(query_parts.data_ptr());
+    // The rows of (block b, tier j), or nullptr for a partial block (copied, zero-padded, by the caller).
+    auto rows_of = [&](int64_t b, int64_t j) -> const char* {
+        if (b * block_items + block_items > count) return nullptr;
+        return base + j * tier_stride + b * block_items * item_stride;
+    };
+    return run_blocks(blocks, num_queries, k, [&](int64_t first, int64_t last, RunningTop& top) {
+        configure_tiles();
+        // dots: one tier's products [items][virtual rows]; best: the running max over tiers [items][rows].
+        std::vector<float> dots(block_items * virtual_rows), best(block_items * rows);
+        std::vector<char> padded;
+        for (int64_t b = first; b < last; ++b) {
+            const int64_t items = std::min(block_items, count - b * block_items);
+            for (int64_t j = 0; j < r_c; ++j) {
+                const char* a = rows_of(b, j);
+                int64_t a_stride = item_stride;
+                if (a == nullptr) {
+                    padded.assign(block_items * dim * 2, 0);
+                    const char* source = base + j * tier_stride + b * block_items * item_stride;
+                    for (int64_t i = 0; i < items; ++i) {
+                        std::memcpy(&padded[i * dim * 2], source + i * item_stride, dim * 2);
+                    }
+                    a = padded.data();
+                    a_stride = dim * 2;
+                }
+                // Prefetched into L2 while this tier is multiplied: the next tier, or the next block's first.
+                const char* next = j + 1 < r_c ? rows_of(b, j + 1) : b + 1 < last ? rows_of(b + 1, 0) : nullptr;
+                if (narrow) {
+                    amx_tier_48x16(a, a_stride, parts, k_steps, dots.data(), next, item_stride);
+                } else {
+                    for (int64_t g = 0; g < virtual_rows / group_rows; ++g) {
+                        const char* q0 = parts + 2 * g * block_bytes;
+                        amx_tier_32x32(a, a_stride, q0, q0 + block_bytes, k_steps, dots.data() + g * group_rows,
+                                       virtual_rows, next, item_stride, g, virtual_rows / group_rows);
+                    }
+                }
+                fold_tier(dots.data(), virtual_rows, rows, items, best.data(), j == 0);
+            }
+            top.offer(best.data(), rows, items, r_q, b * block_items);
+        }
+        release_tiles();
+    });
+#else
+    TORCH_CHECK(false, "the AMX kernel needs an x86-64 Linux build");
+#endif
+}
+
+// Top-k of Q queries by MaxSim over items 0..count of `vectors` at budget (r_q, r_c), with AVX2 + FMA.
+// query_rows: [rows, D] float32, rows >= Q * r_q a multiple of `row_group` (1, 2 or 4; zero rows beyond), each
+// row's dimensions permuted within every 16 to the unpack order (0-3, 8-11, then 4-7, 12-15).
+std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                    const torch::Tensor& query_rows, int64_t num_queries, int64_t r_q,
+                                    int64_t row_group, int64_t k) {
+    check_inputs(vectors, r_c, count, k);
+#ifdef METAEMBED_X86
+    const int64_t dim = vectors.size(2), rows = query_rows.size(0);
+    TORCH_CHECK(dim % 16 == 0, "the AVX2 kernel needs D a multiple of 16");
+    TORCH_CHECK(row_group == 1 || row_group == 2 || row_group == 4, "row_group must be 1, 2 or 4");
+    TORCH_CHECK(query_rows.scalar_type() == torch::kFloat32 && query_rows.is_contiguous() && query_rows.dim() == 2 &&
+                    query_rows.size(1) == dim && rows >= num_queries * r_q && rows % row_group == 0,
+                "query_rows has the wrong shape");
+    // 4 items (8 KB of bf16 at D = 1,024) and one group of 4 query rows (16 KB) stay in L1 while the groups pass.
+    constexpr int64_t block_items = 4;
+    const int64_t blocks = (count + block_items - 1) / block_items;
+    const int64_t item_stride = vectors.stride(1), tier_stride = vectors.stride(0);  // elements
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(vectors.data_ptr());
+    const float* queries = query_rows.data_ptr<float>();
+    return run_blocks(blocks, num_queries, k, [&](int64_t first, int64_t last, RunningTop& top) {
+        std::vector<float> best(block_items * rows);
+        float dots[8];
+        for (int64_t b = first; b < last; ++b) {
+            const int64_t items = std::min(block_items, count - b * block_items);
+            for (int64_t j = 0; j < r_c; ++j) {
+                const uint16_t* tier = base + j * tier_stride + b * block_items * item_stride;
+                // Prefetched while this tier is multiplied: the next tier, or the next block's first.
+                const uint16_t* next = j + 1 < r_c ? tier + tier_stride
+                                       : b + 1 < last ? base + (b + 1) * block_items * item_stride : nullptr;
+                for (int64_t g = 0; g < rows; g += row_group) {
+                    const float* q = queries + g * dim;
+                    for (int64_t i = 0; i < items; i += 2) {
+                        const uint16_t* c0 = tier + i * item_stride;
+                        const uint16_t* c1 = i + 1 < items ? c0 + item_stride : c0;
+                        const uint16_t* n0 = g == 0 && next != nullptr ? next + i * item_stride : nullptr;
+                        if (row_group == 4) {
+                            avx2_dots<4>(c0, c1, q, dim, dots, n0, item_stride);
+                        } else if (row_group == 2) {
+                            avx2_dots<2>(c0, c1, q, dim, dots, n0, item_stride);
+                        } else {
+                            avx2_dots<1>(c0, c1, q, dim, dots, n0, item_stride);
+                        }
+                        for (int64_t c = 0; c < 2 && i + c < items; ++c) {
+                            float* dst = best.data() + (i + c) * rows + g;
+                            for (int64_t r = 0; r < row_group; ++r) {
+                                const float v = dots[c * row_group + r];
+                                dst[r] = j == 0 ? v : std::max(dst[r], v);
+                            }
+                        }
+                    }
+                }
+            }
+            top.offer(best.data(), rows, items, r_q, b * block_items);
+        }
+    });
+#else
+    TORCH_CHECK(false, "the AVX2 kernel needs an x86-64 Linux build");
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("cpu_features", &cpu_features, "[avx2 + fma usable, amx-bf16 usable (permission granted)]");
+    m.def("top_amx", &top_amx, "MaxSim top-k with AMX tiles", py::call_guard<py::gil_scoped_release>());
+    m.def("top_avx2", &top_avx2, "MaxSim top-k with AVX2 + FMA", py::call_guard<py::gil_scoped_release>());
+}

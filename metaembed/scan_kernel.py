@@ -1,0 +1,176 @@
+"""A compiled MaxSim scan for bf16 indexes on x86-64 CPUs (`csrc/maxsim_scan.cpp`), and the choice of kernel.
+
+`MetaEmbedIndex` scans bf16 vectors on CPU with one of:
+
+- ``"amx"``: Intel AMX tiles (CPUs with AMX-BF16, e.g. Sapphire Rapids): the stored bf16 rows are multiplied as
+  they are, by the float32 queries split into three bf16 parts (hi + mid + lo = the float32 value), with float32
+  accumulation: a float32 product without widening a single candidate value in memory.
+- ``"avx2"``: AVX2 + FMA (any other x86-64 CPU from Haswell / Zen on): bf16 widened to float32 in registers.
+- ``"torch"``: the pure-torch tiled scan (`modeling_metaembed.scoring_metaembed.scan_maxsim`), used whenever no
+  kernel applies: another architecture, another storage dtype, a GPU, D not a multiple of 32 (AMX) / 16 (AVX2),
+  or a kernel that cannot be compiled here (no compiler: a warning names the reason, once).
+
+The kernel is compiled on first use with `torch.utils.cpp_extension` (g++ and ninja; about a minute, cached under
+`~/.cache/torch_extensions`), and only for scans that read at least `KERNEL_FROM_BYTES` (small ones gain nothing).
+`METAEMBED_CPU_KERNEL` = ``auto`` (default), ``amx``, ``avx2`` or ``torch`` forces a choice (``amx`` / ``avx2`` for
+every size; a forced kernel the CPU lacks falls back to the next one available).
+"""
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "maxsim_scan.cpp"
+ENVIRONMENT = "METAEMBED_CPU_KERNEL"
+CHOICES = ("auto", "amx", "avx2", "torch")
+# Scans reading fewer bytes than this use the torch scan in "auto" mode (and never trigger a compilation).
+KERNEL_FROM_BYTES = 16 * 2**20
+# AMX: bytes of packed query parts (Q * r_q * D * 6) per pass over the index. They stay in a core's L2 while the
+# tiles stream the candidates; a larger batch is scanned in several passes (compute-bound there, so a re-read of
+# the index costs less than missing L2 on every query tile).
+AMX_PART_BYTES_PER_PASS = 2**20
+# AVX2: bytes of float32 query rows per pass (Q * r_q * D * 4), for the same reason.
+AVX2_ROW_BYTES_PER_PASS = 2**19
+_SPLITS, _TILE_ROWS, _TILE_DIMS = 3, 16, 32
+# Within each 16 dimensions, the order in which the AVX2 kernel's unpack widens bf16 values.
+_UNPACK_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
+
+_lock = threading.Lock()
+_state = {}  # "module": the compiled extension or None, "features": {"avx2": bool, "amx": bool}
+
+
+def compiled():
+    """The compiled extension, built on first call; None (with one warning) where it cannot be built or loaded."""
+    with _lock:
+        if "module" not in _state:
+            _state["module"], _state["features"] = None, {"avx2": False, "amx": False}
+            try:
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" notice
+                from torch.utils.cpp_extension import load
+
+                module = load(name="metaembed_maxsim_scan", sources=[str(SOURCE)], verbose=False,
+                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
+                avx2, amx = module.cpu_features()
+                _state["module"], _state["features"] = module, {"avx2": bool(avx2), "amx": bool(amx)}
+            except Exception as error:  # noqa: BLE001 - any build or load failure means: use the torch scan
+                reason = f"{type(error).__name__}: {str(error).strip()[-300:]}"
+                warnings.warn(f"the compiled CPU MaxSim scan is unavailable ({reason}); searching with the pure-torch "
+                              "scan", stacklevel=3)  # fmt: skip
+    return _state["module"]
+
+
+def features() -> dict:
+    """{"avx2": bool, "amx": bool}: what the compiled kernels may use on this CPU (both False without them)."""
+    compiled()
+    return dict(_state["features"])
+
+
+def choose(vectors: torch.Tensor, r_c: int, num_values: int | None = None) -> str:
+    """The kernel a scan of `vectors` ([R, N, D] as stored) at candidate budget `r_c` runs: "amx", "avx2" or
+    "torch". `num_values` (default r_c * N * D) decides "auto" mode's size threshold."""
+    wanted = os.environ.get(ENVIRONMENT, "auto").strip().lower() or "auto"
+    if wanted not in CHOICES:
+        raise ValueError(f"{ENVIRONMENT} must be one of {CHOICES}, got {wanted!r}")
+    if wanted == "torch" or vectors.device.type != "cpu" or vectors.dtype != torch.bfloat16 or vectors.stride(2) != 1:
+        return "torch"
+    dim = vectors.shape[2]
+    if num_values is None:
+        num_values = r_c * vectors.shape[1] * dim
+    if wanted == "auto" and 2 * num_values < KERNEL_FROM_BYTES:
+        return "torch"
+    if compiled() is None:
+        return "torch"
+    usable = [kind for kind, divisor in (("amx", _TILE_DIMS), ("avx2", 16))
+              if _state["features"][kind] and dim % divisor == 0]  # fmt: skip
+    if wanted in usable:
+        return wanted
+    return usable[0] if usable else "torch"
+
+
+def amx_query_parts(queries: torch.Tensor) -> torch.Tensor:
+    """[row blocks, D / 32, 16, 32] bf16: the AMX kernel's B tiles. Each float32 query row ([Q, r_q, D]) is split
+    into three bf16 parts, hi = bf16(q), mid = bf16(q - hi), lo = bf16(q - hi - mid), which become three "virtual
+    rows" (part * rows + row: all hi parts, then all mid, then all lo); each tile holds 16 virtual rows x 32
+    dimensions, pairs of consecutive dimensions side by side (the VNNI layout); zero rows pad to whole (and, beyond
+    one, an even number of) blocks."""
+    rows, dim = queries.shape[0] * queries.shape[1], queries.shape[2]
+    remainder = queries.reshape(rows, dim).float()
+    parts = []
+    for _ in range(_SPLITS):
+        part = remainder.to(torch.bfloat16)
+        parts.append(part)
+        remainder = remainder - part.float()  # exact: a float32 value minus its bf16 rounding
+    virtual = torch.cat(parts)  # [3 * rows, D]: row p * rows + r is part p of query row r
+    blocks = -(-virtual.shape[0] // _TILE_ROWS)
+    blocks += blocks % 2 if blocks > 1 else 0
+    padded = torch.zeros(blocks * _TILE_ROWS, dim, dtype=torch.bfloat16)
+    padded[: virtual.shape[0]] = virtual
+    # [block, n, k, pair, t] -> [block, k, pair, n, t]: tile row `pair` holds dims 2 pair, 2 pair + 1 of each row n
+    tiles = padded.view(blocks, _TILE_ROWS, dim // _TILE_DIMS, _TILE_DIMS // 2, 2)
+    return tiles.permute(0, 2, 3, 1, 4).contiguous().view(blocks, dim // _TILE_DIMS, _TILE_ROWS, _TILE_DIMS)
+
+
+def avx2_query_rows(queries: torch.Tensor) -> tuple:
+    """(rows [rows', D] float32, rows per group): the query rows with each 16 dimensions permuted to the AVX2
+    kernel's unpack order, zero rows padding to a multiple of the group (1, 2 or 4 rows per register block)."""
+    rows, dim = queries.shape[0] * queries.shape[1], queries.shape[2]
+    group = 1 if rows == 1 else 2 if rows == 2 else 4
+    padded = torch.zeros(-(-rows // group) * group, dim)
+    padded[:rows] = queries.reshape(rows, dim)
+    order = (torch.arange(dim) // 16 * 16 + _UNPACK_ORDER.repeat(dim // 16)).long()
+    return padded[:, order].contiguous(), group
+
+
+def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int) -> tuple:
+    """(scores [Q, k] float32 descending, positions [Q, k] int64): the top-k by MaxSim of each query ([Q, r_q, D]
+    float32) over items 0..count of `vectors` ([R, N, D] bf16 on CPU, rows contiguous) at candidate budget r_c,
+    computed by the compiled kernel `kind` ("amx" or "avx2"), the top-k kept as the scan goes (no score block)."""
+    module = compiled()
+    num_queries, r_q, dim = queries.shape
+    per_pass = max(1, _per_pass_bytes(kind) // (_value_bytes(kind) * r_q * dim))
+    scores, positions = [], []
+    for first in range(0, num_queries, per_pass):
+        part = queries[first : first + per_pass]
+        if kind == "amx":
+            found = module.top_amx(vectors, r_c, count, amx_query_parts(part), part.shape[0], r_q, k)
+        else:
+            rows, group = avx2_query_rows(part)
+            found = module.top_avx2(vectors, r_c, count, rows, part.shape[0], r_q, group, k)
+        scores.append(found[0])
+        positions.append(found[1])
+    return torch.cat(scores), torch.cat(positions)
+
+
+def _per_pass_bytes(kind: str) -> int:
+    return AMX_PART_BYTES_PER_PASS if kind == "amx" else AVX2_ROW_BYTES_PER_PASS
+
+
+def _value_bytes(kind: str) -> int:  # bytes per query value as the kernel reads it
+    return _SPLITS * 2 if kind == "amx" else 4
+
+
+def work_bytes(kind: str, num_queries: int, r_q: int, dim: int, k: int) -> int:
+    """An upper bound on what a `top_k` call allocates besides its result: one pass's packed queries (and the
+    copies made while packing them), and per thread the running top-k lists and the block buffers."""
+    per_pass = min(num_queries, max(1, _per_pass_bytes(kind) // (_value_bytes(kind) * r_q * dim)))
+    rows = per_pass * r_q
+    if kind == "amx":  # float32 remainders, three bf16 parts, their concatenation, padding and tile layout
+        packing = rows * dim * (3 * 4 + 4 * 2 * _SPLITS) + 2 * _TILE_ROWS * dim * 2
+        block = 48 * (_SPLITS * rows + 2 * _TILE_ROWS) * 4 + 48 * rows * 4 + 48 * dim * 2 + rows * 4
+    else:  # the padded rows, their permuted copy, the permutation
+        packing = 2 * (rows + 3) * dim * 4 + dim * 8 * 2
+        block = 4 * (rows + 3) * 4 + rows * 4
+    lists = (per_pass + 1) * max(2 * k, k + 64) * 16
+    return packing + torch.get_num_threads() * (lists + block)
+
+
+__all__ = ["choose", "top_k", "work_bytes", "compiled", "features", "amx_query_parts", "avx2_query_rows"]
+
+
+if __name__ == "__main__":  # python -m metaembed.scan_kernel: build the kernel now and say what this CPU runs
+    print(f"kernels usable here: {features()}; a bf16 index of D = 1,024 is scanned with "
+          f"{choose(torch.empty(1, 1, 1024, dtype=torch.bfloat16), 1, num_values=KERNEL_FROM_BYTES)!r}")

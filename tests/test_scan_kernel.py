@@ -1,0 +1,157 @@
+"""The compiled CPU MaxSim kernels (`metaembed.scan_kernel`): each one this CPU can run, forced through
+METAEMBED_CPU_KERNEL, returns the top-k of the pure-torch scan (same ids, float32-close scores) at every budget and
+awkward size; the AMX query split is exact to float32; and when the kernel cannot be built the search falls back to
+the torch scan with a warning and the same results."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+from metaembed import scan_kernel
+from metaembed.index import MetaEmbedIndex
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler: the kernel cannot be built here")  # fmt: skip
+
+
+def kernels() -> list:
+    """The kernels this machine runs (the AVX2 one also runs on AVX-512 / AMX CPUs, so it is tested there too)."""
+    if scan_kernel.compiled() is None:
+        pytest.fail("g++ is installed but the scan kernel did not build (see the warning)")
+    return [kind for kind, usable in scan_kernel.features().items() if usable]
+
+
+def random_index(count: int, num_vectors: int, dim: int, seed: int = 0) -> MetaEmbedIndex:
+    generator = torch.Generator().manual_seed(seed)
+    index = MetaEmbedIndex(dim, num_vectors)
+    index.add(torch.nn.functional.normalize(torch.randn(count, num_vectors, dim, generator=generator), dim=-1))
+    return index
+
+
+def search_with(monkeypatch, kind: str, index, queries, budget, k, **kwargs):
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, kind)
+    assert scan_kernel.choose(index.codes, budget[1]) == kind
+    return index.search(queries, budget=budget, k=k, **kwargs)
+
+
+def assert_same_top(found, expected) -> None:
+    """Same ids per query, each with a float32-close score, in descending order (items whose scores differ by float32
+    rounding alone may come in either order)."""
+    order, expected_order = found.positions.sort(dim=1), expected.positions.sort(dim=1)
+    assert torch.equal(order.values, expected_order.values)
+    torch.testing.assert_close(found.scores.gather(1, order.indices), expected.scores.gather(1, expected_order.indices),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert torch.all(found.scores[:, 1:] <= found.scores[:, :-1])
+
+
+@needs_compiler
+@pytest.mark.parametrize("count, dim", [(301, 64), (1000, 96), (97, 1024)])
+@pytest.mark.parametrize("budget", [(1, 1), (3, 2), (4, 8), (16, 8)])
+def test_kernels_return_the_torch_scans_top_k(monkeypatch, count, dim, budget):
+    index = random_index(count, 8, dim)
+    queries = torch.randn(5, 16, dim, generator=torch.Generator().manual_seed(1))
+    for kind in kernels():
+        for k in (1, 10, count):
+            expected = search_with(monkeypatch, "torch", index, queries, budget, k)
+            found = search_with(monkeypatch, kind, index, queries, budget, k)
+            assert_same_top(found, expected)
+
+
+@needs_compiler
+def test_kernels_in_several_passes_and_query_batches(monkeypatch):
+    index = random_index(500, 4, 64)
+    queries = torch.randn(37, 4, 64, generator=torch.Generator().manual_seed(2))
+    expected = search_with(monkeypatch, "torch", index, queries, (4, 4), 10)
+    monkeypatch.setattr(scan_kernel, "AMX_PART_BYTES_PER_PASS", 1)  # one query per pass
+    monkeypatch.setattr(scan_kernel, "AVX2_ROW_BYTES_PER_PASS", 3 * 4 * 4 * 64)  # three queries per pass
+    for kind in kernels():
+        assert_same_top(search_with(monkeypatch, kind, index, queries, (4, 4), 10, query_batch_size=5), expected)
+
+
+@needs_compiler
+def test_kernels_on_a_memory_mapped_index_and_in_two_stage_search(monkeypatch, tmp_path):
+    random_index(700, 8, 128).save(tmp_path / "index")
+    index = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
+    queries = torch.randn(3, 8, 128, generator=torch.Generator().manual_seed(3))
+    expected = search_with(monkeypatch, "torch", index, queries, (8, 8), 10)
+    two_stage = index.search_two_stage(queries, (8, 8), k=10, shortlist=50)
+    for kind in kernels():
+        assert_same_top(search_with(monkeypatch, kind, index, queries, (8, 8), 10), expected)
+        assert torch.equal(index.search_two_stage(queries, (8, 8), k=10, shortlist=50).positions, two_stage.positions)
+
+
+@needs_compiler
+def test_amx_query_parts_add_up_to_the_float32_queries():
+    queries = torch.randn(3, 5, 64) * torch.logspace(-3, 3, 64)
+    parts = scan_kernel.amx_query_parts(queries)  # [blocks, D / 32, 16 pairs, 32 = 16 rows x 2]
+    rows = 15
+    virtual = parts.view(parts.shape[0], 2, 16, 16, 2).permute(0, 3, 1, 2, 4).reshape(-1, 64)[: 3 * rows].float()
+    hi, mid, lo = virtual.view(3, rows, 64)
+    total = (hi.double() + mid.double() + lo.double()).view(3, 5, 64)
+    assert torch.all((total - queries.double()).abs() <= 2.0**-24 * queries.double().abs())
+    assert torch.equal(hi, queries.reshape(rows, 64).bfloat16().float())
+
+
+def test_choice_of_kernel(monkeypatch):
+    index = random_index(50, 2, 64)
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, "auto")
+    assert scan_kernel.choose(index.codes, 2) == "torch"  # too small to gain anything (and to compile for)
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, "torch")
+    assert scan_kernel.choose(torch.zeros(1, 10**6, 64, dtype=torch.bfloat16), 1) == "torch"
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, "avx2")
+    assert scan_kernel.choose(torch.zeros(1, 10, 64), 1) == "torch"  # float32 storage: the torch scan
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, "fast")
+    with pytest.raises(ValueError, match="METAEMBED_CPU_KERNEL"):
+        scan_kernel.choose(index.codes, 2)
+
+
+@pytest.mark.parametrize("features, dim, wanted, chosen", [
+    ({"avx2": True, "amx": True}, 1024, "auto", "amx"),  # Sapphire Rapids and later
+    ({"avx2": True, "amx": True}, 48, "auto", "avx2"),  # AMX tiles take 32 dimensions at a time
+    ({"avx2": True, "amx": False}, 1024, "auto", "avx2"),  # AVX2-only CPUs (Zen 3, Haswell ... Ice Lake)
+    ({"avx2": True, "amx": False}, 1024, "amx", "avx2"),  # a forced kernel the CPU lacks: the next one
+    ({"avx2": False, "amx": False}, 1024, "auto", "torch"),  # neither (or not x86-64)
+    ({"avx2": True, "amx": True}, 40, "auto", "torch"),  # D not a multiple of 16
+])  # fmt: skip
+def test_kernel_chosen_by_what_the_cpu_reports(monkeypatch, features, dim, wanted, chosen):
+    monkeypatch.setattr(scan_kernel, "_state", {"module": object(), "features": features})  # as cpu_features() says
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, wanted)
+    vectors = torch.empty(1, 1, dim, dtype=torch.bfloat16)
+    assert scan_kernel.choose(vectors, 1, num_values=scan_kernel.KERNEL_FROM_BYTES) == chosen
+
+
+@needs_compiler
+def test_non_finite_queries_and_large_k_use_the_torch_scan(monkeypatch):
+    index = random_index(400, 2, 64)
+    for kind in kernels():
+        monkeypatch.setenv(scan_kernel.ENVIRONMENT, kind)
+        queries = torch.randn(2, 2, 64)
+        queries[1, 0, 3] = float("nan")
+        assert index._kernel_top(queries, 2, 10, 64, 2**26) is None
+        assert index._kernel_top(queries[:1], 2, 400, 64, 2**15) is None  # its top-k lists would not fit
+        found = index.search(queries[:1], (2, 2), k=400, max_work_bytes=2**17)
+        monkeypatch.setenv(scan_kernel.ENVIRONMENT, "torch")
+        assert_same_top(found, index.search(queries[:1], (2, 2), k=400, max_work_bytes=2**17))
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_to_the_torch_scan(monkeypatch):
+    index = random_index(300, 4, 64)
+    queries = torch.randn(2, 4, 64)
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, "torch")
+    expected = index.search(queries, (4, 4), k=10)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(scan_kernel, "_state", {})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, "amx")
+    with pytest.warns(UserWarning, match="pure-torch scan"):
+        assert scan_kernel.choose(index.codes, 4) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not at every search
+        assert_same_top(index.search(queries, (4, 4), k=10), expected)
+    assert scan_kernel.features() == {"avx2": False, "amx": False}
