@@ -1,24 +1,29 @@
 """MetaEmbedIndex scoring speed against the machine's floor and against other scorers, in one run.
 
     python benchmarks/index_scoring.py                       # CPU: N = 20,000, D = 1,024, bf16 storage
+    python benchmarks/index_scoring.py --kernel avx2         # force the AVX2 kernel (or amx, torch)
     python benchmarks/index_scoring.py --device cuda --num-items 100000 --dim 3584   # the paper's 7B shape, GPU
 
 The floor of one search is the larger of two times measured here, in this run: its bytes (N * r_c * D * 2 for bf16
 storage) at the memory read bandwidth (a read-only pass over a buffer far larger than the caches), and its FLOPs
-(2 * Q * N * r_q * r_c * D) at the float32 GEMM peak (a large square torch.mm). Each search is timed from cold
-caches (a large buffer is read between runs), best of --repeats. For each budget: one query, and --batch queries
-in one call (time per query), each as a ratio to its floor, with a check that the top-10 ids equal a float32
-reference (float32 queries against the stored bf16 vectors widened to float32). Then the peers on the same bf16
-embeddings (item-major [N, R_c, D], as they take them, with bf16 queries): sentence-transformers `maxsim`,
-PyLate `colbert_scores` and a naive einsum, as ratios to the same floor.
+(2 * Q * N * r_q * r_c * D) at the float32 GEMM peak (a large square torch.mm). Both are measured before and after
+the searches and the better of the two kept (the stricter floor). Each search is timed from cold caches (a large
+buffer is read between runs), best of --repeats. For each budget: the kernel that ran (`metaembed.scan_kernel`),
+one query, and --batch queries in one call (time per query), each as a ratio to its floor, with a check that the
+top-10 ids equal a float32 reference (float32 queries against the stored bf16 vectors widened to float32). Then the
+peers on the same bf16 embeddings (item-major [N, R_c, D], as they take them, with bf16 queries), one timed run
+each: sentence-transformers `maxsim`, PyLate `colbert_scores` and a naive einsum, as ratios to the same floor.
+The CPU, its vector extensions, torch's CPU capability and the load average before and after are printed.
 """
 
 import argparse
+import os
 import platform
 import time
 
 import torch
 
+from metaembed import scan_kernel
 from metaembed.index import MetaEmbedIndex
 
 
@@ -28,8 +33,12 @@ def cpu_name() -> str:
             lines = info.read().splitlines()
         name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
         flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
-        isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-        return f"{name} ({torch.get_num_threads()} threads; {isa})"
+        isa = ", ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model\t")), "?")
+        capability = torch.backends.cpu.get_cpu_capability()
+        mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "all")
+        return (f"{name} (family 6 model {model}; {torch.get_num_threads()} threads; {isa}; torch CPU capability "
+                f"{capability}, MKL instructions {mkl})")  # fmt: skip
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
 
@@ -39,9 +48,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def best_time(fn, repeats: int, device: torch.device, flush=None) -> float:
+def best_time(fn, repeats: int, device: torch.device, flush=None, warm_up: bool = True) -> float:
     """Best-of-`repeats` seconds of fn(), after one warm-up, each run from cold caches when `flush` is given."""
-    fn()
+    if warm_up:
+        fn()
     best = float("inf")
     for _ in range(repeats):
         if flush is not None:
@@ -121,9 +131,13 @@ def main(argv=None) -> None:
     parser.add_argument("--flush-mb", type=int, default=1024, help="buffer read between timed runs (cold caches)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer the read bandwidth is measured on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (floors included)")
+    parser.add_argument("--kernel", choices=scan_kernel.CHOICES, default=None,
+                        help=f"set {scan_kernel.ENVIRONMENT} (default: as the environment says, else auto)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kernel:
+        os.environ[scan_kernel.ENVIRONMENT] = args.kernel
     device = torch.device(args.device)
     budgets = list(zip(args.budgets[::2], args.budgets[1::2]))
     r_q_max, r_c_max = max(b[0] for b in budgets), max(b[1] for b in budgets)
@@ -136,19 +150,21 @@ def main(argv=None) -> None:
     queries = torch.nn.functional.normalize(torch.randn(args.batch, r_q_max, args.dim), dim=-1).to(device)
     flush_buffer = torch.ones(args.flush_mb * 2**20 // 4, device=device) if args.flush_mb else None
     flush = (lambda: flush_buffer.sum()) if flush_buffer is not None else None
+    load_before = os.getloadavg()
     bandwidth, peak = read_bandwidth(device, args.bandwidth_mb), gemm_peak(device)
     where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{where}")
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 GEMM peak {peak / 1e9:.0f} GFLOP/s; "
-          f"N = {args.num_items:,}, D = {args.dim}, bf16 storage, float32 queries; batch of {args.batch}")  # fmt: skip
-    print()
-    print("| budget | bytes per scan | floor ms (1 query) | single query ms | x floor | floor ms/query (batched) "
-          "| batched ms/query | x floor | top-10 ids = fp32 reference |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"floors measured first: read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 GEMM peak {peak / 1e9:.0f} "
+          f"GFLOP/s; N = {args.num_items:,}, D = {args.dim}, bf16 storage, float32 queries; batch of {args.batch}; "
+          f"load average {load_before[0]:.2f}")  # fmt: skip
+    timings = []  # (budget, kernel, single seconds, batched seconds per query, exact)
 
     def floor(r_q, r_c, q):
         nbytes = args.num_items * r_c * args.dim * 2
         return max(nbytes / bandwidth, 2 * q * args.num_items * r_q * r_c * args.dim / peak)
+
+    def kernel_for(r_c):
+        return scan_kernel.choose(index.vectors, r_c) if device.type == "cpu" else device.type
 
     vectors = index.vectors  # [R_c, N, D] bf16
     for r_q, r_c in budgets:
@@ -163,13 +179,28 @@ def main(argv=None) -> None:
         for found in (index.search(checked, budget=(r_q, r_c), k=10), index.search(queries, budget=(r_q, r_c), k=10)):
             same = min(same, agreement(found.positions[:4], reference), key=["NO", "ties", "yes"].index)
         del reference
+        timings.append(((r_q, r_c), kernel_for(r_c), single, batched, same))
+
+    # The floors again, after the searches: the better of the two measurements makes the stricter floor.
+    bandwidth_after, peak_after = read_bandwidth(device, args.bandwidth_mb), gemm_peak(device)
+    bandwidth_best, peak_best = max(bandwidth, bandwidth_after), max(peak, peak_after)
+    print(f"floors measured after the searches: read bandwidth {bandwidth_after / 1e9:.1f} GB/s, float32 GEMM peak "
+          f"{peak_after / 1e9:.0f} GFLOP/s; ratios below use the better of each: {bandwidth_best / 1e9:.1f} GB/s "
+          f"and {peak_best / 1e9:.0f} GFLOP/s")  # fmt: skip
+    bandwidth, peak = bandwidth_best, peak_best
+    print()
+    print("| budget | kernel | bytes per scan | floor ms (1 query) | single query ms | x floor "
+          "| floor ms/query (batched) | batched ms/query | x floor | top-10 ids = fp32 reference |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (r_q, r_c), kernel, single, batched, same in timings:
         f1, fb = floor(r_q, r_c, 1), floor(r_q, r_c, args.batch) / args.batch
-        print(f"| ({r_q}, {r_c}) | {args.num_items * r_c * args.dim * 2:,} | {f1 * 1e3:.2f} | {single * 1e3:.2f} | "
-              f"{single / f1:.2f} | {fb * 1e3:.2f} | {batched * 1e3:.2f} | {batched / fb:.2f} | "
+        print(f"| ({r_q}, {r_c}) | {kernel} | {args.num_items * r_c * args.dim * 2:,} | {f1 * 1e3:.2f} | "
+              f"{single * 1e3:.2f} | {single / f1:.2f} | {fb * 1e3:.2f} | {batched * 1e3:.2f} | {batched / fb:.2f} | "
               f"{same} |")  # fmt: skip
 
     print()
-    print("Single query, the same bf16 embeddings (item-major, bf16 queries for the peers): ratio to the floor")
+    print("Single query, the same bf16 embeddings (item-major, bf16 queries for the peers, one timed run each): ratio "
+          "to the floor")
     print("| budget | scorer | ms | x floor |")
     print("|---|---|---|---|")
     item_major = vectors.transpose(0, 1).contiguous()  # [N, R_c, D] bf16, as the peers take it
@@ -177,14 +208,19 @@ def main(argv=None) -> None:
     for r_q, r_c in zip(args.peer_budgets[::2], args.peer_budgets[1::2]):
         f1 = floor(r_q, r_c, 1)
         ours = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, device, flush)
-        print(f"| ({r_q}, {r_c}) | MetaEmbedIndex.search (float32 query) | {ours * 1e3:.2f} | {ours / f1:.2f} |")
+        print(f"| ({r_q}, {r_c}) | MetaEmbedIndex.search (float32 query, {kernel_for(r_c)}) | {ours * 1e3:.2f} | "
+              f"{ours / f1:.2f} |")  # fmt: skip
         q, c = queries[:1, :r_q].to(torch.bfloat16), item_major[:, :r_c]
         for name, scorer in scorers.items():
             if isinstance(scorer, str):
                 print(f"| ({r_q}, {r_c}) | {name} | {scorer} | - |")
                 continue
-            seconds = best_time(lambda: scorer(q, c).topk(10, dim=-1), 1, device, flush)
+            seconds = best_time(lambda: scorer(q, c).topk(10, dim=-1), 1, device, flush, warm_up=False)
             print(f"| ({r_q}, {r_c}) | {name} | {seconds * 1e3:.2f} | {seconds / f1:.2f} |")
+    load_after = os.getloadavg()
+    print()
+    print(f"load average (1, 5, 15 min): before {', '.join(f'{v:.2f}' for v in load_before)}; after "
+          f"{', '.join(f'{v:.2f}' for v in load_after)} ({os.cpu_count()} CPUs)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 These check that the scripts work, not their numbers (timings on shared CI machines are noise): the numbers in
 docs/ (listed in docs/benchmarks.md) come from the full-size commands written next to them."""
 
+import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +26,14 @@ def test_index_scoring():
               "--peer-budgets", "2", "4", "--repeats", "1", "--batch", "4", "--flush-mb", "8",
               "--bandwidth-mb", "64")  # fmt: skip
     assert "read bandwidth" in out and "GEMM peak" in out
-    assert re.search(r"\| \(2, 4\) \| [\d,]+ \|.* \| yes \|", out)  # top-10 equal to the float32 reference
+    assert re.search(r"\| \(2, 4\) \| torch \| [\d,]+ \|.* \| yes \|", out)  # top-10 equal to the fp32 reference
     assert re.search(r"\| \(2, 4\) \| naive einsum \| [\d.]+ \| [\d.]+ \|", out)
+    # The compiled kernel forced on the same small run (AVX2 runs on every x86-64 CPU this package targets).
+    out = run("index_scoring.py", "--num-items", "300", "--dim", "32", "--budgets", "2", "4", "--peer-budgets", "2",
+              "4", "--repeats", "1", "--batch", "4", "--flush-mb", "8", "--bandwidth-mb", "64",
+              "--kernel", "avx2")  # fmt: skip
+    if platform.machine() in ("x86_64", "AMD64") and shutil.which("c++"):
+        assert re.search(r"\| \(2, 4\) \| avx2 \| [\d,]+ \|.* \| yes \|", out)
 
 
 def test_two_stage_recall(tiny_checkpoint):
