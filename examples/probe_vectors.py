@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     summary = json.loads((checkpoint.parent / "summary.json").read_text())
     settings = QuickstartSettings(**summary["settings"])
     if settings.task != "pages":
-        raise SystemExit(f"{checkpoint}: the probe reads the pages task; this checkpoint was trained on {settings.task!r}")
+        raise SystemExit(f"{checkpoint}: the probe reads the pages task; this one was trained on {settings.task!r}")
     model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
     _, test_pairs = load_data(settings)
     round_ = held_out_pages(test_pairs, settings)[0]
@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     for budget in settings.budgets:
         plain = positive_ranks(model.similarity(queries, pages, budget=tuple(budget)), targets)
         centered = positive_ranks(model.similarity(centered_queries, centered_pages, budget=tuple(budget)), targets)
-        print(f"| ({budget[0]}, {budget[1]}) | {(plain == 1).float().mean():.3f} | {(centered == 1).float().mean():.3f} |")
+        recall, recall_centered = (plain == 1).float().mean(), (centered == 1).float().mean()
+        print(f"| ({budget[0]}, {budget[1]}) | {recall:.3f} | {recall_centered:.3f} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def parse_settings(argv=None) -> QuickstartSettings:
             parser.add_argument(flag, choices=TASKS, default=default, help=f"default: {default}")
         else:
             kind = int if item.name in ("train_pairs", "test_pairs", "image_size") else type(default)
-            shown = default if default is not None else "per task: 192 (pages), 96 (emoji)" if item.name == "image_size" else None
+            shown = "per task: 192 (pages), 96 (emoji)" if item.name == "image_size" else default
             parser.add_argument(flag, type=kind, default=default, help=f"default: {shown}")
     return QuickstartSettings(**vars(parser.parse_args(argv)))
 

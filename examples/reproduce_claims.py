@@ -86,7 +86,8 @@ def markdown(results: dict) -> str:
     ]  # fmt: skip
     for name, table in results["variants"].items():
         for key in table["recall@1"][groups[0]]:
-            cells = [f"{table[m][g][key]['mean']:.3f} ± {table[m][g][key]['std']:.3f}" for m in METRICS for g in groups]
+            stats = [table[m][g][key] for m in METRICS for g in groups]
+            cells = [f"{cell['mean']:.3f} ± {cell['std']:.3f}" for cell in stats]
             lines.append(f"| {name} | ({key.replace('x', ', ')}) | " + " | ".join(cells) + " |")
     for name, reference in results["references"].items():
         cells = [f"{reference[g][m]:.3f}" for m in METRICS for g in groups]
@@ -125,7 +126,8 @@ def main(argv=None) -> None:
     results = {
         "command": "python examples/reproduce_claims.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "task": base.task, "seeds": args.seeds, "settings": asdict(base), "groups": list(base.groups),
-        "candidates": candidate_count(first), "train_seconds": {n: [s["train_seconds"] for s in v] for n, v in summaries.items()},
+        "candidates": candidate_count(first),
+        "train_seconds": {name: [s["train_seconds"] for s in runs] for name, runs in summaries.items()},
         "variants": variants, "references": references,
     }  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)

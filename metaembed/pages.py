@@ -33,7 +33,9 @@ class PageLayout:
     def __post_init__(self):
         cell = self.page_size // self.grid if self.grid > 0 else 0
         if self.grid < 1 or cell - 2 * self.margin < 8:
-            raise ValueError(f"a {self.grid}x{self.grid} grid with margin {self.margin} does not fit {self.page_size} px")
+            raise ValueError(
+                f"a {self.grid}x{self.grid} grid with margin {self.margin} does not fit {self.page_size} px"
+            )
 
     @property
     def items_per_page(self) -> int:
@@ -49,7 +51,9 @@ def _emoji(path: str, size: int) -> Image.Image:
 def render_page(image_paths: list, layout: PageLayout) -> Image.Image:
     """The page of these emoji (row-major over the grid) as an RGB image."""
     if len(image_paths) != layout.items_per_page:
-        raise ValueError(f"a {layout.grid}x{layout.grid} page holds {layout.items_per_page} emoji, got {len(image_paths)}")
+        raise ValueError(
+            f"a {layout.grid}x{layout.grid} page holds {layout.items_per_page} emoji, got {len(image_paths)}"
+        )
     page = Image.new("RGB", (layout.page_size, layout.page_size), layout.background)
     cell = layout.page_size // layout.grid
     size = cell - 2 * layout.margin

@@ -195,7 +195,8 @@ def warm_start_projector(model, train_pairs: list, settings: QuickstartSettings,
         pixels = images([open_emoji(p) for p in batch])["pixel_values"]
         grid = tower(pixels.to(model.vlm.projector[0].weight.dtype)).float()  # [n, C, t, t]
         tokens = grid.flatten(2).transpose(1, 2)  # [n, t*t, C]
-        names = torch.stack([embeddings[tokenizer(p["caption"], add_special_tokens=False)["input_ids"]].mean(0) for p in batch])
+        word_pieces = [tokenizer(p["caption"], add_special_tokens=False)["input_ids"] for p in batch]
+        names = torch.stack([embeddings[ids].mean(0) for ids in word_pieces])
         features.append(tokens.reshape(-1, tokens.shape[-1]))
         targets.append(names.repeat_interleave(tokens.shape[1], dim=0))
     features, targets = torch.cat(features), torch.cat(targets)
@@ -466,13 +467,16 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
     from .pages import layout_pages
 
     layout, grid = settings.layout, settings.page_grid
-    tower, images = pretrained_efficientnet_lite("lite0", settings.image_size), LiteVLImageProcessor(settings.image_size)
-    tokenizer, text_model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
+    tower = pretrained_efficientnet_lite("lite0", settings.image_size)
+    images = LiteVLImageProcessor(settings.image_size)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    text_model = AutoModel.from_pretrained(minilm_path()).eval()
 
     def cell_features(pngs_or_pages):  # [P, grid*grid, C]: the tower's features averaged over each cell
         out = []
         for start in range(0, len(pngs_or_pages), 64):
-            batch = [Image.open(io.BytesIO(p)) if isinstance(p, bytes) else p for p in pngs_or_pages[start : start + 64]]
+            part = pngs_or_pages[start : start + 64]
+            batch = [Image.open(io.BytesIO(p)) if isinstance(p, bytes) else p for p in part]
             features = tower(images(batch)["pixel_values"])  # [n, C, g, g]
             n, channels, g, _ = features.shape
             cells = features.view(n, channels, grid, g // grid, grid, g // grid).mean(dim=(3, 5))

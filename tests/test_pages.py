@@ -104,4 +104,5 @@ def test_the_projector_is_set_exactly_to_the_closed_form_map():
     assert kept == pytest.approx(1.0)
     torch.testing.assert_close(mlp(features), expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="Linear -> GELU -> Linear"):
-        set_mlp_to_linear_map(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)), weight, mean, std, target_mean)
+        relu_mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+        set_mlp_to_linear_map(relu_mlp, weight, mean, std, target_mean)
