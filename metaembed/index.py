@@ -424,11 +424,11 @@ class MetaEmbedIndex:
         would not fit `max_work_bytes` (a very large k)."""
         if self.compressed:
             return None
-        kind = scan_kernel.choose(self._vectors, r_c, num_values=r_c * self._count * self.dim)
-        if kind == "torch" or not torch.isfinite(queries).all():
-            return None
         num_queries, r_q, _ = queries.shape
         step = min(num_queries, query_batch_size)
+        kind = scan_kernel.choose(self._vectors, r_c, num_values=r_c * self._count * self.dim, rows=step * r_q)
+        if kind == "torch" or not torch.isfinite(queries).all():
+            return None
         while step > 1 and scan_kernel.work_bytes(kind, step, r_q, self.dim, k) > max_work_bytes:
             step = (step + 1) // 2
         if scan_kernel.work_bytes(kind, step, r_q, self.dim, k) > max_work_bytes:

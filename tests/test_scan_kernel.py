@@ -121,6 +121,9 @@ def test_kernel_chosen_by_what_the_cpu_reports(monkeypatch, features, dim, wante
     monkeypatch.setenv(scan_kernel.ENVIRONMENT, wanted)
     vectors = torch.empty(1, 1, dim, dtype=torch.bfloat16)
     assert scan_kernel.choose(vectors, 1, num_values=scan_kernel.KERNEL_FROM_BYTES) == chosen
+    # Many query rows per pass: AVX2-only CPUs leave compute-bound batches to the torch scan (MKL), unless forced.
+    many = scan_kernel.choose(vectors, 1, num_values=scan_kernel.KERNEL_FROM_BYTES, rows=512)
+    assert many == ("torch" if chosen == "avx2" and wanted == "auto" else chosen)
 
 
 @needs_compiler

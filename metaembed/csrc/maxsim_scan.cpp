@@ -193,44 +193,51 @@ METAEMBED_AVX2 inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Dot products of 2 candidate vectors (bf16) with ROWS query rows (float32, permuted to the unpack order):
-// out[c * ROWS + r] = <cand_c, q_r>. With one or two rows, the low and high halves accumulate apart (more
-// independent FMA chains). next (or nullptr): two vectors (stride apart) to prefetch meanwhile.
-template <int ROWS>
-METAEMBED_AVX2 void avx2_dots(const uint16_t* c0, const uint16_t* c1, const float* q, int64_t dim, float* out,
+// Dot products of CB candidate vectors (bf16) with RB query rows (float32, permuted to the unpack order):
+// out[c * RB + r] = <cand[c], q_r>. The unpacks read the candidates from memory (each 32 bytes twice, from L1), so
+// the registers hold CB x RB accumulators (low and high halves apart when there are few, for more independent FMA
+// chains), CB widened halves and one query vector. next (or nullptr): CB vectors (stride apart) to prefetch.
+template <int CB, int RB>
+METAEMBED_AVX2 void avx2_dots(const uint16_t* const* cand, const float* q, int64_t dim, float* out,
                               const uint16_t* next, int64_t stride) {
-    constexpr bool apart = ROWS <= 2;
-    __m256 acc0[ROWS], acc1[ROWS], high_acc0[ROWS], high_acc1[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = high_acc0[r] = high_acc1[r] = _mm256_setzero_ps();
+    constexpr bool apart = CB * RB <= 4;
+    __m256 acc[CB][RB], high_acc[CB][RB];
+    for (int c = 0; c < CB; ++c) {
+        for (int r = 0; r < RB; ++r) acc[c][r] = high_acc[c][r] = _mm256_setzero_ps();
+    }
     const __m256i zero = _mm256_setzero_si256();
     for (int64_t d = 0; d < dim; d += 16) {
         if (next != nullptr && d % 32 == 0) {
-            _mm_prefetch(reinterpret_cast<const char*>(next + d), _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(next + stride + d), _MM_HINT_T1);
+            for (int c = 0; c < CB; ++c) {
+                _mm_prefetch(reinterpret_cast<const char*>(next + c * stride + d), _MM_HINT_T1);
+            }
         }
-        const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + d));
-        const __m256i raw1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + d));
-        const __m256 low0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw0));
-        const __m256 high0 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw0));
-        const __m256 low1 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw1));
-        const __m256 high1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw1));
-        for (int r = 0; r < ROWS; ++r) {
+        __m256 half[CB];
+        for (int c = 0; c < CB; ++c) {
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cand[c] + d));
+            half[c] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+        }
+        for (int r = 0; r < RB; ++r) {
             const __m256 q_low = _mm256_loadu_ps(q + r * dim + d);
+            for (int c = 0; c < CB; ++c) acc[c][r] = _mm256_fmadd_ps(half[c], q_low, acc[c][r]);
+        }
+        for (int c = 0; c < CB; ++c) {
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cand[c] + d));
+            half[c] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+        }
+        for (int r = 0; r < RB; ++r) {
             const __m256 q_high = _mm256_loadu_ps(q + r * dim + d + 8);
-            acc0[r] = _mm256_fmadd_ps(low0, q_low, acc0[r]);
-            acc1[r] = _mm256_fmadd_ps(low1, q_low, acc1[r]);
-            if (apart) {
-                high_acc0[r] = _mm256_fmadd_ps(high0, q_high, high_acc0[r]);
-                high_acc1[r] = _mm256_fmadd_ps(high1, q_high, high_acc1[r]);
-            } else {
-                acc0[r] = _mm256_fmadd_ps(high0, q_high, acc0[r]);
-                acc1[r] = _mm256_fmadd_ps(high1, q_high, acc1[r]);
+            for (int c = 0; c < CB; ++c) {
+                if (apart) {
+                    high_acc[c][r] = _mm256_fmadd_ps(half[c], q_high, high_acc[c][r]);
+                } else {
+                    acc[c][r] = _mm256_fmadd_ps(half[c], q_high, acc[c][r]);
+                }
             }
         }
     }
-    for (int r = 0; r < ROWS; ++r) {
-        out[r] = horizontal_sum(_mm256_add_ps(acc0[r], high_acc0[r]));
-        out[ROWS + r] = horizontal_sum(_mm256_add_ps(acc1[r], high_acc1[r]));
+    for (int c = 0; c < CB; ++c) {
+        for (int r = 0; r < RB; ++r) out[c * RB + r] = horizontal_sum(_mm256_add_ps(acc[c][r], high_acc[c][r]));
     }
 }
 
@@ -414,8 +421,9 @@ std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, in
 }
 
 // Top-k of Q queries by MaxSim over items 0..count of `vectors` at budget (r_q, r_c), with AVX2 + FMA.
-// query_rows: [rows, D] float32, rows >= Q * r_q a multiple of `row_group` (1, 2 or 4; zero rows beyond), each
-// row's dimensions permuted within every 16 to the unpack order (0-3, 8-11, then 4-7, 12-15).
+// query_rows: [rows, D] float32, rows >= Q * r_q a multiple of `row_group` (1, 2, 3 or 4; zero rows beyond), each
+// row's dimensions permuted within every 16 to the unpack order (0-3, 8-11, then 4-7, 12-15). Groups of 1-3 rows
+// are multiplied with 3 candidates at a time, groups of 4 with 2.
 std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, int64_t count,
                                     const torch::Tensor& query_rows, int64_t num_queries, int64_t r_q,
                                     int64_t row_group, int64_t k) {
@@ -423,19 +431,21 @@ std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, i
 #ifdef METAEMBED_X86
     const int64_t dim = vectors.size(2), rows = query_rows.size(0);
     TORCH_CHECK(dim % 16 == 0, "the AVX2 kernel needs D a multiple of 16");
-    TORCH_CHECK(row_group == 1 || row_group == 2 || row_group == 4, "row_group must be 1, 2 or 4");
+    TORCH_CHECK(1 <= row_group && row_group <= 6 && row_group != 5, "row_group must be 1, 2, 3, 4 or 6");
     TORCH_CHECK(query_rows.scalar_type() == torch::kFloat32 && query_rows.is_contiguous() && query_rows.dim() == 2 &&
                     query_rows.size(1) == dim && rows >= num_queries * r_q && rows % row_group == 0,
                 "query_rows has the wrong shape");
-    // 4 items (8 KB of bf16 at D = 1,024) and one group of 4 query rows (16 KB) stay in L1 while the groups pass.
-    constexpr int64_t block_items = 4;
+    // A block of 2 x (candidates per micro-kernel) items (12 KB of bf16 at D = 1,024 for 6) and one group of query
+    // rows (12-16 KB) stay in L1 while the groups pass over the block.
+    const int64_t per_call = row_group >= 4 ? 2 : 3, block_items = 2 * per_call;
     const int64_t blocks = (count + block_items - 1) / block_items;
     const int64_t item_stride = vectors.stride(1), tier_stride = vectors.stride(0);  // elements
     const uint16_t* base = reinterpret_cast<const uint16_t*>(vectors.data_ptr());
     const float* queries = query_rows.data_ptr<float>();
     return run_blocks(blocks, num_queries, k, [&](int64_t first, int64_t last, RunningTop& top) {
         std::vector<float> best(block_items * rows);
-        float dots[8];
+        float dots[16];
+        const uint16_t* cand[3];
         for (int64_t b = first; b < last; ++b) {
             const int64_t items = std::min(block_items, count - b * block_items);
             for (int64_t j = 0; j < r_c; ++j) {
@@ -445,18 +455,19 @@ std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, i
                                        : b + 1 < last ? base + (b + 1) * block_items * item_stride : nullptr;
                 for (int64_t g = 0; g < rows; g += row_group) {
                     const float* q = queries + g * dim;
-                    for (int64_t i = 0; i < items; i += 2) {
-                        const uint16_t* c0 = tier + i * item_stride;
-                        const uint16_t* c1 = i + 1 < items ? c0 + item_stride : c0;
-                        const uint16_t* n0 = g == 0 && next != nullptr ? next + i * item_stride : nullptr;
-                        if (row_group == 4) {
-                            avx2_dots<4>(c0, c1, q, dim, dots, n0, item_stride);
-                        } else if (row_group == 2) {
-                            avx2_dots<2>(c0, c1, q, dim, dots, n0, item_stride);
-                        } else {
-                            avx2_dots<1>(c0, c1, q, dim, dots, n0, item_stride);
+                    for (int64_t i = 0; i < items; i += per_call) {
+                        for (int64_t c = 0; c < per_call; ++c) {  // past the last item: repeat it, ignore the result
+                            cand[c] = tier + std::min(i + c, items - 1) * item_stride;
                         }
-                        for (int64_t c = 0; c < 2 && i + c < items; ++c) {
+                        const uint16_t* ahead = g == 0 && next != nullptr ? next + i * item_stride : nullptr;
+                        switch (row_group) {
+                            case 6: avx2_dots<2, 6>(cand, q, dim, dots, ahead, item_stride); break;
+                            case 4: avx2_dots<2, 4>(cand, q, dim, dots, ahead, item_stride); break;
+                            case 3: avx2_dots<3, 3>(cand, q, dim, dots, ahead, item_stride); break;
+                            case 2: avx2_dots<3, 2>(cand, q, dim, dots, ahead, item_stride); break;
+                            default: avx2_dots<3, 1>(cand, q, dim, dots, ahead, item_stride); break;
+                        }
+                        for (int64_t c = 0; c < per_call && i + c < items; ++c) {
                             float* dst = best.data() + (i + c) * rows + g;
                             for (int64_t r = 0; r < row_group; ++r) {
                                 const float v = dots[c * row_group + r];
