@@ -2,6 +2,8 @@
 
     python benchmarks/index_scoring.py                       # CPU: N = 20,000, D = 1,024, bf16 storage
     python benchmarks/index_scoring.py --kernel avx2         # force the AVX2 kernel (or amx, torch)
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/index_scoring.py --as-avx2-cpu
+                                                             # an AMX CPU run as an AVX2-only one (floors included)
     python benchmarks/index_scoring.py --device cuda --num-items 100000 --dim 3584   # the paper's 7B shape, GPU
 
 The floor of one search is the larger of two times measured here, in this run: its bytes (N * r_c * D * 2 for bf16
@@ -10,9 +12,10 @@ storage) at the memory read bandwidth (a read-only pass over a buffer far larger
 the searches and the better of the two kept (the stricter floor). Each search is timed from cold caches (a large
 buffer is read between runs), best of --repeats. For each budget: the kernel that ran (`metaembed.scan_kernel`),
 one query, and --batch queries in one call (time per query), each as a ratio to its floor, with a check that the
-top-10 ids equal a float32 reference (float32 queries against the stored bf16 vectors widened to float32). Then the
-peers on the same bf16 embeddings (item-major [N, R_c, D], as they take them, with bf16 queries), one timed run
-each: sentence-transformers `maxsim`, PyLate `colbert_scores` and a naive einsum, as ratios to the same floor.
+top-10 ids equal a float32 reference (float32 queries against the stored bf16 vectors widened to float32); "avx2 /
+torch" in the kernel column means one query ran the first, the batch the second. Then the peers on the same bf16
+embeddings (item-major [N, R_c, D], as they take them, with bf16 queries), one timed run each:
+sentence-transformers `maxsim`, PyLate `colbert_scores` and a naive einsum, as ratios to the same floor.
 The CPU, its vector extensions, torch's CPU capability and the load average before and after are printed.
 """
 
@@ -37,8 +40,10 @@ def cpu_name() -> str:
         model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model\t")), "?")
         capability = torch.backends.cpu.get_cpu_capability()
         mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "all")
+        usable = scan_kernel.features() if platform.machine() in ("x86_64", "AMD64") else {}
+        kernels = ", ".join(kind for kind, ok in usable.items() if ok) or "none"
         return (f"{name} (family 6 model {model}; {torch.get_num_threads()} threads; {isa}; torch CPU capability "
-                f"{capability}, MKL instructions {mkl})")  # fmt: skip
+                f"{capability}, MKL instructions {mkl}; kernels usable: {kernels})")  # fmt: skip
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
 
@@ -118,6 +123,29 @@ def peer_scorers() -> dict:
     return scorers
 
 
+def peers(args, index, queries, floor, kernel_for, device, flush) -> None:
+    """The single-query table: ours again, then each peer on the same bf16 embeddings, as ratios to the floor."""
+    print()
+    print("Single query, the same bf16 embeddings (item-major, bf16 queries for the peers, one timed run each): ratio "
+          "to the floor")
+    print("| budget | scorer | ms | x floor |")
+    print("|---|---|---|---|")
+    item_major = index.vectors.transpose(0, 1).contiguous()  # [N, R_c, D] bf16, as the peers take it
+    scorers = peer_scorers()
+    for r_q, r_c in zip(args.peer_budgets[::2], args.peer_budgets[1::2]):
+        f1 = floor(r_q, r_c, 1)
+        ours = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, device, flush)
+        print(f"| ({r_q}, {r_c}) | MetaEmbedIndex.search (float32 query, {kernel_for(r_c, r_q)}) | {ours * 1e3:.2f} | "
+              f"{ours / f1:.2f} |")  # fmt: skip
+        q, c = queries[:1, :r_q].to(torch.bfloat16), item_major[:, :r_c]
+        for name, scorer in scorers.items():
+            if isinstance(scorer, str):
+                print(f"| ({r_q}, {r_c}) | {name} | {scorer} | - |")
+                continue
+            seconds = best_time(lambda: scorer(q, c).topk(10, dim=-1), 1, device, flush, warm_up=False)
+            print(f"| ({r_q}, {r_c}) | {name} | {seconds * 1e3:.2f} | {seconds / f1:.2f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -126,14 +154,19 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 16, 64])
     parser.add_argument("--batch", type=int, default=32, help="queries per batch for the batched per-query time")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peer-budgets", type=int, nargs="+", default=[1, 1, 4, 8, 16, 64],
-                        help="budgets the peers run")
+    parser.add_argument("--peer-budgets", type=int, nargs="*", default=[1, 1, 4, 8, 16, 64],
+                        help="budgets the peers run (none: no peer table)")
     parser.add_argument("--flush-mb", type=int, default=1024, help="buffer read between timed runs (cold caches)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer the read bandwidth is measured on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (floors included)")
     parser.add_argument("--kernel", choices=scan_kernel.CHOICES, default=None,
                         help=f"set {scan_kernel.ENVIRONMENT} (default: as the environment says, else auto)")
+    parser.add_argument("--as-avx2-cpu", action="store_true",
+                        help="choose kernels as a CPU without AMX would (set MKL_ENABLE_INSTRUCTIONS=AVX2 and "
+                             "ATEN_CPU_CAPABILITY=avx2 too, so that torch, MKL and the floors use AVX2 alone)")
     args = parser.parse_args(argv)
+    if args.as_avx2_cpu and scan_kernel.compiled() is not None:
+        scan_kernel._state["features"]["amx"] = False  # what cpu_features() reports on an AVX2-only CPU
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.kernel:
@@ -163,8 +196,8 @@ def main(argv=None) -> None:
         nbytes = args.num_items * r_c * args.dim * 2
         return max(nbytes / bandwidth, 2 * q * args.num_items * r_q * r_c * args.dim / peak)
 
-    def kernel_for(r_c):
-        return scan_kernel.choose(index.vectors, r_c) if device.type == "cpu" else device.type
+    def kernel_for(r_c, rows=1):
+        return scan_kernel.choose(index.vectors, r_c, rows=rows) if device.type == "cpu" else device.type
 
     vectors = index.vectors  # [R_c, N, D] bf16
     for r_q, r_c in budgets:
@@ -179,7 +212,9 @@ def main(argv=None) -> None:
         for found in (index.search(checked, budget=(r_q, r_c), k=10), index.search(queries, budget=(r_q, r_c), k=10)):
             same = min(same, agreement(found.positions[:4], reference), key=["NO", "ties", "yes"].index)
         del reference
-        timings.append(((r_q, r_c), kernel_for(r_c), single, batched, same))
+        kernels = {kernel_for(r_c, r_q), kernel_for(r_c, args.batch * r_q)}  # single, batched
+        kernel = " / ".join(sorted(kernels, key=[kernel_for(r_c, r_q), kernel_for(r_c, args.batch * r_q)].index))
+        timings.append(((r_q, r_c), kernel, single, batched, same))
 
     # The floors again, after the searches: the better of the two measurements makes the stricter floor.
     bandwidth_after, peak_after = read_bandwidth(device, args.bandwidth_mb), gemm_peak(device)
@@ -198,25 +233,8 @@ def main(argv=None) -> None:
               f"{single * 1e3:.2f} | {single / f1:.2f} | {fb * 1e3:.2f} | {batched * 1e3:.2f} | {batched / fb:.2f} | "
               f"{same} |")  # fmt: skip
 
-    print()
-    print("Single query, the same bf16 embeddings (item-major, bf16 queries for the peers, one timed run each): ratio "
-          "to the floor")
-    print("| budget | scorer | ms | x floor |")
-    print("|---|---|---|---|")
-    item_major = vectors.transpose(0, 1).contiguous()  # [N, R_c, D] bf16, as the peers take it
-    scorers = peer_scorers()
-    for r_q, r_c in zip(args.peer_budgets[::2], args.peer_budgets[1::2]):
-        f1 = floor(r_q, r_c, 1)
-        ours = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, device, flush)
-        print(f"| ({r_q}, {r_c}) | MetaEmbedIndex.search (float32 query, {kernel_for(r_c)}) | {ours * 1e3:.2f} | "
-              f"{ours / f1:.2f} |")  # fmt: skip
-        q, c = queries[:1, :r_q].to(torch.bfloat16), item_major[:, :r_c]
-        for name, scorer in scorers.items():
-            if isinstance(scorer, str):
-                print(f"| ({r_q}, {r_c}) | {name} | {scorer} | - |")
-                continue
-            seconds = best_time(lambda: scorer(q, c).topk(10, dim=-1), 1, device, flush, warm_up=False)
-            print(f"| ({r_q}, {r_c}) | {name} | {seconds * 1e3:.2f} | {seconds / f1:.2f} |")
+    if args.peer_budgets:
+        peers(args, index, queries, floor, kernel_for, device, flush)
     load_after = os.getloadavg()
     print()
     print(f"load average (1, 5, 15 min): before {', '.join(f'{v:.2f}' for v in load_before)}; after "
