@@ -5,7 +5,9 @@
 On the quickstart's held-out pages and their queries, prints the mean cosine between the vectors of one input
 (near 1: the vectors are near-copies, so MaxSim over more of them adds nothing) and between the first vectors of
 different inputs, and Recall@1 at every budget of the checkpoint after removing each side's mean vector (a shared
-direction that every input carries does not rank anything).
+direction that every input carries does not rank anything). Last, whether one input per page is what limits the
+model: one-item MRR of the page encoded whole against each of its items encoded alone (the page scored by its best
+item), the most that vectors keeping the items apart could give.
 """
 
 import argparse
@@ -17,7 +19,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
-from metaembed.quickstart import QuickstartSettings, held_out_pages, load_data
+from metaembed.pages import QUERY_KINDS, layout_pages, render_page
+from metaembed.quickstart import TEST_PAGE_SEED, QuickstartSettings, held_out_pages, load_data
 from training.evaluation import positive_ranks
 
 
@@ -68,6 +71,36 @@ def main(argv=None) -> None:
         centered = positive_ranks(model.similarity(centered_queries, centered_pages, budget=tuple(budget)), targets)
         recall, recall_centered = (plain == 1).float().mean(), (centered == 1).float().mean()
         print(f"| ({budget[0]}, {budget[1]}) | {recall:.3f} | {recall_centered:.3f} |")
+    print_cells_apart(model, settings, test_pairs, queries, pages, round_)
+
+
+def print_cells_apart(model, settings, test_pairs, queries, pages, round_) -> None:
+    """Is one input per page the bottleneck? Each item of each page is encoded alone, in its cell of an otherwise
+    empty page, and the page scored by its best item: as if the page's vectors had each kept one item apart.
+    If that does not beat the page encoded whole, a larger budget (at best, vectors that keep items apart)
+    has nothing to win with this model; what limits it is recognising the items."""
+    pages_items = layout_pages(test_pairs, settings.layout, 1, TEST_PAGE_SEED)
+    per_page = settings.layout.items_per_page
+    alone = []
+    for page in pages_items:
+        for slot, item in enumerate(page):
+            paths = [None] * per_page
+            paths[slot] = item["image"]
+            alone.append(render_page(paths, settings.layout))
+    with torch.no_grad():
+        items = model.encode_candidates(alone)  # [pages * per_page, R_c, D]
+    targets = torch.tensor(round_["targets"])
+    one_item = torch.tensor([kind == QUERY_KINDS[0] for kind in round_["kinds"]])
+    print(f"one-item queries, MRR: the page encoded whole against each item encoded alone (page scored by its best "
+          f"item; {len(alone)} single-item pages)")  # fmt: skip
+    print("| budget | page whole | items alone |")
+    print("|---|---|---|")
+    full_budget = (model.config.num_query_vectors, model.config.num_candidate_vectors)
+    for budget in sorted({(1, 1), full_budget}):
+        whole = positive_ranks(model.similarity(queries, pages, budget=budget), targets)[one_item]
+        best_item = model.similarity(queries, items, budget=budget).view(len(queries), len(pages_items), per_page)
+        apart = positive_ranks(best_item.max(dim=-1).values, targets)[one_item]
+        print(f"| ({budget[0]}, {budget[1]}) | {(1 / whole.float()).mean():.3f} | {(1 / apart.float()).mean():.3f} |")
 
 
 if __name__ == "__main__":

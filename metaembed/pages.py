@@ -49,7 +49,7 @@ def _emoji(path: str, size: int) -> Image.Image:
 
 
 def render_page(image_paths: list, layout: PageLayout) -> Image.Image:
-    """The page of these emoji (row-major over the grid) as an RGB image."""
+    """The page of these emoji (row-major over the grid; None leaves a cell empty) as an RGB image."""
     if len(image_paths) != layout.items_per_page:
         raise ValueError(
             f"a {layout.grid}x{layout.grid} page holds {layout.items_per_page} emoji, got {len(image_paths)}"
@@ -58,6 +58,8 @@ def render_page(image_paths: list, layout: PageLayout) -> Image.Image:
     cell = layout.page_size // layout.grid
     size = cell - 2 * layout.margin
     for slot, path in enumerate(image_paths):
+        if path is None:
+            continue
         row, column = divmod(slot, layout.grid)
         emoji = _emoji(str(path), size)
         page.paste(emoji, (column * cell + layout.margin, row * cell + layout.margin), emoji)

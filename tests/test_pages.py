@@ -38,6 +38,10 @@ def test_a_page_is_its_emoji_on_the_grid(split):
     assert list(page.getdata()) != list(shuffled.getdata())
     with pytest.raises(ValueError, match="holds 4 emoji, got 3"):
         render_page(items[:3], layout)
+    # An item alone in its cell (the probe's per-item encoding): that cell as on the full page, the rest empty.
+    alone = render_page([None, items[1], None, None], layout)
+    assert alone.crop((96, 0, 192, 96)).tobytes() == page.crop((96, 0, 192, 96)).tobytes()
+    assert set(alone.crop((0, 96, 192, 192)).getdata()) == {(255, 255, 255)}
     with pytest.raises(ValueError, match="does not fit"):
         PageLayout(page_size=32, grid=4, margin=4)
 

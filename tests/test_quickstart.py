@@ -57,3 +57,15 @@ def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identic
     one = [k == "one item" for k in round_["kinds"]]
     mrr = (1.0 / ranks[one].float()).mean().item()
     assert abs(mrr - quality["mrr"][full]) < 1e-6
+
+    # The probe of why a budget does or does not pay reads the same checkpoint; its "page whole" column is the
+    # reported MRR again, its "items alone" column the per-item encoding of the same pages.
+    probe = subprocess.run([sys.executable, "examples/probe_vectors.py", str(checkpoint)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    table = probe.stdout.split("| budget | page whole | items alone |")[1]
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:4]]
+            for line in table.splitlines() if line.startswith("| (")}  # fmt: skip
+    assert set(rows) == {"(1, 1)", "(2, 4)"}, probe.stdout
+    assert abs(rows["(2, 4)"][0] - quality["mrr"][full]) < 1e-3
+    assert all(1 / 32 <= value <= 1 for value in rows["(2, 4)"] + rows["(1, 1)"])
