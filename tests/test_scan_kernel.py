@@ -158,3 +158,22 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_the_torch_scan(monkeypatch)
         warnings.simplefilter("error")  # warned once, not at every search
         assert_same_top(index.search(queries, (4, 4), k=10), expected)
     assert scan_kernel.features() == {"avx2": False, "amx": False}
+
+
+@needs_compiler
+@pytest.mark.parametrize("library", [0, 1])  # MKL's sgemm with packed queries where torch has it; ATen's mm
+@pytest.mark.parametrize("count, dim", [(301, 64), (97, 1024)])
+@pytest.mark.parametrize("budget", [(1, 1), (3, 2), (4, 8), (16, 8)])
+def test_avx2_gemm_path_returns_the_torch_scans_top_k(monkeypatch, library, count, dim, budget):
+    """The AVX2 kernel's path for many query rows (blocks widened to float32 in L2, a float32 GEMM), forced for
+    every batch, with blocks that leave a partial one at the end."""
+    if "avx2" not in kernels():
+        pytest.skip("no AVX2 here")
+    index = random_index(count, 8, dim)
+    queries = torch.randn(5, 16, dim, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(scan_kernel, "AVX2_GEMM_FROM_ROWS", 1)
+    monkeypatch.setattr(scan_kernel, "AVX2_GEMM_BLOCK_VECTORS", 40)
+    monkeypatch.setattr(scan_kernel, "_GEMM_LIBRARY", library)
+    for k in (1, 10, count):
+        expected = search_with(monkeypatch, "torch", index, queries, budget, k)
+        assert_same_top(search_with(monkeypatch, "avx2", index, queries, budget, k), expected)

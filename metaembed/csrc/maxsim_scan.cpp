@@ -12,7 +12,9 @@
 //       scores of a float32 product, not of a bf16 one.
 // avx2  AVX2 + FMA (any x86-64 from Haswell / Zen on). Each 16 bf16 values are widened in registers (an unpack
 //       with zeros puts them in the high halves of float32 lanes, one shuffle per 8 values) and multiplied with
-//       FMAs by float32 queries whose dimensions were permuted once to the unpack order.
+//       FMAs by float32 queries whose dimensions were permuted once to the unpack order. For many query rows
+//       (`top_avx2_gemm`), blocks of candidates sized to stay in L2 are widened into a per-thread float32 buffer
+//       and multiplied by a float32 GEMM (MKL's sgemm, found in the process at run time; else ATen's mm).
 //
 // Both read every candidate value once from memory, keep a running max over the r_c tiers per (item, query row) in
 // a small per-thread buffer, sum the r_q rows of each query, and offer the score to the thread's running top-k of
@@ -36,6 +38,7 @@
 #if defined(__x86_64__) && defined(__linux__)
 #define METAEMBED_X86 1
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -241,6 +244,24 @@ METAEMBED_AVX2 void avx2_dots(const uint16_t* const* cand, const float* q, int64
     }
 }
 
+
+// ------------------------------------------------------------------------------------------- AVX2 widened + BLAS
+// bf16 -> float32 is a 16-bit left shift: 16 values per step, in registers, into a buffer that stays in L2.
+METAEMBED_AVX2 void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+        const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16);
+        const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), lo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 8), hi);
+    }
+    for (; i < n; ++i) {
+        const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+        std::memcpy(dst + i, &bits, 4);
+    }
+}
+
 #endif  // METAEMBED_X86
 
 void check_inputs(const torch::Tensor& vectors, int64_t r_c, int64_t count, int64_t k) {
@@ -250,6 +271,61 @@ void check_inputs(const torch::Tensor& vectors, int64_t r_c, int64_t count, int6
     TORCH_CHECK(1 <= r_c && r_c <= vectors.size(0), "r_c out of range");
     TORCH_CHECK(1 <= count && count <= vectors.size(1), "count out of range");
     TORCH_CHECK(1 <= k && k <= count, "k must be in 1..count");
+}
+
+
+// The float32 GEMM of the widened path: MKL's entry points where torch's BLAS is MKL (looked up at run time in the
+// process, so that nothing is linked here), else ATen's mm on the same buffers.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using PackSizeFn = size_t (*)(int, int, int, int);
+using PackFn = void (*)(int, int, int, int, int, int, float, const float*, int, float*);
+using ComputeFn = void (*)(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int);
+using ThreadsLocalFn = int (*)(int);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
+struct Blas {
+    SgemmFn sgemm = nullptr;
+    PackSizeFn pack_size = nullptr;
+    PackFn pack = nullptr;
+    ComputeFn compute = nullptr;
+    ThreadsLocalFn threads_local = nullptr;
+};
+
+const Blas& blas() {
+    static const Blas found = [] {
+        Blas b;
+#ifdef METAEMBED_X86
+        b.sgemm = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+        b.pack_size = reinterpret_cast<PackSizeFn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
+        b.pack = reinterpret_cast<PackFn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
+        b.compute = reinterpret_cast<ComputeFn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+        b.threads_local = reinterpret_cast<ThreadsLocalFn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+        if (b.pack_size == nullptr || b.pack == nullptr || b.compute == nullptr) b.pack_size = nullptr;
+#endif
+        return b;
+    }();
+    return found;
+}
+
+// Column-major C[m x n] = op(A) op(B) (as BLAS has it), through sgemm_ or, without it, ATen's mm.
+void gemm_column_major(const Blas& found, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+                       int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+    if (found.sgemm != nullptr) {
+        const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+        const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+        const float one = 1.0f, zero = 0.0f;
+        found.sgemm(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &zero, c, &lc);
+        return;
+    }
+    // Row-major view: C^T[n x m] = op(B)^T op(A)^T.
+    auto opt = torch::TensorOptions().dtype(torch::kFloat32);
+    auto bt = trans_b ? torch::from_blob(const_cast<float*>(b), {n, k}, {1, ldb}, opt)
+                      : torch::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opt);
+    auto at_ = trans_a ? torch::from_blob(const_cast<float*>(a), {k, m}, {1, lda}, opt)
+                       : torch::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opt);
+    auto ct = torch::from_blob(c, {n, m}, {ldc, 1}, opt);
+    at::mm_out(ct, bt, at_);
 }
 
 using Entry = std::pair<float, int64_t>;  // (score, item)
@@ -485,8 +561,84 @@ std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, i
 #endif
 }
 
+// Top-k of Q queries by MaxSim over items 0..count of `vectors` at budget (r_q, r_c), for many query rows: each
+// block of `block_items` items (all r_c tiers: r_c * block_items vectors, sized by the caller to stay in L2) is
+// widened to float32 with AVX2 into one per-thread buffer (never a float32 copy of the index) and multiplied by the
+// float32 query rows with a float32 GEMM, C[vectors x rows] (MKL's sgemm where torch's BLAS is MKL, the queries
+// packed once per call with cblas_sgemm_pack when `packed`; else ATen's mm); then the max over the tiers, the sum
+// over each query's rows and the running top-k, as in top_avx2. Item blocks go over torch's threads, each GEMM on
+// one thread. query_rows: [Q * r_q, D] float32 contiguous, dimensions in their natural order.
+// library: 0 = MKL where found, 1 = ATen's mm (the fallback, forced for tests).
+std::vector<torch::Tensor> top_avx2_gemm(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                         const torch::Tensor& query_rows, int64_t num_queries, int64_t r_q, int64_t k,
+                                         int64_t block_items, bool packed, int64_t library) {
+    check_inputs(vectors, r_c, count, k);
+#ifdef METAEMBED_X86
+    const int64_t dim = vectors.size(2), rows = num_queries * r_q;
+    TORCH_CHECK(dim % 16 == 0, "the AVX2 kernel needs D a multiple of 16");
+    TORCH_CHECK(query_rows.scalar_type() == torch::kFloat32 && query_rows.is_contiguous() && query_rows.dim() == 2 &&
+                    query_rows.size(0) == rows && query_rows.size(1) == dim,
+                "query_rows has the wrong shape");
+    TORCH_CHECK(block_items >= 1, "block_items must be positive");
+    const int64_t blocks = (count + block_items - 1) / block_items, m = r_c * block_items;
+    const int64_t item_stride = vectors.stride(1), tier_stride = vectors.stride(0);  // elements
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(vectors.data_ptr());
+    const float* queries = query_rows.data_ptr<float>();
+    const Blas& found = library == 0 ? blas() : Blas();
+    packed = packed && found.pack_size != nullptr;
+    std::vector<float> pack;
+    if (packed) {  // the queries as MKL's packed B operand of C[m x rows] = W[m x D] Q^T, shared by the threads
+        pack.resize(found.pack_size(kBMatrix, m, rows, dim) / 4 + 16);
+        found.pack(kRowMajor, kBMatrix, kTrans, m, rows, dim, 1.0f, queries, dim, pack.data());
+    }
+    return run_blocks(blocks, num_queries, k, [&](int64_t first, int64_t last, RunningTop& top) {
+        const int previous = found.threads_local != nullptr ? found.threads_local(1) : 0;
+        // widened: [tier][item][D] float32 (zero past the last item); dots: [vector][row]; best: [item][row]
+        std::vector<float> widened(m * dim), dots(m * rows), best(block_items * rows);
+        for (int64_t b = first; b < last; ++b) {
+            const int64_t items = std::min(block_items, count - b * block_items);
+            for (int64_t j = 0; j < r_c; ++j) {
+                const uint16_t* tier = base + j * tier_stride + b * block_items * item_stride;
+                float* out = widened.data() + j * block_items * dim;
+                if (item_stride == dim) {
+                    widen_bf16(tier, out, items * dim);
+                } else {
+                    for (int64_t i = 0; i < items; ++i) widen_bf16(tier + i * item_stride, out + i * dim, dim);
+                }
+                if (items < block_items) std::fill(out + items * dim, out + block_items * dim, 0.0f);
+            }
+            if (packed) {
+                found.compute(kRowMajor, kNoTrans, kPacked, m, rows, dim, widened.data(), dim, pack.data(), dim, 0.0f,
+                              dots.data(), rows);
+            } else {  // row-major C[m x rows] = column-major C'[rows x m] = Q W^T
+                gemm_column_major(found, true, false, rows, m, dim, queries, dim, widened.data(), dim, dots.data(),
+                                  rows);
+            }
+            for (int64_t i = 0; i < items; ++i) {  // best[i][r] = max over tiers j of dots[j * block_items + i][r]
+                float* running = best.data() + i * rows;
+                std::copy(dots.data() + i * rows, dots.data() + (i + 1) * rows, running);
+                for (int64_t j = 1; j < r_c; ++j) {
+                    const float* d = dots.data() + (j * block_items + i) * rows;
+                    for (int64_t r = 0; r < rows; ++r) running[r] = std::max(running[r], d[r]);
+                }
+            }
+            top.offer(best.data(), rows, items, r_q, b * block_items);
+        }
+        if (found.threads_local != nullptr) found.threads_local(previous);
+    });
+#else
+    TORCH_CHECK(false, "the AVX2 kernel needs an x86-64 Linux build");
+#endif
+}
+
+// [MKL's sgemm found, its packed GEMM found]: what top_avx2_gemm multiplies with here (else ATen's mm).
+std::vector<bool> gemm_library() { return {blas().sgemm != nullptr, blas().pack_size != nullptr}; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("cpu_features", &cpu_features, "[avx2 + fma usable, amx-bf16 usable (permission granted)]");
     m.def("top_amx", &top_amx, "MaxSim top-k with AMX tiles", py::call_guard<py::gil_scoped_release>());
     m.def("top_avx2", &top_avx2, "MaxSim top-k with AVX2 + FMA", py::call_guard<py::gil_scoped_release>());
+    m.def("top_avx2_gemm", &top_avx2_gemm, "MaxSim top-k: bf16 blocks widened with AVX2, float32 GEMM",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("gemm_library", &gemm_library, "[MKL sgemm found, MKL packed GEMM found]");
 }
