@@ -6,7 +6,8 @@ matrix. A budget r_c then reads exactly the first r_c matrices, N * r_c * D * by
 
 Scoring. Queries are scored in float32 (never rounded to the storage dtype). bf16 vectors on an x86-64 CPU are
 scanned by a compiled kernel (`metaembed.scan_kernel`: AMX tiles with the query split into three bf16 parts, or
-AVX2 FMAs on bf16 widened in registers), which keeps each query's top-k as it goes. Everything else (other
+AVX2 FMAs on bf16 widened in registers, or for 128+ query rows blocks widened in L2 and multiplied by MKL's GEMM),
+which keeps each query's top-k as it goes. Everything else (other
 dtypes, GPUs, other CPUs, or no compiler) uses `modeling_metaembed.scoring_metaembed.scan_maxsim`: the stored
 vectors widened tile by tile into one cache-sized float32 buffer and multiplied there (one GEMM per tile), then a
 max over r_c, a sum over r_q, and a running top-k over chunks. Every temporary of either is counted against
@@ -429,9 +430,9 @@ class MetaEmbedIndex:
         kind = scan_kernel.choose(self._vectors, r_c, num_values=r_c * self._count * self.dim, rows=step * r_q)
         if kind == "torch" or not torch.isfinite(queries).all():
             return None
-        while step > 1 and scan_kernel.work_bytes(kind, step, r_q, self.dim, k) > max_work_bytes:
+        while step > 1 and scan_kernel.work_bytes(kind, step, r_q, self.dim, k, r_c) > max_work_bytes:
             step = (step + 1) // 2
-        if scan_kernel.work_bytes(kind, step, r_q, self.dim, k) > max_work_bytes:
+        if scan_kernel.work_bytes(kind, step, r_q, self.dim, k, r_c) > max_work_bytes:
             return None
         scores, positions = [], []
         for start in range(0, num_queries, step):

@@ -12,8 +12,9 @@
   kernel applies: another architecture, another storage dtype, a GPU, D not a multiple of 32 (AMX) / 16 (AVX2),
   or a kernel that cannot be compiled here (no compiler: a warning names the reason, once).
 
-The kernel is compiled on first use with `torch.utils.cpp_extension` (g++ and ninja; about a minute, cached under
-`~/.cache/torch_extensions`), and only for scans that read at least `KERNEL_FROM_BYTES` (small ones gain nothing).
+The kernel is compiled on first use with `torch.utils.cpp_extension` (g++ and ninja on PATH; about 35 s on a
+2-core machine, cached under `~/.cache/torch_extensions`), and only for scans that read at least `KERNEL_FROM_BYTES`
+(small ones gain nothing).
 `METAEMBED_CPU_KERNEL` = ``auto`` (default), ``amx``, ``avx2`` or ``torch`` forces a choice (``amx`` / ``avx2`` for
 every size; a forced kernel the CPU lacks falls back to the next one available).
 """
@@ -37,9 +38,10 @@ KERNEL_FROM_BYTES = 16 * 2**20
 AMX_PART_BYTES_PER_PASS = 2**20
 # AVX2: bytes of float32 query rows per pass (Q * r_q * D * 4), for the same reason.
 AVX2_ROW_BYTES_PER_PASS = 2**19
-# From this many query rows per pass on, "auto" runs the torch scan instead of the AVX2 kernel (measured with MKL
-# and ATen restricted to AVX2 on the AMX Xeon, N = 20,000, D = 1,024: at 512 rows the torch scan is 1.11x the
-# floor, the kernel 1.33x; at 128 rows both 1.3x; at 32 rows the kernel 1.5x, the torch scan 2.0x).
+# From this many query rows in one call (Q * r_q) on, "auto" runs the torch scan instead of the AVX2 kernel
+# (measured with MKL and ATen restricted to AVX2 on the AMX Xeon, N = 20,000, D = 1,024: at 512 rows the torch
+# scan is 1.11x the floor, the register kernel 1.33x; at 256 rows, r_c = 16, the torch scan 1.16-1.31x across runs
+# and the GEMM path below 1.22-1.31x, no clear winner; at 32 rows the register kernel 1.5x, the torch scan 2.0x).
 AVX2_TORCH_FROM_ROWS = 256
 # From this many query rows per pass on, the AVX2 kernel widens blocks of AVX2_GEMM_BLOCK_VECTORS candidate vectors
 # (512 KB of float32 at D = 1,024: they stay in L2) into a per-thread buffer and multiplies them with a float32 GEMM
@@ -47,6 +49,9 @@ AVX2_TORCH_FROM_ROWS = 256
 # r_c = 8, 1.21-1.27x the floor against the register kernel's 1.47x; at 32-64 rows the two are even).
 AVX2_GEMM_FROM_ROWS = 128
 AVX2_GEMM_BLOCK_VECTORS = 128
+# What the GEMM library allocates for itself in the GEMM path (its packing buffers, per thread): measured as the
+# anonymous memory that path adds beyond its own buffers, 7 MB at 128 rows and D = 512 with 2 threads.
+GEMM_LIBRARY_SCRATCH_BYTES = 8 * 2**20
 _GEMM_LIBRARY = 0  # 0: MKL where torch has it, 1: ATen's mm (the fallback; tests force it)
 _SPLITS, _TILE_ROWS, _TILE_DIMS = 3, 16, 32
 # Within each 16 dimensions, the order in which the AVX2 kernel's unpack widens bf16 values.
@@ -190,12 +195,12 @@ def work_bytes(kind: str, num_queries: int, r_q: int, dim: int, k: int, r_c: int
         packing = rows * dim * (3 * 4 + 4 * 2 * _SPLITS) + 2 * _TILE_ROWS * dim * 2
         block = 48 * (_SPLITS * rows + 2 * _TILE_ROWS) * 4 + 48 * rows * 4 + 48 * dim * 2 + rows * 4
     else:  # the padded rows, their permuted copy, the permutation; or (GEMM) the rows, their packed copy, per thread
-        # the widened block, its products and the running max (MKL's own packing buffers: a few MB, counted apart)
+        # the widened block, its products and the running max, and the GEMM library's own buffers
         packing = 2 * (rows + 3) * dim * 4 + dim * 8 * 2
         block = 4 * (rows + 3) * 4 + rows * 4
         if rows >= AVX2_GEMM_FROM_ROWS:
             vectors = max(r_c, AVX2_GEMM_BLOCK_VECTORS)
-            packing = 2 * rows * dim * 4 + 2**16
+            packing = 2 * rows * dim * 4 + 2**16 + GEMM_LIBRARY_SCRATCH_BYTES
             block = vectors * (dim + rows) * 4 + _gemm_block_items(r_c) * rows * 4
     lists = (per_pass + 1) * max(2 * k, k + 64) * 16
     return packing + torch.get_num_threads() * (lists + block)

@@ -4,6 +4,7 @@ cache of the mapped file) than `max_work_bytes`, measured in a fresh process."""
 
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from metaembed import scan_kernel
 from metaembed.index import FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +95,7 @@ for name, run in runs.items():
     sampler.join()
     added[name] = peak[0] - base
     del result
-print(json.dumps(added))
+print(json.dumps({"added": added, "kernel": scan_kernel.choose(index._vectors, 1)}))
 """
 
 
@@ -101,11 +103,20 @@ def test_search_adds_at_most_its_work_budget_on_a_mapped_index_larger_than_it(tm
     nbytes = write_index(tmp_path / "index")
     assert nbytes > 10 * BUDGET
     # A fixed mmap threshold: every large temporary is its own map, counted while alive and returned when freed.
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "index"), str(BUDGET)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    added = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(added) == 5
-    for name, extra in added.items():
-        assert extra <= BUDGET + SLACK, f"{name} added {extra / 2**20:.1f} MB of anonymous memory"
+    # Every scan the CPU can run: the one "auto" picks here (AMX or AVX2), the AVX2 kernel (register and GEMM
+    # paths: (16,8) x 8 queries is 128 query rows) and the torch scan. A kernel this CPU lacks falls back.
+    # The user's environment (compiler, PATH, extension cache), with the allocator threshold and the kernel fixed.
+    compiled = scan_kernel.features()["avx2"]  # the compiled kernel builds and loads on this CPU
+    for kernel in ("auto", "avx2", "torch"):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "METAEMBED_CPU_KERNEL": kernel}
+        result = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "index"), str(BUDGET)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        added = report["added"]
+        assert len(added) == 5
+        # The scan measured is the one asked for (not a silent fallback to the torch scan).
+        expected = {"auto": {"amx", "avx2"}, "avx2": {"avx2"}}.get(kernel, {"torch"}) if compiled else {"torch"}
+        assert report["kernel"] in expected, (kernel, report["kernel"])
+        for name, extra in added.items():
+            assert extra <= BUDGET + SLACK, f"{kernel}: {name} added {extra / 2**20:.1f} MB of anonymous memory"
