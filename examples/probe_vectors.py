@@ -2,12 +2,12 @@
 
     python examples/probe_vectors.py runs/quickstart/checkpoint
 
-On the quickstart's held-out pages and their queries, prints the mean cosine between the vectors of one input
-(near 1: the vectors are near-copies, so MaxSim over more of them adds nothing) and between the first vectors of
-different inputs, and Recall@1 at every budget of the checkpoint after removing each side's mean vector (a shared
-direction that every input carries does not rank anything). Last, whether one input per page is what limits the
-model: one-item MRR of the page encoded whole against each of its items encoded alone (the page scored by its best
-item), the most that vectors keeping the items apart could give.
+On the quickstart's first round of held-out pages and its queries, prints the mean cosine between the vectors of
+one input (near 1: the vectors are near-copies, so MaxSim over more of them adds nothing) and between the first
+vectors of different inputs, and Recall@1 at every budget of the checkpoint after removing each side's mean vector
+(a shared direction that every input carries does not rank anything). Last, whether one input per page is what
+limits the model: one-item MRR over every held-out round of the page encoded whole against each of its items
+encoded alone (the page scored by its best item), the most that vectors keeping the items apart could give.
 """
 
 import argparse
@@ -71,36 +71,50 @@ def main(argv=None) -> None:
         centered = positive_ranks(model.similarity(centered_queries, centered_pages, budget=tuple(budget)), targets)
         recall, recall_centered = (plain == 1).float().mean(), (centered == 1).float().mean()
         print(f"| ({budget[0]}, {budget[1]}) | {recall:.3f} | {recall_centered:.3f} |")
-    print_cells_apart(model, settings, test_pairs, queries, pages, round_)
-
-
-def print_cells_apart(model, settings, test_pairs, queries, pages, round_) -> None:
-    """Is one input per page the bottleneck? Each item of each page is encoded alone, in its cell of an otherwise
-    empty page, and the page scored by its best item: as if the page's vectors had each kept one item apart.
-    If that does not beat the page encoded whole, a larger budget (at best, vectors that keep items apart)
-    has nothing to win with this model; what limits it is recognising the items."""
-    pages_items = layout_pages(test_pairs, settings.layout, 1, TEST_PAGE_SEED)
-    per_page = settings.layout.items_per_page
-    alone = []
-    for page in pages_items:
-        for slot, item in enumerate(page):
-            paths = [None] * per_page
-            paths[slot] = item["image"]
-            alone.append(render_page(paths, settings.layout))
-    with torch.no_grad():
-        items = model.encode_candidates(alone)  # [pages * per_page, R_c, D]
-    targets = torch.tensor(round_["targets"])
-    one_item = torch.tensor([kind == QUERY_KINDS[0] for kind in round_["kinds"]])
-    print(f"one-item queries, MRR: the page encoded whole against each item encoded alone (page scored by its best "
-          f"item; {len(alone)} single-item pages)")  # fmt: skip
+    budgets = sorted({(1, 1), (model.config.num_query_vectors, model.config.num_candidate_vectors)})
+    results = items_alone(model, settings, test_pairs, budgets)
+    count = len(held_out_pages(test_pairs, settings)) * len(round_["pages"]) * settings.layout.items_per_page
+    print(f"one-item queries, MRR over {settings.test_rounds} test round(s): the page encoded whole against each item "
+          f"encoded alone (the page scored by its best item; {count} single-item pages)")  # fmt: skip
     print("| budget | page whole | items alone |")
     print("|---|---|---|")
-    full_budget = (model.config.num_query_vectors, model.config.num_candidate_vectors)
-    for budget in sorted({(1, 1), full_budget}):
-        whole = positive_ranks(model.similarity(queries, pages, budget=budget), targets)[one_item]
-        best_item = model.similarity(queries, items, budget=budget).view(len(queries), len(pages_items), per_page)
-        apart = positive_ranks(best_item.max(dim=-1).values, targets)[one_item]
-        print(f"| ({budget[0]}, {budget[1]}) | {(1 / whole.float()).mean():.3f} | {(1 / apart.float()).mean():.3f} |")
+    for budget, (whole, alone) in results.items():
+        print(f"| ({budget[0]}, {budget[1]}) | {whole:.3f} | {alone:.3f} |")
+
+
+@torch.no_grad()
+def items_alone(model, settings: QuickstartSettings, test_pairs: list, budgets: list) -> dict:
+    """Is one input per page what limits the model? {budget: (MRR of the page encoded whole, MRR with each item
+    encoded alone)} for one-item queries over every held-out round. "Alone" puts each item in its cell of an
+    otherwise empty page and scores a page by its best item: as if the page's vectors had kept its items apart. If
+    that is no better than the page whole, no arrangement of the meta vectors has a budget gain to take; what limits
+    the model is recognising the items. (Training never shows it a page with empty cells: a caveat.)"""
+    per_page = settings.layout.items_per_page
+    ranks = {budget: ([], []) for budget in budgets}
+    for number, round_ in enumerate(held_out_pages(test_pairs, settings)):
+        pages_items = layout_pages(test_pairs, settings.layout, 1, TEST_PAGE_SEED + number)  # the round's pages
+        if len(pages_items) != len(round_["pages"]):
+            raise RuntimeError("the probe's pages are not the evaluation's: the page layout code changed")
+        alone = []
+        for page in pages_items:
+            for slot, item in enumerate(page):
+                paths = [None] * per_page
+                paths[slot] = item["image"]
+                alone.append(render_page(paths, settings.layout))
+        whole_pages = [Image.open(io.BytesIO(png)) for png in round_["pages"]]
+        pages = model.encode_candidates(whole_pages, show_progress_bar=False)
+        items = model.encode_candidates(alone, show_progress_bar=False)  # [pages * per_page, R_c, D], page-major
+        queries = model.encode_queries(round_["queries"], show_progress_bar=False)
+        targets = torch.tensor(round_["targets"])
+        one_item = torch.tensor([kind == QUERY_KINDS[0] for kind in round_["kinds"]])
+        for budget in budgets:
+            whole = positive_ranks(model.similarity(queries, pages, budget=budget), targets)[one_item]
+            best_item = model.similarity(queries, items, budget=budget).view(len(queries), len(pages), per_page)
+            apart = positive_ranks(best_item.max(dim=-1).values, targets)[one_item]
+            ranks[budget][0].append(whole)
+            ranks[budget][1].append(apart)
+    return {budget: tuple((1 / torch.cat(found).float()).mean().item() for found in pair)
+            for budget, pair in ranks.items()}  # fmt: skip
 
 
 if __name__ == "__main__":

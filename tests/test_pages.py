@@ -1,11 +1,15 @@
 """The pages task (metaembed.pages), the memoized frozen tower and the closed-form projector start."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from metaembed.frozen_features import MemoizedTower, memoized_tower, ridge_map, set_mlp_to_linear_map
 from metaembed.pages import PageLayout, evaluation_set, layout_pages, render_page, training_records
+from metaembed.quickstart import QuickstartSettings, build_model, load_data
 from metaembed.twemoji import split_pairs, twemoji_pairs
 
 
@@ -110,3 +114,18 @@ def test_the_projector_is_set_exactly_to_the_closed_form_map():
     with pytest.raises(ValueError, match="Linear -> GELU -> Linear"):
         relu_mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
         set_mlp_to_linear_map(relu_mlp, weight, mean, std, target_mean)
+
+
+def test_items_alone_probe_equals_the_page_whole_when_a_page_holds_one_item(tmp_path):
+    # With one item per page, "each item alone in its cell" is the page itself: the probe's two columns must agree
+    # exactly (a wrong slot, page order or target in the probe would make them differ).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from probe_vectors import items_alone
+
+    settings = QuickstartSettings(page_grid=1, image_size=96, num_query_vectors=1, num_candidate_vectors=2,
+                                  test_pairs=12, test_rounds=2, show_progress_bar=False)  # fmt: skip
+    model = build_model(settings, tmp_path).eval()
+    _, test_pairs = load_data(settings)
+    results = items_alone(model, settings, test_pairs, [(1, 1), (1, 2)])
+    for budget, (whole, alone) in results.items():
+        assert 1 / 12 <= whole <= 1 and abs(whole - alone) < 1e-6, (budget, whole, alone)
