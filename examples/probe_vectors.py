@@ -20,7 +20,9 @@ from PIL import Image
 from transformers import AutoModel
 
 from metaembed.pages import QUERY_KINDS, layout_pages, render_page
-from metaembed.quickstart import TEST_PAGE_SEED, QuickstartSettings, held_out_pages, load_data
+from metaembed.quickstart import (
+    TEST_PAGE_SEED, QuickstartSettings, held_out_pages, load_data, query_kind_masks, rank_metrics,
+)
 from training.evaluation import positive_ranks
 
 
@@ -105,16 +107,14 @@ def items_alone(model, settings: QuickstartSettings, test_pairs: list, budgets: 
         pages = model.encode_candidates(whole_pages, show_progress_bar=False)
         items = model.encode_candidates(alone, show_progress_bar=False)  # [pages * per_page, R_c, D], page-major
         queries = model.encode_queries(round_["queries"], show_progress_bar=False)
-        targets = torch.tensor(round_["targets"])
-        one_item = torch.tensor([kind == QUERY_KINDS[0] for kind in round_["kinds"]])
+        targets, one_item = torch.tensor(round_["targets"]), query_kind_masks(round_["kinds"])[QUERY_KINDS[0]]
         for budget in budgets:
             whole = positive_ranks(model.similarity(queries, pages, budget=budget), targets)[one_item]
             best_item = model.similarity(queries, items, budget=budget).view(len(queries), len(pages), per_page)
             apart = positive_ranks(best_item.max(dim=-1).values, targets)[one_item]
             ranks[budget][0].append(whole)
             ranks[budget][1].append(apart)
-    return {budget: tuple((1 / torch.cat(found).float()).mean().item() for found in pair)
-            for budget, pair in ranks.items()}  # fmt: skip
+    return {budget: tuple(rank_metrics(torch.cat(found))["mrr"] for found in pair) for budget, pair in ranks.items()}
 
 
 if __name__ == "__main__":

@@ -229,6 +229,17 @@ def held_out_pages(test_pairs: list, settings: QuickstartSettings) -> list:
     return [evaluation_set(test_pairs, settings.layout, TEST_PAGE_SEED + r) for r in range(settings.test_rounds)]
 
 
+def query_kind_masks(kinds: list) -> dict:
+    """{kind: [Q] bool}: which of a round's queries are of each kind (`QUERY_KINDS`)."""
+    return {kind: torch.tensor([k == kind for k in kinds]) for kind in QUERY_KINDS}
+
+
+def rank_metrics(ranks: torch.Tensor) -> dict:
+    """{"recall@1", "mrr"} of the positives' ranks (1 = best; from `positive_ranks`, ties counted against)."""
+    ranks = ranks.float()
+    return {"recall@1": (ranks == 1).float().mean().item(), "mrr": (1.0 / ranks).mean().item()}
+
+
 @torch.no_grad()
 def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dict:
     """Each round's queries ranked against that round's pages (each query has exactly one right page); the ranks
@@ -242,20 +253,15 @@ def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dic
     for round_ in held_out_pages(test_pairs, settings):
         pages = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]], **options)
         queries = model.encode_queries(round_["queries"], **options)
-        targets = torch.tensor(round_["targets"])
-        kinds = round_["kinds"]
+        targets, masks = torch.tensor(round_["targets"]), query_kind_masks(round_["kinds"])
         for budget in settings.budgets:
-            found = positive_ranks(model.similarity(queries, pages, budget=tuple(budget)), targets).float()
-            for kind in QUERY_KINDS:
-                chosen = torch.tensor([k == kind for k in kinds])
+            found = positive_ranks(model.similarity(queries, pages, budget=tuple(budget)), targets)
+            for kind, chosen in masks.items():
                 ranks[kind][budget_key(budget)].append(found[chosen])
     results = {}
     for kind in QUERY_KINDS:
-        pooled = {key: torch.cat(parts) for key, parts in ranks[kind].items()}
-        results[kind] = {
-            "recall@1": {key: (r == 1).float().mean().item() for key, r in pooled.items()},
-            "mrr": {key: (1.0 / r).mean().item() for key, r in pooled.items()},
-        }
+        metrics = {key: rank_metrics(torch.cat(parts)) for key, parts in ranks[kind].items()}
+        results[kind] = {name: {key: m[name] for key, m in metrics.items()} for name in METRIC_NAMES}
     return results
 
 
@@ -496,16 +502,13 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
     ranks = {name: {kind: [] for kind in QUERY_KINDS} for name in maps}
     for round_ in held_out_pages(test_pairs, settings):
         cells, queries = cell_features(round_["pages"]), embed(round_["queries"])
-        targets, kinds = torch.tensor(round_["targets"]), round_["kinds"]
+        targets, masks = torch.tensor(round_["targets"]), query_kind_masks(round_["kinds"])
         for name, (weight, mean, std, target_mean) in maps.items():
             inputs = cells.mean(1, keepdim=True) if name == "pooled" else cells  # [P, V, C]
             vectors = torch.nn.functional.normalize(((inputs - mean) / std) @ weight + target_mean, dim=-1)
             scores = torch.einsum("qd,pvd->qpv", queries, vectors).amax(-1)
-            found = positive_ranks(scores, targets).float()
-            for kind in QUERY_KINDS:
-                ranks[name][kind].append(found[torch.tensor([k == kind for k in kinds])])
-    return {
-        name: {kind: {"recall@1": (torch.cat(r) == 1).float().mean().item(), "mrr": (1 / torch.cat(r)).mean().item()}
-               for kind, r in per_kind.items()}
-        for name, per_kind in ranks.items()
-    }  # fmt: skip
+            found = positive_ranks(scores, targets)
+            for kind, chosen in masks.items():
+                ranks[name][kind].append(found[chosen])
+    return {name: {kind: rank_metrics(torch.cat(found)) for kind, found in per_kind.items()}
+            for name, per_kind in ranks.items()}  # fmt: skip

@@ -156,7 +156,7 @@ def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch
     computed by the compiled kernel `kind` ("amx" or "avx2"), the top-k kept as the scan goes (no score block)."""
     module = compiled()
     num_queries, r_q, dim = queries.shape
-    per_pass = max(1, _per_pass_bytes(kind) // (_value_bytes(kind) * r_q * dim))
+    per_pass = _queries_per_pass(kind, r_q, dim)
     scores, positions = [], []
     for first in range(0, num_queries, per_pass):
         part = queries[first : first + per_pass]
@@ -178,18 +178,18 @@ def _gemm_block_items(r_c: int) -> int:
     return max(1, AVX2_GEMM_BLOCK_VECTORS // r_c)
 
 
-def _per_pass_bytes(kind: str) -> int:
-    return AMX_PART_BYTES_PER_PASS if kind == "amx" else AVX2_ROW_BYTES_PER_PASS
-
-
-def _value_bytes(kind: str) -> int:  # bytes per query value as the kernel reads it
-    return _SPLITS * 2 if kind == "amx" else 4
+def _queries_per_pass(kind: str, r_q: int, dim: int) -> int:
+    """Queries whose rows one pass over the index serves: their packed values (3 bf16 parts per value for AMX,
+    float32 for AVX2) fit AMX_PART_BYTES_PER_PASS / AVX2_ROW_BYTES_PER_PASS, so they stay in L2."""
+    per_pass_bytes = AMX_PART_BYTES_PER_PASS if kind == "amx" else AVX2_ROW_BYTES_PER_PASS
+    value_bytes = _SPLITS * 2 if kind == "amx" else 4
+    return max(1, per_pass_bytes // (value_bytes * r_q * dim))
 
 
 def work_bytes(kind: str, num_queries: int, r_q: int, dim: int, k: int, r_c: int = 1) -> int:
     """An upper bound on what a `top_k` call allocates besides its result: one pass's packed queries (and the
     copies made while packing them), and per thread the running top-k lists and the block buffers (at budget r_c)."""
-    per_pass = min(num_queries, max(1, _per_pass_bytes(kind) // (_value_bytes(kind) * r_q * dim)))
+    per_pass = min(num_queries, _queries_per_pass(kind, r_q, dim))
     rows = per_pass * r_q
     if kind == "amx":  # float32 remainders, three bf16 parts, their concatenation, padding and tile layout
         packing = rows * dim * (3 * 4 + 4 * 2 * _SPLITS) + 2 * _TILE_ROWS * dim * 2
