@@ -428,7 +428,7 @@ class MetaEmbedIndex:
         num_queries, r_q, _ = queries.shape
         step = min(num_queries, query_batch_size)
         kind = scan_kernel.choose(self._vectors, r_c, num_values=r_c * self._count * self.dim, rows=step * r_q)
-        if kind == "torch" or not torch.isfinite(queries).all():
+        if kind == "torch":
             return None
         while step > 1 and scan_kernel.work_bytes(kind, step, r_q, self.dim, k, r_c) > max_work_bytes:
             step = (step + 1) // 2
@@ -438,8 +438,12 @@ class MetaEmbedIndex:
         for start in range(0, num_queries, step):
             batch = queries[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
             found = scan_kernel.top_k(kind, self._vectors, r_c, self._count, batch, k)
+            if found is None:  # a query value is not finite: the torch scan gives what torch gives
+                return None
             scores.append(found[0])
             positions.append(found[1])
+        if len(scores) == 1:
+            return scores[0], positions[0]
         return torch.cat(scores), torch.cat(positions)
 
     def _rescore(self, queries, shortlists: torch.Tensor, r_c: int, k: int, max_work_bytes: int) -> SearchResult:

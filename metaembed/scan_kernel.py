@@ -54,8 +54,6 @@ AVX2_GEMM_BLOCK_VECTORS = 128
 GEMM_LIBRARY_SCRATCH_BYTES = 8 * 2**20
 _GEMM_LIBRARY = 0  # 0: MKL where torch has it, 1: ATen's mm (the fallback; tests force it)
 _SPLITS, _TILE_ROWS, _TILE_DIMS = 3, 16, 32
-# Within each 16 dimensions, the order in which the AVX2 kernel's unpack widens bf16 values.
-_UNPACK_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 
 _lock = threading.Lock()
 _state = {}  # "module": the compiled extension or None, "features": {"avx2": bool, "amx": bool}
@@ -115,63 +113,54 @@ def choose(vectors: torch.Tensor, r_c: int, num_values: int | None = None, rows:
 
 
 def amx_query_parts(queries: torch.Tensor) -> torch.Tensor:
-    """[row blocks, D / 32, 16, 32] bf16: the AMX kernel's B tiles. Each float32 query row ([Q, r_q, D]) is split
-    into three bf16 parts, hi = bf16(q), mid = bf16(q - hi), lo = bf16(q - hi - mid), which become three "virtual
-    rows" (part * rows + row: all hi parts, then all mid, then all lo); each tile holds 16 virtual rows x 32
-    dimensions, pairs of consecutive dimensions side by side (the VNNI layout); zero rows pad to whole (and, beyond
-    one, an even number of) blocks."""
-    rows, dim = queries.shape[0] * queries.shape[1], queries.shape[2]
-    remainder = queries.reshape(rows, dim).float()
-    parts = []
-    for _ in range(_SPLITS):
-        part = remainder.to(torch.bfloat16)
-        parts.append(part)
-        remainder = remainder - part.float()  # exact: a float32 value minus its bf16 rounding
-    virtual = torch.cat(parts)  # [3 * rows, D]: row p * rows + r is part p of query row r
-    blocks = -(-virtual.shape[0] // _TILE_ROWS)
-    blocks += blocks % 2 if blocks > 1 else 0
-    padded = torch.zeros(blocks * _TILE_ROWS, dim, dtype=torch.bfloat16)
-    padded[: virtual.shape[0]] = virtual
-    # [block, n, k, pair, t] -> [block, k, pair, n, t]: tile row `pair` holds dims 2 pair, 2 pair + 1 of each row n
-    tiles = padded.view(blocks, _TILE_ROWS, dim // _TILE_DIMS, _TILE_DIMS // 2, 2)
-    return tiles.permute(0, 2, 3, 1, 4).contiguous().view(blocks, dim // _TILE_DIMS, _TILE_ROWS, _TILE_DIMS)
+    """[row blocks, D / 32, 16, 32] bf16: the AMX kernel's B tiles, as `top_k` packs them (in the compiled code).
+    Each float32 query row ([Q, r_q, D]) is split into three bf16 parts, hi = bf16(q), mid = bf16(q - hi),
+    lo = bf16(q - hi - mid), which become three "virtual rows" (part * rows + row: all hi parts, then all mid, then
+    all lo); each tile holds 16 virtual rows x 32 dimensions, pairs of consecutive dimensions side by side (the VNNI
+    layout); zero rows pad to whole (and, beyond one, an even number of) blocks."""
+    return compiled().amx_query_parts(queries.reshape(-1, queries.shape[-1]).float().contiguous())
+
+
+def avx2_row_group(rows: int) -> int:
+    """The query rows one AVX2 micro-kernel call multiplies: 1, 2 or 3 with 3 candidates at a time, 4 with 2;
+    whichever costs least for this many rows (groups of 3 run ~15% faster per row than groups of 4, measured)."""
+    return rows if rows <= 2 else min((3, 4), key=lambda g: -(-rows // g) * g / (1.15 if g == 3 else 1.0))
 
 
 def avx2_query_rows(queries: torch.Tensor, group: int | None = None) -> tuple:
-    """(rows [rows', D] float32, rows per group): the query rows with each 16 dimensions permuted to the AVX2
-    kernel's unpack order, zero rows padding to a multiple of the group (the rows one micro-kernel call multiplies:
-    1, 2 or 3 with 3 candidates at a time, 4 with 2; by default whichever costs least for this many rows)."""
-    rows, dim = queries.shape[0] * queries.shape[1], queries.shape[2]
-    if group is None:  # groups of 3 run ~15% faster per row than groups of 4 (measured): 4 where 3 pads more
-        group = rows if rows <= 2 else min((3, 4), key=lambda g: -(-rows // g) * g / (1.15 if g == 3 else 1.0))
-    padded = torch.zeros(-(-rows // group) * group, dim)
-    padded[:rows] = queries.reshape(rows, dim)
-    order = (torch.arange(dim) // 16 * 16 + _UNPACK_ORDER.repeat(dim // 16)).long()
-    return padded[:, order].contiguous(), group
+    """(rows [rows', D] float32, rows per group): the query rows as the AVX2 kernel takes them (packed in the
+    compiled code): each 16 dimensions permuted to the kernel's unpack order, zero rows padding to a multiple of
+    the group (`avx2_row_group` by default)."""
+    rows = queries.reshape(-1, queries.shape[-1]).float().contiguous()
+    group = avx2_row_group(rows.shape[0]) if group is None else group
+    return compiled().avx2_query_rows(rows, group), group
 
 
-def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int) -> tuple:
+def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int) -> tuple | None:
     """(scores [Q, k] float32 descending, positions [Q, k] int64): the top-k by MaxSim of each query ([Q, r_q, D]
     float32) over items 0..count of `vectors` ([R, N, D] bf16 on CPU, rows contiguous) at candidate budget r_c,
-    computed by the compiled kernel `kind` ("amx" or "avx2"), the top-k kept as the scan goes (no score block)."""
+    computed by the compiled kernel `kind` ("amx" or "avx2"), the top-k kept as the scan goes (no score block).
+    None where a query value is not finite (the kernels' running lists assume finite scores). The queries are
+    packed for the kernel in the compiled code: a single query costs one call from Python."""
     module = compiled()
     num_queries, r_q, dim = queries.shape
+    queries = queries.float().contiguous()
     per_pass = _queries_per_pass(kind, r_q, dim)
-    scores, positions = [], []
+    found = []
     for first in range(0, num_queries, per_pass):
         part = queries[first : first + per_pass]
         if kind == "amx":
-            found = module.top_amx(vectors, r_c, count, amx_query_parts(part), part.shape[0], r_q, k)
+            result = module.top_amx(vectors, r_c, count, part, k)
         elif part.shape[0] * r_q >= AVX2_GEMM_FROM_ROWS:
-            rows = part.reshape(-1, dim).float().contiguous()
-            found = module.top_avx2_gemm(vectors, r_c, count, rows, part.shape[0], r_q, k, _gemm_block_items(r_c),
-                                         True, _GEMM_LIBRARY)  # fmt: skip
+            result = module.top_avx2_gemm(vectors, r_c, count, part, k, _gemm_block_items(r_c), _GEMM_LIBRARY)
         else:
-            rows, group = avx2_query_rows(part)
-            found = module.top_avx2(vectors, r_c, count, rows, part.shape[0], r_q, group, k)
-        scores.append(found[0])
-        positions.append(found[1])
-    return torch.cat(scores), torch.cat(positions)
+            result = module.top_avx2(vectors, r_c, count, part, avx2_row_group(part.shape[0] * r_q), k)
+        if not result:
+            return None
+        found.append(result)
+    if len(found) == 1:
+        return found[0][0], found[0][1]
+    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
 
 
 def _gemm_block_items(r_c: int) -> int:
@@ -191,12 +180,12 @@ def work_bytes(kind: str, num_queries: int, r_q: int, dim: int, k: int, r_c: int
     copies made while packing them), and per thread the running top-k lists and the block buffers (at budget r_c)."""
     per_pass = min(num_queries, _queries_per_pass(kind, r_q, dim))
     rows = per_pass * r_q
-    if kind == "amx":  # float32 remainders, three bf16 parts, their concatenation, padding and tile layout
-        packing = rows * dim * (3 * 4 + 4 * 2 * _SPLITS) + 2 * _TILE_ROWS * dim * 2
+    if kind == "amx":  # a float32 copy of the queries, their three bf16 parts padded to whole (even) tile blocks
+        packing = rows * dim * 4 + (_SPLITS * rows + 2 * _TILE_ROWS) * dim * 2
         block = 48 * (_SPLITS * rows + 2 * _TILE_ROWS) * 4 + 48 * rows * 4 + 48 * dim * 2 + rows * 4
-    else:  # the padded rows, their permuted copy, the permutation; or (GEMM) the rows, their packed copy, per thread
+    else:  # a float32 copy and the padded, permuted rows; or (GEMM) the copy, MKL's packed copy, per thread
         # the widened block, its products and the running max, and the GEMM library's own buffers
-        packing = 2 * (rows + 3) * dim * 4 + dim * 8 * 2
+        packing = rows * dim * 4 + (rows + 3) * dim * 4
         block = 4 * (rows + 3) * 4 + rows * 4
         if rows >= AVX2_GEMM_FROM_ROWS:
             vectors = max(r_c, AVX2_GEMM_BLOCK_VECTORS)

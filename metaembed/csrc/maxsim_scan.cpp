@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -122,7 +123,12 @@ METAEMBED_AMX void amx_tier_48x16(const char* a, int64_t a_stride, const char* q
     for (int64_t k = 0; k < k_steps; ++k) {
         const char* ak = a + 64 * k;
         if (next != nullptr) {
-            for (int64_t m = 0; m < 48; ++m) _mm_prefetch(next + m * next_stride + 64 * k, _MM_HINT_T1);
+            if (next_stride == 64 * k_steps) {  // contiguous rows: in address order, which the L2 streamer follows
+                const char* line = next + 64 * 48 * k;
+                for (int64_t m = 0; m < 48; ++m) _mm_prefetch(line + 64 * m, _MM_HINT_T1);
+            } else {
+                for (int64_t m = 0; m < 48; ++m) _mm_prefetch(next + m * next_stride + 64 * k, _MM_HINT_T1);
+            }
         }
         _tile_loadd(7, q + kTileBytes * k, 64);
         _tile_loadd(4, ak, a_stride);
@@ -147,21 +153,31 @@ METAEMBED_AMX void amx_tier_32x32(const char* a, int64_t a_stride, const char* q
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+    // Tiles are not renamed: a load into a tile waits for the product reading it. So each operand is reloaded for
+    // step k + 1 as soon as its last product of step k is issued, and a product's operands were loaded a product or
+    // more before it.
+    _tile_loadd(4, a, a_stride);
+    _tile_loadd(6, q0, 64);
+    _tile_loadd(7, q1, 64);
+    _tile_loadd(5, a + 16 * a_stride, a_stride);
     for (int64_t k = 0; k < k_steps; ++k) {
-        const char* ak = a + 64 * k;
         if (next != nullptr) {
             for (int64_t m = next_first; m < 32; m += next_step) {
                 _mm_prefetch(next + m * next_stride + 64 * k, _MM_HINT_T1);
             }
         }
-        _tile_loadd(4, ak, a_stride);
-        _tile_loadd(6, q0 + kTileBytes * k, 64);
+        const bool more = k + 1 < k_steps;
+        const char* an = a + 64 * (k + 1);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, q1 + kTileBytes * k, 64);
         _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, ak + 16 * a_stride, a_stride);
+        if (more) _tile_loadd(4, an, a_stride);
         _tile_dpbf16ps(2, 5, 6);
+        if (more) _tile_loadd(6, q0 + kTileBytes * (k + 1), 64);
         _tile_dpbf16ps(3, 5, 7);
+        if (more) {
+            _tile_loadd(7, q1 + kTileBytes * (k + 1), 64);
+            _tile_loadd(5, an + 16 * a_stride, a_stride);
+        }
     }
     const int64_t bytes = c_stride * 4;
     _tile_stored(0, c, bytes);
@@ -427,12 +443,74 @@ std::vector<bool> cpu_features() {
 #endif
 }
 
+// True when every value is finite: the kernels' top-k lists assume finite scores (the caller falls back otherwise).
+bool all_finite(const torch::Tensor& values) {
+    TORCH_CHECK(values.scalar_type() == torch::kFloat32 && values.is_contiguous(), "values must be float32, contiguous");
+    const float* v = values.data_ptr<float>();
+    bool finite = true;
+    for (int64_t i = 0; i < values.numel(); ++i) finite &= std::isfinite(v[i]);
+    return finite;
+}
+
+void check_query_rows(const torch::Tensor& query_rows, int64_t divisor) {
+    TORCH_CHECK(query_rows.device().is_cpu() && query_rows.scalar_type() == torch::kFloat32 &&
+                    query_rows.is_contiguous() && query_rows.dim() == 2,
+                "query rows must be a contiguous float32 CPU tensor [rows, D]");
+    TORCH_CHECK(query_rows.size(1) % divisor == 0, "query rows: D must be a multiple of ", divisor);
+}
+
+// The B tiles of top_amx from float32 query rows [rows, D]. Each value is split into three bf16 parts, hi = bf16(q),
+// mid = bf16(q - hi), lo = bf16(q - hi - mid) (each rounded to nearest even, as torch rounds; each subtraction is
+// exact), which become the "virtual rows" part * rows + row; each tile holds 16 virtual rows x 32 dimensions, pairs
+// of consecutive dimensions side by side (the VNNI layout): [row blocks, D / 32, 16 pairs, 16 rows x 2] bf16, zero
+// rows padding to whole blocks (and, beyond one, an even number of them).
+torch::Tensor amx_query_parts(const torch::Tensor& query_rows) {
+    check_query_rows(query_rows, kTileDims);
+    const int64_t rows = query_rows.size(0), dim = query_rows.size(1), k_steps = dim / kTileDims;
+    int64_t blocks = (kSplits * rows + kTileRows - 1) / kTileRows;
+    if (blocks > 1) blocks += blocks % 2;
+    auto parts = torch::zeros({blocks, k_steps, kTileRows, kTileDims}, torch::kBFloat16);
+    uint16_t* out = reinterpret_cast<uint16_t*>(parts.data_ptr());
+    const float* q = query_rows.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t d = 0; d < dim; ++d) {
+            float rest = q[r * dim + d];
+            const int64_t k = d / kTileDims, pair = (d % kTileDims) / 2, t = d % 2;
+            for (int64_t p = 0; p < kSplits; ++p) {
+                const c10::BFloat16 part(rest);
+                rest -= static_cast<float>(part);
+                const int64_t v = p * rows + r, block = v / kTileRows, n = v % kTileRows;
+                out[((block * k_steps + k) * kTileRows + pair) * kTileDims + 2 * n + t] = part.x;
+            }
+        }
+    }
+    return parts;
+}
+
+// The query rows of top_avx2 from float32 rows [rows, D]: zero rows pad to a multiple of `group`, and within every 16
+// dimensions the values go in the order the kernel's unpacks widen the candidates (0-3, 8-11, then 4-7, 12-15).
+torch::Tensor avx2_query_rows(const torch::Tensor& query_rows, int64_t group) {
+    check_query_rows(query_rows, 16);
+    TORCH_CHECK(group >= 1, "group must be positive");
+    static constexpr int64_t kOrder[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    const int64_t rows = query_rows.size(0), dim = query_rows.size(1);
+    auto permuted = torch::zeros({(rows + group - 1) / group * group, dim}, torch::kFloat32);
+    const float* q = query_rows.data_ptr<float>();
+    float* out = permuted.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t d = 0; d < dim; d += 16) {
+            for (int64_t j = 0; j < 16; ++j) out[r * dim + d + j] = q[r * dim + d + kOrder[j]];
+        }
+    }
+    return permuted;
+}
+
 // Top-k of Q queries by MaxSim over items 0..count of `vectors` at budget (r_q, r_c), with AMX.
 // query_parts: [row_blocks, D / 32, 16, 32] bf16: the packed virtual rows (part * Q * r_q + row: hi, mid and lo
 // parts of every row; zero beyond 3 * Q * r_q; an even number of row blocks when more than one).
 // Returns (scores [Q, k], positions [Q, k]).
-std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count,
-                                   const torch::Tensor& query_parts, int64_t num_queries, int64_t r_q, int64_t k) {
+std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                         const torch::Tensor& query_parts, int64_t num_queries, int64_t r_q, int64_t k) {
     check_inputs(vectors, r_c, count, k);
 #ifdef METAEMBED_X86
     const int64_t dim = vectors.size(2), k_steps = dim / kTileDims, row_blocks = query_parts.size(0);
@@ -500,8 +578,8 @@ std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, in
 // query_rows: [rows, D] float32, rows >= Q * r_q a multiple of `row_group` (1, 2, 3 or 4; zero rows beyond), each
 // row's dimensions permuted within every 16 to the unpack order (0-3, 8-11, then 4-7, 12-15). Groups of 1-3 rows
 // are multiplied with 3 candidates at a time, groups of 4 with 2.
-std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, int64_t count,
-                                    const torch::Tensor& query_rows, int64_t num_queries, int64_t r_q,
+std::vector<torch::Tensor> top_avx2_rows(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                         const torch::Tensor& query_rows, int64_t num_queries, int64_t r_q,
                                     int64_t row_group, int64_t k) {
     check_inputs(vectors, r_c, count, k);
 #ifdef METAEMBED_X86
@@ -631,6 +709,33 @@ std::vector<torch::Tensor> top_avx2_gemm(const torch::Tensor& vectors, int64_t r
 #endif
 }
 
+// The entry points: queries [Q, r_q, D] float32 contiguous, as the index holds them; each packs them as its kernel
+// takes them. An empty result means a query value is not finite (the caller then scans with torch).
+std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count, const torch::Tensor& queries,
+                                   int64_t k) {
+    TORCH_CHECK(queries.dim() == 3, "queries must be [Q, r_q, D]");
+    if (!all_finite(queries)) return {};
+    const auto rows = queries.view({-1, queries.size(2)});
+    return top_amx_parts(vectors, r_c, count, amx_query_parts(rows), queries.size(0), queries.size(1), k);
+}
+
+std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                    const torch::Tensor& queries, int64_t row_group, int64_t k) {
+    TORCH_CHECK(queries.dim() == 3, "queries must be [Q, r_q, D]");
+    if (!all_finite(queries)) return {};
+    const auto rows = avx2_query_rows(queries.view({-1, queries.size(2)}), row_group);
+    return top_avx2_rows(vectors, r_c, count, rows, queries.size(0), queries.size(1), row_group, k);
+}
+
+std::vector<torch::Tensor> top_avx2_widened(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                            const torch::Tensor& queries, int64_t k, int64_t block_items,
+                                            int64_t library) {
+    TORCH_CHECK(queries.dim() == 3, "queries must be [Q, r_q, D]");
+    if (!all_finite(queries)) return {};
+    const auto rows = queries.view({-1, queries.size(2)});
+    return top_avx2_gemm(vectors, r_c, count, rows, queries.size(0), queries.size(1), k, block_items, true, library);
+}
+
 // [MKL's sgemm found, its packed GEMM found]: what top_avx2_gemm multiplies with here (else ATen's mm).
 std::vector<bool> gemm_library() { return {blas().sgemm != nullptr, blas().pack_size != nullptr}; }
 
@@ -638,7 +743,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("cpu_features", &cpu_features, "[avx2 + fma usable, amx-bf16 usable (permission granted)]");
     m.def("top_amx", &top_amx, "MaxSim top-k with AMX tiles", py::call_guard<py::gil_scoped_release>());
     m.def("top_avx2", &top_avx2, "MaxSim top-k with AVX2 + FMA", py::call_guard<py::gil_scoped_release>());
-    m.def("top_avx2_gemm", &top_avx2_gemm, "MaxSim top-k: bf16 blocks widened with AVX2, float32 GEMM",
+    m.def("top_avx2_gemm", &top_avx2_widened, "MaxSim top-k: bf16 blocks widened with AVX2, float32 GEMM",
           py::call_guard<py::gil_scoped_release>());
+    m.def("amx_query_parts", &amx_query_parts, "top_amx's B tiles from float32 query rows [rows, D]");
+    m.def("avx2_query_rows", &avx2_query_rows, "top_avx2's query rows from float32 query rows [rows, D]");
     m.def("gemm_library", &gemm_library, "[MKL sgemm found, MKL packed GEMM found]");
 }
