@@ -8,9 +8,9 @@
 
 The floor of one search is the larger of two times measured here, in this run: its bytes (N * r_c * D * 2 for bf16
 storage) at the memory read bandwidth (a read-only pass over a buffer far larger than the caches), and its FLOPs
-(2 * Q * N * r_q * r_c * D) at the float32 GEMM peak (a large square torch.mm). Both are measured before and after
-the searches and the better of the two kept (the stricter floor). Each search is timed from cold caches (a large
-buffer is read between runs), best of --repeats. For each budget: the kernel that ran (`metaembed.scan_kernel`),
+(2 * Q * N * r_q * r_c * D) at the float32 GEMM peak (a large square torch.mm). The run goes in --repeats rounds:
+each measures both floors and times every search once from cold caches (a large buffer is read before each), and
+every number keeps its best over the rounds (for the floors, the stricter floor). For each budget: the kernel that ran (`metaembed.scan_kernel`),
 one query, and --batch queries in one call (time per query), each as a ratio to its floor, with a check that the
 top-10 ids equal a float32 reference (float32 queries against the stored bf16 vectors widened to float32); "avx2 /
 torch" in the kernel column means one query ran the first, the batch the second. Then the peers on the same bf16
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 16, 64])
     parser.add_argument("--batch", type=int, default=32, help="queries per batch for the batched per-query time")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (floors and every search once each)")
     parser.add_argument("--peer-budgets", type=int, nargs="*", default=[1, 1, 4, 8, 16, 64],
                         help="budgets the peers run (none: no peer table)")
     parser.add_argument("--flush-mb", type=int, default=1024, help="buffer read between timed runs (cold caches)")
@@ -184,13 +184,10 @@ def main(argv=None) -> None:
     flush_buffer = torch.ones(args.flush_mb * 2**20 // 4, device=device) if args.flush_mb else None
     flush = (lambda: flush_buffer.sum()) if flush_buffer is not None else None
     load_before = os.getloadavg()
-    bandwidth, peak = read_bandwidth(device, args.bandwidth_mb), gemm_peak(device)
     where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{where}")
-    print(f"floors measured first: read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 GEMM peak {peak / 1e9:.0f} "
-          f"GFLOP/s; N = {args.num_items:,}, D = {args.dim}, bf16 storage, float32 queries; batch of {args.batch}; "
+    print(f"N = {args.num_items:,}, D = {args.dim}, bf16 storage, float32 queries; batch of {args.batch}; "
           f"load average {load_before[0]:.2f}")  # fmt: skip
-    timings = []  # (budget, kernel, single seconds, batched seconds per query, exact)
 
     def floor(r_q, r_c, q):
         nbytes = args.num_items * r_c * args.dim * 2
@@ -199,11 +196,30 @@ def main(argv=None) -> None:
     def kernel_for(r_c, rows=1):
         return scan_kernel.choose(index.vectors, r_c, rows=rows) if device.type == "cpu" else device.type
 
+    # Rounds: each measures the floors and runs every search once, each from cold caches; every number keeps its
+    # best over the rounds. A shared host's speed moves in windows of seconds (on the Xeon of docs/retrieval.md
+    # one AMX search took 18 ms and 40 ms a few seconds apart, in one process), so the samples of each search and
+    # of the floors are spread over the whole run rather than taken back to back in one window.
+    bandwidths, peaks, singles, batches = [], [], {}, {}
+    for round_number in range(args.repeats):
+        bandwidths.append(read_bandwidth(device, args.bandwidth_mb, repeats=2))
+        peaks.append(gemm_peak(device, repeats=2))
+        for r_q, r_c in budgets:
+            warm_up = round_number == 0  # the first call of each shape builds what later calls reuse
+            single = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), 1, device, flush,
+                               warm_up)  # fmt: skip
+            batch = lambda: index.search(queries, budget=(r_q, r_c), k=10, query_batch_size=args.batch)  # noqa: E731
+            batched = best_time(batch, 1, device, flush, warm_up) / args.batch
+            singles[(r_q, r_c)] = min(singles.get((r_q, r_c), float("inf")), single)
+            batches[(r_q, r_c)] = min(batches.get((r_q, r_c), float("inf")), batched)
+    bandwidth, peak = max(bandwidths), max(peaks)
+    print(f"floors, the best of {args.repeats} rounds interleaved with the searches: read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (rounds {min(bandwidths) / 1e9:.1f}-{bandwidth / 1e9:.1f}), float32 GEMM peak "
+          f"{peak / 1e9:.0f} GFLOP/s (rounds {min(peaks) / 1e9:.0f}-{peak / 1e9:.0f})")  # fmt: skip
+
+    timings = []  # (budget, kernel, single seconds, batched seconds per query, exact)
     vectors = index.vectors  # [R_c, N, D] bf16
     for r_q, r_c in budgets:
-        single = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, device, flush)
-        batch = lambda: index.search(queries, budget=(r_q, r_c), k=10, query_batch_size=args.batch)  # noqa: E731
-        batched = best_time(batch, args.repeats, device, flush) / args.batch
         # Exactness: the top-10 of 4 queries against a float32 reference built independently (einsum per tier).
         checked = queries[:4, :r_q]
         reference = torch.stack([torch.einsum("qid,nd->qin", checked, vectors[j].float()) for j in range(r_c)])
@@ -214,15 +230,8 @@ def main(argv=None) -> None:
         del reference
         kernels = {kernel_for(r_c, r_q), kernel_for(r_c, args.batch * r_q)}  # single, batched
         kernel = " / ".join(sorted(kernels, key=[kernel_for(r_c, r_q), kernel_for(r_c, args.batch * r_q)].index))
-        timings.append(((r_q, r_c), kernel, single, batched, same))
+        timings.append(((r_q, r_c), kernel, singles[(r_q, r_c)], batches[(r_q, r_c)], same))
 
-    # The floors again, after the searches: the better of the two measurements makes the stricter floor.
-    bandwidth_after, peak_after = read_bandwidth(device, args.bandwidth_mb), gemm_peak(device)
-    bandwidth_best, peak_best = max(bandwidth, bandwidth_after), max(peak, peak_after)
-    print(f"floors measured after the searches: read bandwidth {bandwidth_after / 1e9:.1f} GB/s, float32 GEMM peak "
-          f"{peak_after / 1e9:.0f} GFLOP/s; ratios below use the better of each: {bandwidth_best / 1e9:.1f} GB/s "
-          f"and {peak_best / 1e9:.0f} GFLOP/s")  # fmt: skip
-    bandwidth, peak = bandwidth_best, peak_best
     print()
     print("| budget | kernel | bytes per scan | floor ms (1 query) | single query ms | x floor "
           "| floor ms/query (batched) | batched ms/query | x floor | top-10 ids = fp32 reference |")  # fmt: skip
