@@ -144,11 +144,10 @@ def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch
     packed for the kernel in the compiled code: a single query costs one call from Python."""
     module = compiled()
     num_queries, r_q, dim = queries.shape
-    queries = queries.float().contiguous()
     per_pass = _queries_per_pass(kind, r_q, dim)
     found = []
     for first in range(0, num_queries, per_pass):
-        part = queries[first : first + per_pass]
+        part = queries[first : first + per_pass].float().contiguous()  # a copy of one pass at most (work_bytes)
         if kind == "amx":
             result = module.top_amx(vectors, r_c, count, part, k)
         elif part.shape[0] * r_q >= AVX2_GEMM_FROM_ROWS:
