@@ -187,13 +187,13 @@ METAEMBED_AMX void amx_tier_32x32(const char* a, int64_t a_stride, const char* q
 }
 
 // One tier's products folded into the running max: best[i][r] = max(best[i][r], hi + mid + lo) (or set, first).
-METAEMBED_AMX void fold_tier(const float* dots, int64_t virtual_rows, int64_t rows, int64_t items, float* best,
-                             bool first) {
+METAEMBED_AMX void fold_tier(const float* __restrict dots, int64_t virtual_rows, int64_t rows, int64_t items,
+                             float* __restrict best, bool first) {
     for (int64_t i = 0; i < items; ++i) {
-        const float* hi = dots + i * virtual_rows;
-        const float* mid = hi + rows;
-        const float* lo = mid + rows;
-        float* running = best + i * rows;
+        const float* __restrict hi = dots + i * virtual_rows;
+        const float* __restrict mid = hi + rows;
+        const float* __restrict lo = mid + rows;
+        float* __restrict running = best + i * rows;
         if (first) {
             for (int64_t r = 0; r < rows; ++r) running[r] = hi[r] + mid[r] + lo[r];
         } else {
@@ -348,6 +348,12 @@ using Entry = std::pair<float, int64_t>;  // (score, item)
 
 // The running top-k of every query within one thread's share of the items: scores are appended while they beat the
 // k-th best kept so far; when the buffer is full it is cut back to its best k (nth_element), raising the bar.
+#ifdef METAEMBED_X86
+#define METAEMBED_VECTORISED __attribute__((target("avx2,fma")))  // called only by kernels that need AVX2
+#else
+#define METAEMBED_VECTORISED
+#endif
+
 class RunningTop {
    public:
     RunningTop(int64_t num_queries, int64_t k)
@@ -358,8 +364,11 @@ class RunningTop {
 
     // out[i, q] = sum over the r_q rows of query q of best[i][row]: item first + i's scores, offered to the lists.
     // A list takes every score until it first fills (its bar is -inf), then only scores above its k-th best.
-    void offer(const float* best, int64_t row_stride, int64_t items, int64_t r_q, int64_t first) {
+    METAEMBED_VECTORISED void offer(const float* best, int64_t row_stride, int64_t items, int64_t r_q,
+                                    int64_t first) {
         const int64_t num_queries = static_cast<int64_t>(lists_.size());
+        const float* bars = bars_.data();
+        float* sums = totals_.data();
         for (int64_t i = 0; i < items; ++i) {
             const float* row = best + i * row_stride;
             const float* totals = row;
@@ -367,13 +376,15 @@ class RunningTop {
                 for (int64_t q = 0; q < num_queries; ++q) {
                     float total = 0.0f;
                     for (int64_t r = 0; r < r_q; ++r) total += row[q * r_q + r];
-                    totals_[q] = total;
+                    sums[q] = total;
                 }
-                totals = totals_.data();
+                totals = sums;
             }
-            bool any = false;  // the usual case once the bars have risen: nothing to insert (a vectorised test)
-            for (int64_t q = 0; q < num_queries; ++q) any |= totals[q] > bars_[q];
-            if (!any) continue;
+            // The usual case once the bars have risen: nothing to insert. A count of the scores above their bars
+            // (not an early exit) lets the compiler test 8 queries per instruction.
+            int above = 0;
+            for (int64_t q = 0; q < num_queries; ++q) above += totals[q] > bars[q];
+            if (above == 0) continue;
             for (int64_t q = 0; q < num_queries; ++q) {
                 if (totals[q] > bars_[q]) {
                     auto& list = lists_[q];
