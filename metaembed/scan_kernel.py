@@ -127,15 +127,6 @@ def avx2_row_group(rows: int) -> int:
     return rows if rows <= 2 else min((3, 4), key=lambda g: -(-rows // g) * g / (1.15 if g == 3 else 1.0))
 
 
-def avx2_query_rows(queries: torch.Tensor, group: int | None = None) -> tuple:
-    """(rows [rows', D] float32, rows per group): the query rows as the AVX2 kernel takes them (packed in the
-    compiled code): each 16 dimensions permuted to the kernel's unpack order, zero rows padding to a multiple of
-    the group (`avx2_row_group` by default)."""
-    rows = queries.reshape(-1, queries.shape[-1]).float().contiguous()
-    group = avx2_row_group(rows.shape[0]) if group is None else group
-    return compiled().avx2_query_rows(rows, group), group
-
-
 def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int) -> tuple | None:
     """(scores [Q, k] float32 descending, positions [Q, k] int64): the top-k by MaxSim of each query ([Q, r_q, D]
     float32) over items 0..count of `vectors` ([R, N, D] bf16 on CPU, rows contiguous) at candidate budget r_c,
@@ -194,7 +185,7 @@ def work_bytes(kind: str, num_queries: int, r_q: int, dim: int, k: int, r_c: int
     return packing + torch.get_num_threads() * (lists + block)
 
 
-__all__ = ["choose", "top_k", "work_bytes", "compiled", "features", "amx_query_parts", "avx2_query_rows"]
+__all__ = ["choose", "top_k", "work_bytes", "compiled", "features", "amx_query_parts"]
 
 
 if __name__ == "__main__":  # python -m metaembed.scan_kernel: build the kernel now and say what this CPU runs

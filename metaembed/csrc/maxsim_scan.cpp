@@ -456,7 +456,8 @@ std::vector<bool> cpu_features() {
 
 // True when every value is finite: the kernels' top-k lists assume finite scores (the caller falls back otherwise).
 bool all_finite(const torch::Tensor& values) {
-    TORCH_CHECK(values.scalar_type() == torch::kFloat32 && values.is_contiguous(), "values must be float32, contiguous");
+    TORCH_CHECK(values.scalar_type() == torch::kFloat32 && values.is_contiguous(),
+                "values must be float32, contiguous");
     const float* v = values.data_ptr<float>();
     bool finite = true;
     for (int64_t i = 0; i < values.numel(); ++i) finite &= std::isfinite(v[i]);
@@ -521,7 +522,8 @@ torch::Tensor avx2_query_rows(const torch::Tensor& query_rows, int64_t group) {
 // parts of every row; zero beyond 3 * Q * r_q; an even number of row blocks when more than one).
 // Returns (scores [Q, k], positions [Q, k]).
 std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r_c, int64_t count,
-                                         const torch::Tensor& query_parts, int64_t num_queries, int64_t r_q, int64_t k) {
+                                         const torch::Tensor& query_parts, int64_t num_queries, int64_t r_q,
+                                         int64_t k) {
     check_inputs(vectors, r_c, count, k);
 #ifdef METAEMBED_X86
     const int64_t dim = vectors.size(2), k_steps = dim / kTileDims, row_blocks = query_parts.size(0);
@@ -654,13 +656,13 @@ std::vector<torch::Tensor> top_avx2_rows(const torch::Tensor& vectors, int64_t r
 // block of `block_items` items (all r_c tiers: r_c * block_items vectors, sized by the caller to stay in L2) is
 // widened to float32 with AVX2 into one per-thread buffer (never a float32 copy of the index) and multiplied by the
 // float32 query rows with a float32 GEMM, C[vectors x rows] (MKL's sgemm where torch's BLAS is MKL, the queries
-// packed once per call with cblas_sgemm_pack when `packed`; else ATen's mm); then the max over the tiers, the sum
+// packed once per call with cblas_sgemm_pack where MKL has it; else ATen's mm); then the max over the tiers, the sum
 // over each query's rows and the running top-k, as in top_avx2. Item blocks go over torch's threads, each GEMM on
 // one thread. query_rows: [Q * r_q, D] float32 contiguous, dimensions in their natural order.
 // library: 0 = MKL where found, 1 = ATen's mm (the fallback, forced for tests).
 std::vector<torch::Tensor> top_avx2_gemm(const torch::Tensor& vectors, int64_t r_c, int64_t count,
                                          const torch::Tensor& query_rows, int64_t num_queries, int64_t r_q, int64_t k,
-                                         int64_t block_items, bool packed, int64_t library) {
+                                         int64_t block_items, int64_t library) {
     check_inputs(vectors, r_c, count, k);
 #ifdef METAEMBED_X86
     const int64_t dim = vectors.size(2), rows = num_queries * r_q;
@@ -674,7 +676,7 @@ std::vector<torch::Tensor> top_avx2_gemm(const torch::Tensor& vectors, int64_t r
     const uint16_t* base = reinterpret_cast<const uint16_t*>(vectors.data_ptr());
     const float* queries = query_rows.data_ptr<float>();
     const Blas& found = library == 0 ? blas() : Blas();
-    packed = packed && found.pack_size != nullptr;
+    const bool packed = found.pack_size != nullptr;
     std::vector<float> pack;
     if (packed) {  // the queries as MKL's packed B operand of C[m x rows] = W[m x D] Q^T, shared by the threads
         pack.resize(found.pack_size(kBMatrix, m, rows, dim) / 4 + 16);
@@ -722,29 +724,33 @@ std::vector<torch::Tensor> top_avx2_gemm(const torch::Tensor& vectors, int64_t r
 
 // The entry points: queries [Q, r_q, D] float32 contiguous, as the index holds them; each packs them as its kernel
 // takes them. An empty result means a query value is not finite (the caller then scans with torch).
-std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count, const torch::Tensor& queries,
-                                   int64_t k) {
+// finite_query_rows: the queries as rows [Q * r_q, D], or an undefined tensor where a value is not finite.
+torch::Tensor finite_query_rows(const torch::Tensor& queries) {
     TORCH_CHECK(queries.dim() == 3, "queries must be [Q, r_q, D]");
-    if (!all_finite(queries)) return {};
-    const auto rows = queries.view({-1, queries.size(2)});
+    return all_finite(queries) ? queries.view({-1, queries.size(2)}) : torch::Tensor();
+}
+
+std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                   const torch::Tensor& queries, int64_t k) {
+    const auto rows = finite_query_rows(queries);
+    if (!rows.defined()) return {};
     return top_amx_parts(vectors, r_c, count, amx_query_parts(rows), queries.size(0), queries.size(1), k);
 }
 
 std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, int64_t count,
                                     const torch::Tensor& queries, int64_t row_group, int64_t k) {
-    TORCH_CHECK(queries.dim() == 3, "queries must be [Q, r_q, D]");
-    if (!all_finite(queries)) return {};
-    const auto rows = avx2_query_rows(queries.view({-1, queries.size(2)}), row_group);
-    return top_avx2_rows(vectors, r_c, count, rows, queries.size(0), queries.size(1), row_group, k);
+    const auto rows = finite_query_rows(queries);
+    if (!rows.defined()) return {};
+    return top_avx2_rows(vectors, r_c, count, avx2_query_rows(rows, row_group), queries.size(0), queries.size(1),
+                         row_group, k);
 }
 
 std::vector<torch::Tensor> top_avx2_widened(const torch::Tensor& vectors, int64_t r_c, int64_t count,
                                             const torch::Tensor& queries, int64_t k, int64_t block_items,
                                             int64_t library) {
-    TORCH_CHECK(queries.dim() == 3, "queries must be [Q, r_q, D]");
-    if (!all_finite(queries)) return {};
-    const auto rows = queries.view({-1, queries.size(2)});
-    return top_avx2_gemm(vectors, r_c, count, rows, queries.size(0), queries.size(1), k, block_items, true, library);
+    const auto rows = finite_query_rows(queries);
+    if (!rows.defined()) return {};
+    return top_avx2_gemm(vectors, r_c, count, rows, queries.size(0), queries.size(1), k, block_items, library);
 }
 
 // [MKL's sgemm found, its packed GEMM found]: what top_avx2_gemm multiplies with here (else ATen's mm).
@@ -757,6 +763,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("top_avx2_gemm", &top_avx2_widened, "MaxSim top-k: bf16 blocks widened with AVX2, float32 GEMM",
           py::call_guard<py::gil_scoped_release>());
     m.def("amx_query_parts", &amx_query_parts, "top_amx's B tiles from float32 query rows [rows, D]");
-    m.def("avx2_query_rows", &avx2_query_rows, "top_avx2's query rows from float32 query rows [rows, D]");
     m.def("gemm_library", &gemm_library, "[MKL sgemm found, MKL packed GEMM found]");
 }
