@@ -191,6 +191,9 @@ class MetaEmbedIndex:
         self._full = torch.empty(num_vectors, 0, dim, dtype=self.full_dtype) if self.compressed else None
         self._offsets = torch.empty(num_vectors, 0, device=self.device) if self.dtype_name == "binary" else None
         self._centers = None  # [R_c, D] float32, binary only: the mean of each tier over the first add
+        # [R_c] float32 on CPU, float storage only: the largest L2 norm of each tier's stored vectors, which certifies
+        # the AMX kernel's faster two-part scan (scan_kernel.top_k); None where unknown (an index saved without it)
+        self._max_norms = None if self.compressed else torch.zeros(num_vectors, dtype=torch.float32)
         self._count = 0
         self.ids: list = []
         self._id_set: set = set()
@@ -265,6 +268,8 @@ class MetaEmbedIndex:
                 self._full[:, where] = part.to(device="cpu", dtype=self.full_dtype)
         else:
             self._vectors[:, self._count : needed] = new.to(device=self.device, dtype=self.dtype)
+            if self._max_norms is not None:
+                self._max_norms = torch.maximum(self._max_norms, _max_norms(self._vectors[:, self._count : needed]))
         self._count = needed
         self.ids.extend(ids)
         self._id_set.update(ids)
@@ -434,10 +439,11 @@ class MetaEmbedIndex:
             step = (step + 1) // 2
         if scan_kernel.work_bytes(kind, step, r_q, self.dim, k, r_c) > max_work_bytes:
             return None
+        max_norm = None if self._max_norms is None else float(self._max_norms[:r_c].max())
         scores, positions = [], []
         for start in range(0, num_queries, step):
             batch = queries[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
-            found = scan_kernel.top_k(kind, self._vectors, r_c, self._count, batch, k)
+            found = scan_kernel.top_k(kind, self._vectors, r_c, self._count, batch, k, max_norm)
             if found is None:  # a query value is not finite: the torch scan gives what torch gives
                 return None
             scores.append(found[0])
@@ -499,6 +505,10 @@ class MetaEmbedIndex:
         try:
             tensor_path = staging / VECTORS_NAME
             tensors = {"vectors": self.codes.contiguous().cpu()}
+            if not self.compressed:
+                if self._max_norms is None:  # loaded mapped from a file saved without them: one pass, as save reads
+                    self._max_norms = _max_norms(self.vectors)
+                tensors["max_norms"] = self._max_norms.contiguous()
             if self.compressed:
                 tensors["scales"] = self.scales.contiguous().cpu()
             if self._centers is not None:
@@ -565,7 +575,9 @@ class MetaEmbedIndex:
         if manifest["dtype"] == "binary" and count:
             expected["offsets"] = ("float32", [num_vectors, count])
             expected["centers"] = ("float32", [num_vectors, dim])
-        tensors = _read_tensors(tensor_path, expected, mmap=mmap)
+        if not compressed:  # absent from indexes saved by earlier versions
+            expected["max_norms"] = ("float32", [num_vectors])
+        tensors = _read_tensors(tensor_path, expected, mmap=mmap, optional=("max_norms",))
 
         index = cls(dim, num_vectors, dtype=manifest["dtype"], device=device,
                     full_dtype=manifest.get("full_dtype", "bfloat16"))  # fmt: skip
@@ -577,6 +589,8 @@ class MetaEmbedIndex:
                 index._centers = tensors["centers"].to(index.device)
             full = {"vectors": (manifest["full_dtype"], [num_vectors, count, dim])}
             index._full = _read_tensors(full_path, full, mmap=True)["vectors"]
+        if not compressed:
+            index._max_norms = _checked_max_norms(tensors.get("max_norms"), index._vectors, tensor_path, mmap)
         index._count = count
         index.ids = list(manifest["ids"])
         index._id_set = set(index.ids)
@@ -588,6 +602,27 @@ def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
     grown = torch.empty(tensor.shape[0], capacity, *tensor.shape[2:], dtype=tensor.dtype, device=tensor.device)
     grown[:, :count] = tensor[:, :count]
     return grown
+
+
+def _max_norms(vectors: torch.Tensor) -> torch.Tensor:
+    """[R] float32 on CPU: the largest L2 norm in each tier of `vectors` [R, n, D], read 16 MB of float32 at a time."""
+    found = torch.zeros(vectors.shape[0], dtype=torch.float32)
+    step = max(1, 2**22 // max(1, vectors.shape[0] * vectors.shape[2]))
+    for start in range(0, vectors.shape[1], step):
+        norms = vectors[:, start : start + step].float().norm(dim=-1).amax(dim=1).cpu()
+        found = torch.maximum(found, norms)
+    return found
+
+
+def _checked_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) -> torch.Tensor | None:
+    """The saved tier norms, validated; for an index saved without them, computed from the vectors read into memory
+    (one pass, as a search makes), or None for a memory-mapped one (its AMX scans then use three parts)."""
+    if stored is None:
+        return None if mmap else _max_norms(vectors)
+    stored = stored.clone()
+    if torch.isnan(stored).any() or (stored < 0).any():  # +inf is a norm past float32's range: three parts
+        raise IndexFileError(f"{path}: tensor 'max_norms' holds negative or NaN values")
+    return stored
 
 
 def _check_manifest(manifest, path: Path) -> dict:
@@ -619,9 +654,9 @@ def _check_manifest(manifest, path: Path) -> dict:
     return manifest
 
 
-def _read_tensors(path: Path, expected: dict, mmap: bool) -> dict:
+def _read_tensors(path: Path, expected: dict, mmap: bool, optional: tuple = ()) -> dict:
     """Tensors of a safetensors file, each checked against `expected` {name: (dtype name, shape)}, read or
-    memory-mapped."""
+    memory-mapped; those named in `optional` may be absent (then they are left out of the result)."""
     size = path.stat().st_size
     with open(path, "rb") as file:
         prefix = file.read(8)
@@ -638,6 +673,8 @@ def _read_tensors(path: Path, expected: dict, mmap: bool) -> dict:
     for name, (dtype_name, shape) in expected.items():
         safetensors_dtype, numpy_dtype = _SAFETENSORS_DTYPES[dtype_name]
         entry = header.get(name) if isinstance(header, dict) else None
+        if entry is None and name in optional:
+            continue
         if not isinstance(entry, dict):
             raise IndexFileError(f"{path} holds no {name!r} tensor")
         if entry.get("dtype") != safetensors_dtype or entry.get("shape") != shape:

@@ -4,7 +4,9 @@
 
 - ``"amx"``: Intel AMX tiles (CPUs with AMX-BF16, e.g. Sapphire Rapids): the stored bf16 rows are multiplied as
   they are, by the float32 queries split into three bf16 parts (hi + mid + lo = the float32 value), with float32
-  accumulation: a float32 product without widening a single candidate value in memory.
+  accumulation: a float32 product without widening a single candidate value in memory. Where two parts (hi + mid)
+  need fewer tiles (batches) and the index knows a bound on its vectors' norms, the scan runs with two and
+  certifies each query's top-k against the three-part scores (`top_k`).
 - ``"avx2"``: AVX2 + FMA (any other x86-64 CPU from Haswell / Zen on): bf16 widened to float32 in registers; from
   AVX2_GEMM_FROM_ROWS query rows per pass on, blocks widened into an L2-sized per-thread float32 buffer and
   multiplied by a float32 GEMM (MKL's sgemm where torch has it, else ATen's mm), all in C++.
@@ -54,6 +56,9 @@ AVX2_GEMM_BLOCK_VECTORS = 128
 GEMM_LIBRARY_SCRATCH_BYTES = 8 * 2**20
 _GEMM_LIBRARY = 0  # 0: MKL where torch has it, 1: ATen's mm (the fallback; tests force it)
 _SPLITS, _TILE_ROWS, _TILE_DIMS = 3, 16, 32
+# Two-part AMX scans keep max(8, k // 8) candidates beyond k per query, re-scored with three parts (rescore_extra
+# in the kernel, whose top_amx says how the top-k is certified).
+AMX_RESCORE_EXTRA = 8
 
 _lock = threading.Lock()
 _state = {}  # "module": the compiled extension or None, "features": {"avx2": bool, "amx": bool}
@@ -112,13 +117,13 @@ def choose(vectors: torch.Tensor, r_c: int, num_values: int | None = None, rows:
     return chosen
 
 
-def amx_query_parts(queries: torch.Tensor) -> torch.Tensor:
+def amx_query_parts(queries: torch.Tensor, splits: int = _SPLITS) -> torch.Tensor:
     """[row blocks, D / 32, 16, 32] bf16: the AMX kernel's B tiles, as `top_k` packs them (in the compiled code).
     Each float32 query row ([Q, r_q, D]) is split into three bf16 parts, hi = bf16(q), mid = bf16(q - hi),
-    lo = bf16(q - hi - mid), which become three "virtual rows" (part * rows + row: all hi parts, then all mid, then
-    all lo); each tile holds 16 virtual rows x 32 dimensions, pairs of consecutive dimensions side by side (the VNNI
-    layout); zero rows pad to whole (and, beyond one, an even number of) blocks."""
-    return compiled().amx_query_parts(queries.reshape(-1, queries.shape[-1]).float().contiguous())
+    lo = bf16(q - hi - mid) (`splits=2`: hi and mid only), which become "virtual rows" (part * rows + row: all hi
+    parts, then all mid, then all lo); each tile holds 16 virtual rows x 32 dimensions, pairs of consecutive
+    dimensions side by side (the VNNI layout); zero rows pad to whole (and, beyond one, an even number of) blocks."""
+    return compiled().amx_query_parts(queries.reshape(-1, queries.shape[-1]).float().contiguous(), splits)
 
 
 def avx2_row_group(rows: int) -> int:
@@ -127,12 +132,17 @@ def avx2_row_group(rows: int) -> int:
     return rows if rows <= 2 else min((3, 4), key=lambda g: -(-rows // g) * g / (1.15 if g == 3 else 1.0))
 
 
-def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int) -> tuple | None:
+def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int,
+          max_norm: float | None = None) -> tuple | None:
     """(scores [Q, k] float32 descending, positions [Q, k] int64): the top-k by MaxSim of each query ([Q, r_q, D]
     float32) over items 0..count of `vectors` ([R, N, D] bf16 on CPU, rows contiguous) at candidate budget r_c,
     computed by the compiled kernel `kind` ("amx" or "avx2"), the top-k kept as the scan goes (no score block).
     None where a query value is not finite (the kernels' running lists assume finite scores). The queries are
-    packed for the kernel in the compiled code: a single query costs one call from Python."""
+    packed for the kernel in the compiled code: a single query costs one call from Python.
+
+    `max_norm`: a bound on the L2 norm of every vector in the first r_c tiers, or None. With it, AMX passes where
+    two bf16 parts per query value need fewer tiles than three (batches) run with two, certified: the same top-k
+    and scores as three parts (see `top_amx` in the kernel)."""
     module = compiled()
     num_queries, r_q, dim = queries.shape
     per_pass = _queries_per_pass(kind, r_q, dim)
@@ -140,7 +150,7 @@ def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch
     for first in range(0, num_queries, per_pass):
         part = queries[first : first + per_pass].float().contiguous()  # a copy of one pass at most (work_bytes)
         if kind == "amx":
-            result = module.top_amx(vectors, r_c, count, part, k)
+            result = module.top_amx(vectors, r_c, count, part, k, -1.0 if max_norm is None else float(max_norm))
         elif part.shape[0] * r_q >= AVX2_GEMM_FROM_ROWS:
             result = module.top_avx2_gemm(vectors, r_c, count, part, k, _gemm_block_items(r_c), _GEMM_LIBRARY)
         else:
@@ -151,6 +161,13 @@ def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch
     if len(found) == 1:
         return found[0][0], found[0][1]
     return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+
+def _tile_blocks(virtual_rows: int) -> int:
+    """B tile blocks of the AMX kernel for this many virtual rows (16 each; beyond one, an even number), as the
+    kernel's part_blocks counts them."""
+    blocks = -(-virtual_rows // _TILE_ROWS)
+    return blocks + blocks % 2 if blocks > 1 else blocks
 
 
 def _gemm_block_items(r_c: int) -> int:
@@ -181,6 +198,13 @@ def work_bytes(kind: str, num_queries: int, r_q: int, dim: int, k: int, r_c: int
             vectors = max(r_c, AVX2_GEMM_BLOCK_VECTORS)
             packing = 2 * rows * dim * 4 + 2**16 + GEMM_LIBRARY_SCRATCH_BYTES
             block = vectors * (dim + rows) * 4 + _gemm_block_items(r_c) * rows * 4
+    if kind == "amx" and _tile_blocks(2 * rows) < _tile_blocks(3 * rows):
+        # a two-part scan keeps more candidates, and their two- and three-part scores; the re-score's buffers per
+        # thread: 48 copied rows, one query's packed parts, their products and maxima
+        k += max(AMX_RESCORE_EXTRA, k // 8)
+        packing += per_pass * k * 16
+        virtual = _SPLITS * r_q + 2 * _TILE_ROWS
+        block = max(block, 48 * dim * 2 + virtual * dim * 2 + 48 * virtual * 4 + 48 * r_q * 4)
     lists = (per_pass + 1) * max(2 * k, k + 64) * 16
     return packing + torch.get_num_threads() * (lists + block)
 

@@ -1,9 +1,11 @@
 """MetaEmbedIndex: exact search at every budget, incremental adds, files validated on load, bad input named."""
 
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from metaembed.index import IndexFileError, MetaEmbedIndex
 from modeling_metaembed.scoring_metaembed import maxsim
@@ -97,6 +99,42 @@ def test_save_and_load_round_trip(tmp_path, mmap):
     assert torch.equal(a.scores, b.scores) and a.ids == b.ids
     loaded.add(unit(2, 8, 16, seed=9), ids=[1, 2])  # a mapped index is copied into memory on the first add
     assert len(loaded) == 42 and loaded.search(queries, k=1).ids[0][0] in loaded.ids
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
+    """The largest stored vector norm of each tier (what certifies the AMX kernel's two-part scan) follows every add
+    and round-trips; an index saved without it (by an earlier version) gets it computed when read into memory, and
+    none (three-part scans) when mapped; a file whose norms are negative or not finite is refused."""
+    embeddings = unit(30, 4, 16) * torch.linspace(0.5, 3.0, 30).view(30, 1, 1)
+    index = MetaEmbedIndex(16, 4)
+    index.add(embeddings[:10])
+    index.add(embeddings[10:])
+    expected = embeddings.bfloat16().float().norm(dim=-1).amax(dim=0)
+    torch.testing.assert_close(index._max_norms, expected)
+    folder = tmp_path / "index"
+    index.save(folder)
+    assert torch.equal(MetaEmbedIndex.load(folder, mmap=mmap)._max_norms, index._max_norms)
+
+    def rewrite(max_norms):
+        tensors = load_file(folder / "vectors.safetensors")
+        tensors.pop("max_norms", None)
+        if max_norms is not None:
+            tensors["max_norms"] = max_norms
+        save_file(tensors, str(folder / "vectors.safetensors"), metadata={"format": "metaembed-index/1"})
+        manifest = json.loads((folder / "index.json").read_text())
+        manifest["sha256"] = hashlib.sha256((folder / "vectors.safetensors").read_bytes()).hexdigest()
+        (folder / "index.json").write_text(json.dumps(manifest))
+
+    rewrite(None)
+    earlier = MetaEmbedIndex.load(folder, mmap=mmap)
+    assert earlier._max_norms is None if mmap else torch.equal(earlier._max_norms, index._max_norms)
+    queries = unit(3, 4, 16, seed=1)
+    assert earlier.search(queries, k=5).ids == index.search(queries, k=5).ids
+    for bad in (torch.full((4,), -1.0), torch.tensor([1.0, float("nan"), 1.0, 1.0])):
+        rewrite(bad)
+        with pytest.raises(IndexFileError, match="max_norms"):
+            MetaEmbedIndex.load(folder, mmap=mmap)
 
 
 def test_saving_again_replaces_the_index_and_a_failed_save_keeps_the_old_one(tmp_path, monkeypatch):

@@ -95,6 +95,60 @@ def test_amx_query_parts_add_up_to_the_float32_queries():
     assert torch.equal(hi, queries.reshape(rows, 64).bfloat16().float())
 
 
+@needs_compiler
+@pytest.mark.parametrize("count, dim, r_c", [(20_000, 64, 1), (2000, 96, 4), (1200, 1024, 2)])
+def test_amx_two_part_scan_is_certified_to_equal_three_parts(count, dim, r_c):
+    """Batches whose query rows need fewer AMX tiles with two bf16 parts per value than with three run with two,
+    keep k + 8 candidates and re-score them with three parts: the same ids and bit-equal scores as the three-part
+    scan, for vectors of several norms and queries of large norm, with equal items across rank k (one order of ties
+    everywhere: the lower position first), and on a run of equal scores longer than the candidates kept (those
+    queries are scanned again with three parts)."""
+    if "amx" not in kernels():
+        pytest.skip("this CPU has no AMX tiles (the AVX2 kernel multiplies float32 queries as they are)")
+    generator = torch.Generator().manual_seed(4)
+    vectors = torch.nn.functional.normalize(torch.randn(r_c, count, dim, generator=generator), dim=-1)
+    vectors = (vectors * 3 * torch.rand(r_c, count, 1, generator=generator)).bfloat16()
+    module = scan_kernel.compiled()
+
+    def same_as_three_parts(vectors, queries, k):
+        max_norm = float(vectors.float().norm(dim=-1).max())
+        exact_scores, exact_positions = module.top_amx(vectors, r_c, count, queries, k, -1.0)  # three parts
+        assert module.amx_uses_two_parts(queries.shape[0], queries.shape[1], k, count, max_norm)
+        scores, positions = module.top_amx(vectors, r_c, count, queries, k, max_norm)
+        assert torch.equal(positions, exact_positions) and torch.equal(scores, exact_scores)
+        return positions
+
+    cases = [(1, 32, 20), (2, 8, 20), (16, 2, 20)] if count >= 20_000 else [(2, 8, 1), (16, 2, 10), (16, 2, 20)]
+    for r_q, num_queries, k in cases:
+        same_as_three_parts(vectors, 100 * torch.randn(num_queries, r_q, dim, generator=generator), k)
+
+    copies = vectors.clone()
+    copies[:, 7] = (3.5 * torch.nn.functional.normalize(copies[:, 7].float(), dim=-1)).bfloat16()  # the largest norm
+    copies[:, [100, 3, count - 1, count // 2]] = copies[:, 7:8].clone()  # five equal items, spread over the threads
+    queries = copies[0, 7].float().expand(8, 1, dim).contiguous() if r_c == 1 else None
+    if queries is not None:  # the five share the top score: the three lowest positions, whichever path
+        assert same_as_three_parts(copies, queries, 3)[0].tolist() == [3, 7, 100]
+        copies[0, 200:241] = copies[0, 7].clone()  # 46 equal items at the top: more than k + 8, so scanned again
+        same_as_three_parts(copies, queries, 10)
+
+
+@needs_compiler
+def test_two_part_bound_covers_the_worst_item():
+    """The certificate's bound per query is at least what the left-out part lo = q - hi - mid can move a score by
+    for an item of the largest norm lined up with it, max_norm * |lo| per row (computed here in float64), at any
+    scale of query values (squares of values near 1e-20 underflow in float32)."""
+    if "amx" not in kernels():
+        pytest.skip("this CPU has no AMX tiles")
+    for scale in (1.0, 1e-20, 1e15):
+        queries = torch.randn(5, 3, 64) * torch.logspace(-3, 3, 64) * scale
+        hi = queries.bfloat16().float()
+        lo = (queries - hi) - (queries - hi).bfloat16().float()
+        worst = 2.5 * lo.double().norm(dim=-1).sum(dim=1)
+        bounds = scan_kernel.compiled().amx_two_part_bounds(queries, 2.5)
+        rounding = 2.5 * (2 * 3 + 1) * 2.0**-24 * queries.double().norm(dim=-1).sum(dim=1)  # of the sums, 2^-24 each
+        assert torch.all(bounds >= worst) and torch.all(bounds <= 1.05 * (worst + rounding) + 1e-30)  # not vacuous
+
+
 def test_choice_of_kernel(monkeypatch):
     index = random_index(50, 2, 64)
     monkeypatch.setenv(scan_kernel.ENVIRONMENT, "auto")

@@ -24,24 +24,31 @@ GROWTH_SLACK = 2**19  # allocator rounding between two runs of the same call
 
 
 def write_index(folder: Path, count: int = COUNT) -> int:
-    """A saved bf16 MetaEmbedIndex of random vectors, written in 4 MB chunks (never whole in memory)."""
+    """A saved bf16 MetaEmbedIndex of random vectors, written in 4 MB chunks (never whole in memory), with the
+    largest vector norm of each tier as `MetaEmbedIndex.add` keeps it (so AMX batches take the two-part scan)."""
     folder.mkdir()
     nbytes = VECTORS * count * DIM * 2
     header = json.dumps({"__metadata__": {"format": FORMAT}, "vectors": {
-        "dtype": "BF16", "shape": [VECTORS, count, DIM], "data_offsets": [0, nbytes]}}).encode()  # fmt: skip
+        "dtype": "BF16", "shape": [VECTORS, count, DIM], "data_offsets": [0, nbytes]}, "max_norms": {
+        "dtype": "F32", "shape": [VECTORS], "data_offsets": [nbytes, nbytes + 4 * VECTORS]}}).encode()  # fmt: skip
     header += b" " * (-len(header) % 8)
     digest = hashlib.sha256()
     generator = torch.Generator().manual_seed(0)
+    max_norms = torch.zeros(VECTORS)
     with open(folder / "vectors.safetensors", "wb") as file:
         for piece in (struct.pack("<Q", len(header)), header):
             file.write(piece)
             digest.update(piece)
-        for _ in range(VECTORS):
+        for tier in range(VECTORS):
             for start in range(0, count, 4096):
-                chunk = torch.randn(min(4096, count - start), DIM, generator=generator) / DIM**0.5
-                data = chunk.bfloat16().view(torch.int16).numpy().tobytes()
+                chunk = (torch.randn(min(4096, count - start), DIM, generator=generator) / DIM**0.5).bfloat16()
+                max_norms[tier] = max(max_norms[tier], chunk.float().norm(dim=-1).max())
+                data = chunk.view(torch.int16).numpy().tobytes()
                 file.write(data)
                 digest.update(data)
+        data = max_norms.numpy().tobytes()
+        file.write(data)
+        digest.update(data)
     manifest = {"format": FORMAT, "count": count, "num_vectors": VECTORS, "dim": DIM, "dtype": "bfloat16",
                 "layout": "vector-major", "sha256": digest.hexdigest(), "ids": list(range(count))}  # fmt: skip
     (folder / "index.json").write_text(json.dumps(manifest))
@@ -110,7 +117,7 @@ small = MetaEmbedIndex.load(sys.argv[3], mmap=True, verify_checksum=False)
 # would otherwise be counted against the large index alone.
 measure(small, repeats=1)
 report = {"added": measure(large), "added_small": measure(small), "kernel": scan_kernel.choose(large._vectors, 1),
-          "kernel_small": scan_kernel.choose(small._vectors, 1)}
+          "kernel_small": scan_kernel.choose(small._vectors, 1), "norms_known": large._max_norms is not None}
 print(json.dumps(report))
 """
 
@@ -138,6 +145,7 @@ def test_search_adds_at_most_its_work_budget_on_a_mapped_index_larger_than_it(tm
         # The scan measured is the one asked for (not a silent fallback to the torch scan), at both sizes.
         expected = {"auto": {"amx", "avx2"}, "avx2": {"avx2"}}.get(kernel, {"torch"}) if compiled else {"torch"}
         assert {report["kernel"], report["kernel_small"]} <= expected, (kernel, report)
+        assert report["norms_known"]  # so AMX batches run the two-part scan and its re-score here
         for name, extra in added.items():
             assert extra <= BUDGET + SLACK, f"{kernel}: {name} added {extra / 2**20:.1f} MB of anonymous memory"
             if report["kernel"] != "torch" and name.startswith("search"):

@@ -9,7 +9,9 @@
 //       split into three bf16 parts, q = hi + mid + lo (each the bf16 rounding of what is left; the residual is
 //       below 2^-24 of q), packed once per search as B tiles. bf16 x bf16 products are exact in float32 and the
 //       tile unit accumulates in float32, so hi + mid + lo products give <q, c> with float32 rounding only: the
-//       scores of a float32 product, not of a bf16 one.
+//       scores of a float32 product, not of a bf16 one. Or two parts, hi + mid (a third fewer tile products and
+//       loads where that saves a row block): each row's score then differs from the three-part one by at most
+//       |lo| |c|; a short list of candidates is re-scored with three parts, and the top-k certified (top_amx).
 // avx2  AVX2 + FMA (any x86-64 from Haswell / Zen on). Each 16 bf16 values are widened in registers (an unpack
 //       with zeros puts them in the high halves of float32 lanes, one shuffle per 8 values) and multiplied with
 //       FMAs by float32 queries whose dimensions were permuted once to the unpack order. For many query rows
@@ -49,7 +51,7 @@ namespace {
 
 constexpr int64_t kTileRows = 16;  // items (A) or query rows (B columns) per AMX tile
 constexpr int64_t kTileDims = 32;  // bf16 values per tile row: 64 bytes, one cache line
-constexpr int64_t kSplits = 3;     // bf16 parts of each float32 query value
+constexpr int64_t kMaxSplits = 3;  // bf16 parts of each float32 query value: 3 (exact), or 2 (certified: top_amx)
 constexpr int64_t kTileBytes = 1024;
 
 #ifdef METAEMBED_X86
@@ -107,10 +109,10 @@ METAEMBED_AMX void configure_tiles() {
 
 METAEMBED_AMX void release_tiles() { _tile_release(); }
 
-// The B operand: "virtual rows", each query row's three bf16 parts as three rows (v = part * rows + row), 16 per tile,
-// packed per row block as [D / 32][16 pairs of dimensions][16 virtual rows][2] bf16: 1 KB per 32 dimensions. Parts
-// of one row are separate columns of the product (no tile accumulates twice per step, so the tile unit's latency
-// never waits on itself); they are added when the tier is folded into the running max.
+// The B operand: "virtual rows", each query row's bf16 parts as rows (v = part * rows + row; 3 parts, or 2), 16 per
+// tile, packed per row block as [D / 32][16 pairs of dimensions][16 virtual rows][2] bf16: 1 KB per 32 dimensions.
+// Parts of one row are separate columns of the product (no tile accumulates twice per step, so the tile unit's
+// latency never waits on itself); they are added when the tier is folded into the running max.
 
 // One tier of one item block, 48 items (3 A tiles) x 16 virtual rows (1 B tile); C stored as [48][16] float32.
 // a: item 0's first value; a_stride: bytes between items; q: one packed row block;
@@ -186,7 +188,9 @@ METAEMBED_AMX void amx_tier_32x32(const char* a, int64_t a_stride, const char* q
     _tile_stored(3, c + 16 * c_stride + 16, bytes);
 }
 
-// One tier's products folded into the running max: best[i][r] = max(best[i][r], hi + mid + lo) (or set, first).
+// One tier's products folded into the running max: best[i][r] = max(best[i][r], hi + mid + lo) (or set, first);
+// with two parts, hi + mid (the same float32 sum as the first two terms of three: (hi + mid) + lo).
+template <int Splits>
 METAEMBED_AMX void fold_tier(const float* __restrict dots, int64_t virtual_rows, int64_t rows, int64_t items,
                              float* __restrict best, bool first) {
     for (int64_t i = 0; i < items; ++i) {
@@ -194,10 +198,9 @@ METAEMBED_AMX void fold_tier(const float* __restrict dots, int64_t virtual_rows,
         const float* __restrict mid = hi + rows;
         const float* __restrict lo = mid + rows;
         float* __restrict running = best + i * rows;
-        if (first) {
-            for (int64_t r = 0; r < rows; ++r) running[r] = hi[r] + mid[r] + lo[r];
-        } else {
-            for (int64_t r = 0; r < rows; ++r) running[r] = std::max(running[r], hi[r] + mid[r] + lo[r]);
+        for (int64_t r = 0; r < rows; ++r) {
+            const float dot = Splits == 3 ? hi[r] + mid[r] + lo[r] : hi[r] + mid[r];
+            running[r] = first ? dot : std::max(running[r], dot);
         }
     }
 }
@@ -346,6 +349,14 @@ void gemm_column_major(const Blas& found, bool trans_a, bool trans_b, int64_t m,
 
 using Entry = std::pair<float, int64_t>;  // (score, item)
 
+// The one order of every top-k here: higher score first, and among equal scores the lower item. (A thread offers its
+// items in increasing order, so a score equal to its list's bar comes from a later item: it is rejected rightly.)
+struct Better {
+    bool operator()(const Entry& a, const Entry& b) const {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+    }
+};
+
 // The running top-k of every query within one thread's share of the items: scores are appended while they beat the
 // k-th best kept so far; when the buffer is full it is cut back to its best k (nth_element), raising the bar.
 #ifdef METAEMBED_X86
@@ -396,7 +407,7 @@ class RunningTop {
     }
 
     void cut(std::vector<Entry>& list, float& bar) const {
-        std::nth_element(list.begin(), list.begin() + (k_ - 1), list.end(), std::greater<Entry>());
+        std::nth_element(list.begin(), list.begin() + (k_ - 1), list.end(), Better());
         list.resize(k_);
         bar = list.back().first;
     }
@@ -420,7 +431,7 @@ std::vector<torch::Tensor> merge(std::vector<std::vector<Entry>>& lists, int64_t
         for (size_t t = q; t < lists.size(); t += num_queries) all.insert(all.end(), lists[t].begin(), lists[t].end());
         TORCH_CHECK(static_cast<int64_t>(all.size()) >= k,
                     "fewer than k finite scores: the index or the queries hold NaN or inf");
-        std::partial_sort(all.begin(), all.begin() + k, all.end(), std::greater<Entry>());
+        std::partial_sort(all.begin(), all.begin() + k, all.end(), Better());
         for (int64_t i = 0; i < k; ++i) {
             s[q * k + i] = all[i].first;
             p[q * k + i] = all[i].second;
@@ -471,32 +482,114 @@ void check_query_rows(const torch::Tensor& query_rows, int64_t divisor) {
     TORCH_CHECK(query_rows.size(1) % divisor == 0, "query rows: D must be a multiple of ", divisor);
 }
 
-// The B tiles of top_amx from float32 query rows [rows, D]. Each value is split into three bf16 parts, hi = bf16(q),
-// mid = bf16(q - hi), lo = bf16(q - hi - mid) (each rounded to nearest even, as torch rounds; each subtraction is
-// exact), which become the "virtual rows" part * rows + row; each tile holds 16 virtual rows x 32 dimensions, pairs
-// of consecutive dimensions side by side (the VNNI layout): [row blocks, D / 32, 16 pairs, 16 rows x 2] bf16, zero
-// rows padding to whole blocks (and, beyond one, an even number of them).
-torch::Tensor amx_query_parts(const torch::Tensor& query_rows) {
-    check_query_rows(query_rows, kTileDims);
-    const int64_t rows = query_rows.size(0), dim = query_rows.size(1), k_steps = dim / kTileDims;
-    int64_t blocks = (kSplits * rows + kTileRows - 1) / kTileRows;
-    if (blocks > 1) blocks += blocks % 2;
-    auto parts = torch::zeros({blocks, k_steps, kTileRows, kTileDims}, torch::kBFloat16);
-    uint16_t* out = reinterpret_cast<uint16_t*>(parts.data_ptr());
-    const float* q = query_rows.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t d = 0; d < dim; ++d) {
-            float rest = q[r * dim + d];
-            const int64_t k = d / kTileDims, pair = (d % kTileDims) / 2, t = d % 2;
-            for (int64_t p = 0; p < kSplits; ++p) {
-                const c10::BFloat16 part(rest);
-                rest -= static_cast<float>(part);
-                const int64_t v = p * rows + r, block = v / kTileRows, n = v % kTileRows;
-                out[((block * k_steps + k) * kTileRows + pair) * kTileDims + 2 * n + t] = part.x;
-            }
+// B tile blocks for `rows` query rows split into `splits` parts: 16 virtual rows each, an even number beyond one.
+int64_t part_blocks(int64_t rows, int64_t splits) {
+    const int64_t blocks = (splits * rows + kTileRows - 1) / kTileRows;
+    return blocks > 1 ? blocks + blocks % 2 : blocks;
+}
+
+// bf16 rounding to nearest even, as c10::BFloat16 rounds finite values (the queries are checked finite), without
+// its branch for NaN: a loop of these compiles to vector code.
+inline uint16_t bf16_bits(float value) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_value(uint16_t half) {
+    const uint32_t bits = static_cast<uint32_t>(half) << 16;
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+}
+
+// The parts of one row's values, part after part: split[p * D + d] (a loop the compiler vectorises).
+template <int Splits>
+void split_row(const float* __restrict row, int64_t dim, uint16_t* __restrict split) {
+    for (int64_t d = 0; d < dim; ++d) {
+        float rest = row[d];
+        for (int p = 0; p < Splits; ++p) {
+            const uint16_t part = bf16_bits(rest);
+            split[p * dim + d] = part;
+            rest -= bf16_value(part);
         }
     }
+}
+
+// q: [rows, D] float32, finite; out: part_blocks(rows, splits) * D / 32 tiles of 16 x 32 bf16, zeroed by the caller.
+// Virtual row v = p * rows + r is column n = v % 16 of block v / 16; its dimensions 2i and 2i + 1 (pair i % 16 of
+// tile step i / 16) sit side by side at (block * D / 32 + i / 16) * 512 + (i % 16) * 32 + 2n, which is
+// block * 16 D + 32 i + 2n.
+void pack_query_parts(const float* q, int64_t rows, int64_t dim, int64_t splits, uint16_t* out) {
+    std::vector<uint16_t> split(splits * dim);
+    for (int64_t r = 0; r < rows; ++r) {
+        if (splits == 2) {
+            split_row<2>(q + r * dim, dim, split.data());
+        } else {
+            split_row<3>(q + r * dim, dim, split.data());
+        }
+        for (int64_t p = 0; p < splits; ++p) {
+            const int64_t v = p * rows + r;
+            uint16_t* column = out + (v / kTileRows) * kTileRows * dim + 2 * (v % kTileRows);
+            const uint16_t* values = split.data() + p * dim;
+            for (int64_t i = 0; i < dim / 2; ++i) std::memcpy(column + 32 * i, values + 2 * i, 4);
+        }
+    }
+}
+
+// The B tiles of top_amx from float32 query rows [rows, D]. Each value is split into bf16 parts, hi = bf16(q),
+// mid = bf16(q - hi) and (splits = 3) lo = bf16(q - hi - mid) (each rounded to nearest even, as torch rounds; each
+// subtraction is exact), which become the "virtual rows" part * rows + row; each tile holds 16 virtual rows x 32
+// dimensions, pairs of consecutive dimensions side by side (the VNNI layout): [row blocks, D / 32, 16 pairs, 16 rows
+// x 2] bf16, zero rows padding to whole blocks (and, beyond one, an even number of them). Two parts leave out lo:
+// q - hi - mid, under 2^-16 |q|.
+torch::Tensor amx_query_parts(const torch::Tensor& query_rows, int64_t splits) {
+    check_query_rows(query_rows, kTileDims);
+    TORCH_CHECK(splits == 2 || splits == kMaxSplits, "splits must be 2 or 3");
+    TORCH_CHECK(all_finite(query_rows), "query rows must be finite");
+    const int64_t rows = query_rows.size(0), dim = query_rows.size(1);
+    auto parts = torch::zeros({part_blocks(rows, splits), dim / kTileDims, kTileRows, kTileDims}, torch::kBFloat16);
+    pack_query_parts(query_rows.data_ptr<float>(), rows, dim, splits, reinterpret_cast<uint16_t*>(parts.data_ptr()));
     return parts;
+}
+
+// [Q] float64: a bound on |two-part score - three-part score| of each query ([Q, r_q, D] float32, finite) against
+// any item whose vectors' L2 norms are at most max_norm.
+// Per row and tier, the two-part dot product is the three-part one without its lo term: the float32 sum
+// hi + mid + lo is (hi + mid) + lo (fold_tier), and the tile unit accumulates each part in its own column, so
+// hi + mid is the same float32 value in both. They differ by |<lo, c>|, at most |lo| |c| with |lo| (bf16 of
+// q - hi - mid) at most |q - hi - mid| (1 + 2^-8); plus the rounding of that addition and of the sum over rows
+// (2^-24 each, relative to at most |q| |c|). A max over tiers moves by at most the largest difference. The factor
+// (1 + 2^-6) covers the float32 accumulation of <lo, c> and of the norms, here and in max_norm (relative error at
+// most D * 2^-24 each, for D up to 2^16).
+torch::Tensor amx_two_part_bounds(const torch::Tensor& queries, double max_norm) {
+    TORCH_CHECK(queries.dim() == 3, "queries must be [Q, r_q, D]");
+    const auto rows = queries.view({-1, queries.size(2)});
+    check_query_rows(rows, 1);
+    const int64_t num_queries = queries.size(0), r_q = queries.size(1), dim = queries.size(2);
+    auto bounds = torch::empty({num_queries}, torch::kFloat64);
+    const float* q = rows.data_ptr<float>();
+    double* out = bounds.data_ptr<double>();
+    for (int64_t i = 0; i < num_queries; ++i) {
+        double total = 0.0;
+        for (int64_t r = 0; r < r_q; ++r) {
+            const float* row = q + (i * r_q + r) * dim;
+            double left = 0.0, whole = 0.0;  // in float64: no square of a small value underflows
+#pragma omp simd reduction(+ : left, whole)
+            for (int64_t d = 0; d < dim; ++d) {
+                float rest = row[d];
+                for (int p = 0; p < 2; ++p) rest -= bf16_value(bf16_bits(rest));  // q - hi - mid, exact
+                left += static_cast<double>(rest) * rest;
+                whole += static_cast<double>(row[d]) * row[d];
+            }
+            total += std::sqrt(left) * (1 + 0x1p-8) + (2 * r_q + 1) * 0x1p-24 * std::sqrt(whole);
+        }
+        // Absolute terms for values below float32's normal range: lo rounded to a bf16 subnormal (2^-134 per value),
+        // and the tile unit flushing subnormal sums to zero (2^-126 per accumulation, D / 2 per dot product).
+        const double tiny = std::sqrt(static_cast<double>(dim)) * 0x1p-134 * max_norm + dim * 0x1p-126;
+        out[i] = (1 + 0x1p-6) * max_norm * total + (2 * r_q + 1) * tiny;
+    }
+    return bounds;
 }
 
 // The query rows of top_avx2 from float32 rows [rows, D]: zero rows pad to a multiple of `group`, and within every 16
@@ -518,12 +611,12 @@ torch::Tensor avx2_query_rows(const torch::Tensor& query_rows, int64_t group) {
 }
 
 // Top-k of Q queries by MaxSim over items 0..count of `vectors` at budget (r_q, r_c), with AMX.
-// query_parts: [row_blocks, D / 32, 16, 32] bf16: the packed virtual rows (part * Q * r_q + row: hi, mid and lo
-// parts of every row; zero beyond 3 * Q * r_q; an even number of row blocks when more than one).
+// query_parts: [row_blocks, D / 32, 16, 32] bf16: the packed virtual rows (part * Q * r_q + row: the hi, mid and
+// (splits = 3) lo parts of every row; zero beyond splits * Q * r_q; an even number of row blocks when more than one).
 // Returns (scores [Q, k], positions [Q, k]).
 std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r_c, int64_t count,
-                                         const torch::Tensor& query_parts, int64_t num_queries, int64_t r_q,
-                                         int64_t k) {
+                                         const torch::Tensor& query_parts, int64_t splits, int64_t num_queries,
+                                         int64_t r_q, int64_t k) {
     check_inputs(vectors, r_c, count, k);
 #ifdef METAEMBED_X86
     const int64_t dim = vectors.size(2), k_steps = dim / kTileDims, row_blocks = query_parts.size(0);
@@ -531,7 +624,7 @@ std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r
     TORCH_CHECK(dim % kTileDims == 0, "the AMX kernel needs D a multiple of 32");
     TORCH_CHECK(query_parts.scalar_type() == torch::kBFloat16 && query_parts.is_contiguous() &&
                     query_parts.dim() == 4 && query_parts.size(1) == k_steps && query_parts.size(2) == kTileRows &&
-                    query_parts.size(3) == kTileDims && row_blocks * kTileRows >= kSplits * rows &&
+                    query_parts.size(3) == kTileDims && row_blocks * kTileRows >= splits * rows &&
                     (row_blocks == 1 || row_blocks % 2 == 0),
                 "query_parts has the wrong shape");
     const bool narrow = row_blocks == 1;  // 48 items x 16 virtual rows per tile product, else 32 x 32
@@ -576,7 +669,11 @@ std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r
                                        virtual_rows, next, item_stride, g, virtual_rows / group_rows);
                     }
                 }
-                fold_tier(dots.data(), virtual_rows, rows, items, best.data(), j == 0);
+                if (splits == 2) {
+                    fold_tier<2>(dots.data(), virtual_rows, rows, items, best.data(), j == 0);
+                } else {
+                    fold_tier<3>(dots.data(), virtual_rows, rows, items, best.data(), j == 0);
+                }
             }
             top.offer(best.data(), rows, items, r_q, b * block_items);
         }
@@ -585,6 +682,81 @@ std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r
 #else
     TORCH_CHECK(false, "the AMX kernel needs an x86-64 Linux build");
 #endif
+}
+
+// The three-part AMX scores of each query against its own candidates: out[q, c] = MaxSim at budget (r_q, r_c) of
+// query q ([Q, r_q, D] float32, finite) and item candidates[q, c] ([Q, K] int64), the same float32 value a scan
+// of the whole index by top_amx computes for that pair (the same tile products, fold and sum over rows). Each
+// block of candidates is copied from its scattered rows into one per-thread buffer, which is the A operand.
+torch::Tensor amx_candidate_scores(const torch::Tensor& vectors, int64_t r_c, const torch::Tensor& queries,
+                                   const torch::Tensor& candidates) {
+    check_inputs(vectors, r_c, vectors.size(1), 1);
+    TORCH_CHECK(queries.dim() == 3 && queries.scalar_type() == torch::kFloat32 && queries.is_contiguous() &&
+                    queries.size(2) == vectors.size(2),
+                "queries must be [Q, r_q, D] float32 contiguous");
+    TORCH_CHECK(candidates.dim() == 2 && candidates.scalar_type() == torch::kInt64 && candidates.is_contiguous() &&
+                    candidates.size(0) == queries.size(0),
+                "candidates must be [Q, K] int64 contiguous");
+    const int64_t num_queries = queries.size(0), r_q = queries.size(1), dim = vectors.size(2);
+    const int64_t kept = candidates.size(1), count = vectors.size(1);
+    TORCH_CHECK(dim % kTileDims == 0, "the AMX kernel needs D a multiple of 32");
+    const int64_t* wanted = candidates.data_ptr<int64_t>();
+    for (int64_t i = 0; i < num_queries * kept; ++i) {
+        TORCH_CHECK(wanted[i] >= 0 && wanted[i] < count, "candidate ", wanted[i], " is not an item of the index");
+    }
+    auto out = torch::empty({num_queries, kept}, torch::kFloat32);
+#ifdef METAEMBED_X86
+    const int64_t k_steps = dim / kTileDims, item_stride = vectors.stride(1) * 2, tier_stride = vectors.stride(0) * 2;
+    const char* base = reinterpret_cast<const char*>(vectors.data_ptr());
+    float* scores = out.data_ptr<float>();
+    const float* query_values = queries.data_ptr<float>();
+    const int64_t row_blocks = part_blocks(r_q, kMaxSplits), virtual_rows = row_blocks * kTileRows;
+    const bool narrow = row_blocks == 1;
+    const int64_t block_items = narrow ? 48 : 32, block_bytes = k_steps * kTileBytes;
+    const int64_t blocks = (kept + block_items - 1) / block_items;
+    // Tasks are (query, block of candidates), so that one query's candidates also go over every thread.
+    at::parallel_for(0, num_queries * blocks, 1, [&](int64_t begin, int64_t end) {
+        configure_tiles();
+        std::vector<char> rows(48 * dim * 2);
+        std::vector<uint16_t> parts(row_blocks * k_steps * kTileRows * kTileDims);
+        std::vector<float> dots(block_items * virtual_rows), best(block_items * r_q);
+        const char* packed = reinterpret_cast<const char*>(parts.data());
+        int64_t packed_query = -1;  // (padding rows and columns of the tiles: products that are never read)
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t q = task / blocks, first = (task % blocks) * block_items;
+            if (q != packed_query) {
+                pack_query_parts(query_values + q * r_q * dim, r_q, dim, kMaxSplits, parts.data());
+                packed_query = q;
+            }
+            const int64_t items = std::min(block_items, kept - first);
+            for (int64_t j = 0; j < r_c; ++j) {
+                for (int64_t i = 0; i < items; ++i) {
+                    const int64_t item = wanted[q * kept + first + i];
+                    std::memcpy(&rows[i * dim * 2], base + j * tier_stride + item * item_stride, dim * 2);
+                }
+                if (narrow) {
+                    amx_tier_48x16(rows.data(), dim * 2, packed, k_steps, dots.data(), nullptr, 0);
+                } else {
+                    for (int64_t g = 0; g < virtual_rows / 32; ++g) {
+                        const char* q0 = packed + 2 * g * block_bytes;
+                        amx_tier_32x32(rows.data(), dim * 2, q0, q0 + block_bytes, k_steps, dots.data() + g * 32,
+                                       virtual_rows, nullptr, 0, 0, 1);
+                    }
+                }
+                fold_tier<kMaxSplits>(dots.data(), virtual_rows, r_q, items, best.data(), j == 0);
+            }
+            for (int64_t i = 0; i < items; ++i) {  // the rows summed in order, as RunningTop::offer sums them
+                float total = 0.0f;
+                for (int64_t r = 0; r < r_q; ++r) total += best[i * r_q + r];
+                scores[q * kept + first + i] = total;
+            }
+        }
+        release_tiles();
+    });
+#else
+    TORCH_CHECK(false, "the AMX kernel needs an x86-64 Linux build");
+#endif
+    return out;
 }
 
 // Top-k of Q queries by MaxSim over items 0..count of `vectors` at budget (r_q, r_c), with AVX2 + FMA.
@@ -730,11 +902,70 @@ torch::Tensor finite_query_rows(const torch::Tensor& queries) {
     return all_finite(queries) ? queries.view({-1, queries.size(2)}) : torch::Tensor();
 }
 
+// max_norm: a bound on the L2 norm of every vector of the first r_c tiers, or negative where none is known.
+// With one, where two parts per query value need fewer B tile blocks than three (a third fewer tile products and
+// loads) and the re-score below costs little next to the scan (16 Q K <= count), the scan runs with two parts,
+// certified: it keeps K = k + rescore_extra(k) candidates per query, and every item left out scores at most the K-th
+// two-part score plus amx_two_part_bounds with three parts. The K candidates are re-scored with three parts
+// (amx_candidate_scores); where the k-th best of them beats that bound, their top-k is the three-part top-k, with
+// three-part scores. Else (scores within the bound of each other over more than K - k ranks at the k-th place, e.g.
+// an item stored K - k + 1 times there) those queries are scanned again together with three parts.
+int64_t rescore_extra(int64_t k) { return std::max<int64_t>(8, k / 8); }
+
+bool amx_uses_two_parts(int64_t num_queries, int64_t r_q, int64_t k, int64_t count, double max_norm) {
+    const int64_t rows = num_queries * r_q;
+    return max_norm >= 0 && std::isfinite(max_norm) && part_blocks(rows, 2) < part_blocks(rows, kMaxSplits) &&
+           16 * num_queries * (k + rescore_extra(k)) <= count;
+}
+
 std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count,
-                                   const torch::Tensor& queries, int64_t k) {
+                                   const torch::Tensor& queries, int64_t k, double max_norm) {
     const auto rows = finite_query_rows(queries);
     if (!rows.defined()) return {};
-    return top_amx_parts(vectors, r_c, count, amx_query_parts(rows), queries.size(0), queries.size(1), k);
+    const int64_t num_queries = queries.size(0), r_q = queries.size(1), kept = k + rescore_extra(k);
+    if (!amx_uses_two_parts(num_queries, r_q, k, count, max_norm)) {
+        return top_amx_parts(vectors, r_c, count, amx_query_parts(rows, kMaxSplits), kMaxSplits, num_queries, r_q,
+                             k);
+    }
+    const auto found = top_amx_parts(vectors, r_c, count, amx_query_parts(rows, 2), 2, num_queries, r_q, kept);
+    const auto bounds = amx_two_part_bounds(queries, max_norm);
+    const auto exact = amx_candidate_scores(vectors, r_c, queries, found[1]);
+    const float* two_part = found[0].data_ptr<float>();
+    const float* three_part = exact.data_ptr<float>();
+    const int64_t* candidates = found[1].data_ptr<int64_t>();
+    const double* bound = bounds.data_ptr<double>();
+    auto scores = torch::empty({num_queries, k}, torch::kFloat32);
+    auto positions = torch::empty({num_queries, k}, torch::kInt64);
+    float* s = scores.data_ptr<float>();
+    int64_t* p = positions.data_ptr<int64_t>();
+    std::vector<Entry> list(kept);
+    std::vector<int64_t> uncertain;
+    for (int64_t q = 0; q < num_queries; ++q) {
+        for (int64_t c = 0; c < kept; ++c) list[c] = {three_part[q * kept + c], candidates[q * kept + c]};
+        std::partial_sort(list.begin(), list.begin() + k, list.end(), Better());
+        const double left_out = static_cast<double>(two_part[q * kept + kept - 1]) + bound[q];
+        if (!(static_cast<double>(list[k - 1].first) > left_out)) {  // (kept < count: 16 * kept <= count)
+            uncertain.push_back(q);
+            continue;
+        }
+        for (int64_t i = 0; i < k; ++i) {
+            s[q * k + i] = list[i].first;
+            p[q * k + i] = list[i].second;
+        }
+    }
+    if (!uncertain.empty()) {
+        auto again_rows = torch::empty({static_cast<int64_t>(uncertain.size()) * r_q, rows.size(1)}, torch::kFloat32);
+        for (size_t u = 0; u < uncertain.size(); ++u) {
+            again_rows.narrow(0, u * r_q, r_q).copy_(rows.narrow(0, uncertain[u] * r_q, r_q));
+        }
+        const auto again = top_amx_parts(vectors, r_c, count, amx_query_parts(again_rows, kMaxSplits), kMaxSplits,
+                                         static_cast<int64_t>(uncertain.size()), r_q, k);
+        for (size_t u = 0; u < uncertain.size(); ++u) {
+            std::memcpy(s + uncertain[u] * k, again[0].data_ptr<float>() + u * k, k * sizeof(float));
+            std::memcpy(p + uncertain[u] * k, again[1].data_ptr<int64_t>() + u * k, k * sizeof(int64_t));
+        }
+    }
+    return {scores, positions};
 }
 
 std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, int64_t count,
@@ -762,6 +993,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("top_avx2", &top_avx2, "MaxSim top-k with AVX2 + FMA", py::call_guard<py::gil_scoped_release>());
     m.def("top_avx2_gemm", &top_avx2_widened, "MaxSim top-k: bf16 blocks widened with AVX2, float32 GEMM",
           py::call_guard<py::gil_scoped_release>());
+    m.def("amx_candidate_scores", &amx_candidate_scores, "three-part AMX MaxSim of each query and its candidates",
+          py::call_guard<py::gil_scoped_release>());
     m.def("amx_query_parts", &amx_query_parts, "top_amx's B tiles from float32 query rows [rows, D]");
+    m.def("amx_two_part_bounds", &amx_two_part_bounds, "[Q]: bound on |two-part - three-part score| per query");
+    m.def("amx_uses_two_parts", &amx_uses_two_parts, "whether top_amx scans these queries with two parts");
     m.def("gemm_library", &gemm_library, "[MKL sgemm found, MKL packed GEMM found]");
 }
