@@ -439,7 +439,9 @@ class MetaEmbedIndex:
             step = (step + 1) // 2
         if scan_kernel.work_bytes(kind, step, r_q, self.dim, k, r_c) > max_work_bytes:
             return None
-        max_norm = None if self._max_norms is None else float(self._max_norms[:r_c].max())
+        max_norm = None  # only where two bf16 parts can save AMX tiles (from 6 query rows): a torch call less otherwise
+        if kind == "amx" and self._max_norms is not None and step * r_q >= 6:
+            max_norm = float(self._max_norms[:r_c].max())
         scores, positions = [], []
         for start in range(0, num_queries, step):
             batch = queries[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
