@@ -269,7 +269,7 @@ class MetaEmbedIndex:
         else:
             self._vectors[:, self._count : needed] = new.to(device=self.device, dtype=self.dtype)
             if self._max_norms is not None:
-                self._max_norms = torch.maximum(self._max_norms, _max_norms(self._vectors[:, self._count : needed]))
+                self._max_norms = torch.maximum(self._max_norms, _tier_max_norms(self._vectors[:, self._count : needed]))
         self._count = needed
         self.ids.extend(ids)
         self._id_set.update(ids)
@@ -509,7 +509,7 @@ class MetaEmbedIndex:
             tensors = {"vectors": self.codes.contiguous().cpu()}
             if not self.compressed:
                 if self._max_norms is None:  # loaded mapped from a file saved without them: one pass, as save reads
-                    self._max_norms = _max_norms(self.vectors)
+                    self._max_norms = _tier_max_norms(self.vectors)
                 tensors["max_norms"] = self._max_norms.contiguous()
             if self.compressed:
                 tensors["scales"] = self.scales.contiguous().cpu()
@@ -606,7 +606,7 @@ def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
     return grown
 
 
-def _max_norms(vectors: torch.Tensor) -> torch.Tensor:
+def _tier_max_norms(vectors: torch.Tensor) -> torch.Tensor:
     """[R] float32 on CPU: the largest L2 norm in each tier of `vectors` [R, n, D], read 16 MB of float32 at a time."""
     found = torch.zeros(vectors.shape[0], dtype=torch.float32)
     step = max(1, 2**22 // max(1, vectors.shape[0] * vectors.shape[2]))
@@ -620,7 +620,7 @@ def _checked_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) ->
     """The saved tier norms, validated; for an index saved without them, computed from the vectors read into memory
     (one pass, as a search makes), or None for a memory-mapped one (its AMX scans then use three parts)."""
     if stored is None:
-        return None if mmap else _max_norms(vectors)
+        return None if mmap else _tier_max_norms(vectors)
     stored = stored.clone()
     if torch.isnan(stored).any() or (stored < 0).any():  # +inf is a norm past float32's range: three parts
         raise IndexFileError(f"{path}: tensor 'max_norms' holds negative or NaN values")
