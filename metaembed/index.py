@@ -269,7 +269,8 @@ class MetaEmbedIndex:
         else:
             self._vectors[:, self._count : needed] = new.to(device=self.device, dtype=self.dtype)
             if self._max_norms is not None:
-                self._max_norms = torch.maximum(self._max_norms, _tier_max_norms(self._vectors[:, self._count : needed]))
+                added_norms = _tier_max_norms(self._vectors[:, self._count : needed])
+                self._max_norms = torch.maximum(self._max_norms, added_norms)
         self._count = needed
         self.ids.extend(ids)
         self._id_set.update(ids)
