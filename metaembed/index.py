@@ -440,8 +440,8 @@ class MetaEmbedIndex:
             step = (step + 1) // 2
         if scan_kernel.work_bytes(kind, step, r_q, self.dim, k, r_c) > max_work_bytes:
             return None
-        max_norm = None  # only where two bf16 parts can save AMX tiles (from 6 query rows): a torch call less otherwise
-        if kind == "amx" and self._max_norms is not None and step * r_q >= 6:
+        max_norm = None  # looked up (two torch calls) only where the AMX kernel's two-part scan can run
+        if kind == "amx" and self._max_norms is not None and step * r_q >= scan_kernel.AMX_TWO_PARTS_FROM_ROWS:
             max_norm = float(self._max_norms[:r_c].max())
         scores, positions = [], []
         for start in range(0, num_queries, step):

@@ -59,6 +59,9 @@ _SPLITS, _TILE_ROWS, _TILE_DIMS = 3, 16, 32
 # Two-part AMX scans keep max(8, k // 8) candidates beyond k per query, re-scored with three parts (rescore_extra
 # in the kernel, whose top_amx says how the top-k is certified).
 AMX_RESCORE_EXTRA = 8
+# Below this many query rows in a pass, two bf16 parts never need fewer B tile blocks than three (3 * 5 rows fill one
+# block of 16), so no two-part scan can run and its norm bound need not be looked up.
+AMX_TWO_PARTS_FROM_ROWS = 6
 
 _lock = threading.Lock()
 _state = {}  # "module": the compiled extension or None, "features": {"avx2": bool, "amx": bool}

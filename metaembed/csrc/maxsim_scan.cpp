@@ -205,6 +205,31 @@ METAEMBED_AMX void fold_tier(const float* __restrict dots, int64_t virtual_rows,
     }
 }
 
+// One tier of one block of items multiplied by every row block of the packed queries and folded into the running
+// max: the 48 x 16 step where the parts fill one row block, else the 32 x 32 step per pair of row blocks. The scan
+// (top_amx_parts) and the re-score (amx_candidate_scores) both run this, so a pair's score is the same float32 value
+// in both. next / next_stride: rows to prefetch meanwhile (nullptr: none).
+METAEMBED_AMX void multiply_tier(const char* a, int64_t a_stride, const char* parts, int64_t row_blocks,
+                                 int64_t splits, int64_t k_steps, int64_t rows, int64_t items, float* dots,
+                                 float* best, bool first, const char* next, int64_t next_stride) {
+    const int64_t virtual_rows = row_blocks * kTileRows, block_bytes = k_steps * kTileBytes;
+    if (row_blocks == 1) {
+        amx_tier_48x16(a, a_stride, parts, k_steps, dots, next, next_stride);
+    } else {
+        const int64_t groups = virtual_rows / 32;
+        for (int64_t g = 0; g < groups; ++g) {
+            const char* q0 = parts + 2 * g * block_bytes;
+            amx_tier_32x32(a, a_stride, q0, q0 + block_bytes, k_steps, dots + g * 32, virtual_rows, next,
+                           next_stride, g, groups);
+        }
+    }
+    if (splits == 2) {
+        fold_tier<2>(dots, virtual_rows, rows, items, best, first);
+    } else {
+        fold_tier<3>(dots, virtual_rows, rows, items, best, first);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------- AVX2
 #define METAEMBED_AVX2 __attribute__((target("avx2,fma")))
 
@@ -357,6 +382,13 @@ struct Better {
     }
 };
 
+// An item's score for one query: its r_q rows' maxima summed in order (the scan and the re-score sum alike).
+inline float row_sum(const float* rows, int64_t r_q) {
+    float total = 0.0f;
+    for (int64_t r = 0; r < r_q; ++r) total += rows[r];
+    return total;
+}
+
 // The running top-k of every query within one thread's share of the items: scores are appended while they beat the
 // k-th best kept so far; when the buffer is full it is cut back to its best k (nth_element), raising the bar.
 #ifdef METAEMBED_X86
@@ -384,11 +416,7 @@ class RunningTop {
             const float* row = best + i * row_stride;
             const float* totals = row;
             if (r_q > 1) {
-                for (int64_t q = 0; q < num_queries; ++q) {
-                    float total = 0.0f;
-                    for (int64_t r = 0; r < r_q; ++r) total += row[q * r_q + r];
-                    sums[q] = total;
-                }
+                for (int64_t q = 0; q < num_queries; ++q) sums[q] = row_sum(row + q * r_q, r_q);
                 totals = sums;
             }
             // The usual case once the bars have risen: nothing to insert. A count of the scores above their bars
@@ -628,10 +656,9 @@ std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r
                     (row_blocks == 1 || row_blocks % 2 == 0),
                 "query_parts has the wrong shape");
     const bool narrow = row_blocks == 1;  // 48 items x 16 virtual rows per tile product, else 32 x 32
-    const int64_t block_items = narrow ? 48 : 32, group_rows = narrow ? 16 : 32;
+    const int64_t block_items = narrow ? 48 : 32;
     const int64_t virtual_rows = row_blocks * kTileRows, blocks = (count + block_items - 1) / block_items;
     const int64_t item_stride = vectors.stride(1) * 2, tier_stride = vectors.stride(0) * 2;  // bytes
-    const int64_t block_bytes = k_steps * kTileBytes;                                      // one row block
     const char* base = reinterpret_cast<const char*>(vectors.data_ptr());
     const char* parts = reinterpret_cast<const char*>(query_parts.data_ptr());
     // The rows of (block b, tier j), or nullptr for a partial block (copied, zero-padded, by the caller).
@@ -660,20 +687,8 @@ std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r
                 }
                 // Prefetched into L2 while this tier is multiplied: the next tier, or the next block's first.
                 const char* next = j + 1 < r_c ? rows_of(b, j + 1) : b + 1 < last ? rows_of(b + 1, 0) : nullptr;
-                if (narrow) {
-                    amx_tier_48x16(a, a_stride, parts, k_steps, dots.data(), next, item_stride);
-                } else {
-                    for (int64_t g = 0; g < virtual_rows / group_rows; ++g) {
-                        const char* q0 = parts + 2 * g * block_bytes;
-                        amx_tier_32x32(a, a_stride, q0, q0 + block_bytes, k_steps, dots.data() + g * group_rows,
-                                       virtual_rows, next, item_stride, g, virtual_rows / group_rows);
-                    }
-                }
-                if (splits == 2) {
-                    fold_tier<2>(dots.data(), virtual_rows, rows, items, best.data(), j == 0);
-                } else {
-                    fold_tier<3>(dots.data(), virtual_rows, rows, items, best.data(), j == 0);
-                }
+                multiply_tier(a, a_stride, parts, row_blocks, splits, k_steps, rows, items, dots.data(), best.data(),
+                              j == 0, next, item_stride);
             }
             top.offer(best.data(), rows, items, r_q, b * block_items);
         }
@@ -711,9 +726,7 @@ torch::Tensor amx_candidate_scores(const torch::Tensor& vectors, int64_t r_c, co
     float* scores = out.data_ptr<float>();
     const float* query_values = queries.data_ptr<float>();
     const int64_t row_blocks = part_blocks(r_q, kMaxSplits), virtual_rows = row_blocks * kTileRows;
-    const bool narrow = row_blocks == 1;
-    const int64_t block_items = narrow ? 48 : 32, block_bytes = k_steps * kTileBytes;
-    const int64_t blocks = (kept + block_items - 1) / block_items;
+    const int64_t block_items = row_blocks == 1 ? 48 : 32, blocks = (kept + block_items - 1) / block_items;
     // Tasks are (query, block of candidates), so that one query's candidates also go over every thread.
     at::parallel_for(0, num_queries * blocks, 1, [&](int64_t begin, int64_t end) {
         configure_tiles();
@@ -734,22 +747,10 @@ torch::Tensor amx_candidate_scores(const torch::Tensor& vectors, int64_t r_c, co
                     const int64_t item = wanted[q * kept + first + i];
                     std::memcpy(&rows[i * dim * 2], base + j * tier_stride + item * item_stride, dim * 2);
                 }
-                if (narrow) {
-                    amx_tier_48x16(rows.data(), dim * 2, packed, k_steps, dots.data(), nullptr, 0);
-                } else {
-                    for (int64_t g = 0; g < virtual_rows / 32; ++g) {
-                        const char* q0 = packed + 2 * g * block_bytes;
-                        amx_tier_32x32(rows.data(), dim * 2, q0, q0 + block_bytes, k_steps, dots.data() + g * 32,
-                                       virtual_rows, nullptr, 0, 0, 1);
-                    }
-                }
-                fold_tier<kMaxSplits>(dots.data(), virtual_rows, r_q, items, best.data(), j == 0);
+                multiply_tier(rows.data(), dim * 2, packed, row_blocks, kMaxSplits, k_steps, r_q, items, dots.data(),
+                              best.data(), j == 0, nullptr, 0);
             }
-            for (int64_t i = 0; i < items; ++i) {  // the rows summed in order, as RunningTop::offer sums them
-                float total = 0.0f;
-                for (int64_t r = 0; r < r_q; ++r) total += best[i * r_q + r];
-                scores[q * kept + first + i] = total;
-            }
+            for (int64_t i = 0; i < items; ++i) scores[q * kept + first + i] = row_sum(best.data() + i * r_q, r_q);
         }
         release_tiles();
     });
