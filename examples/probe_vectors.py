@@ -6,8 +6,9 @@ On the quickstart's first round of held-out pages and its queries, prints the me
 one input (near 1: the vectors are near-copies, so MaxSim over more of them adds nothing) and between the first
 vectors of different inputs, and Recall@1 at every budget of the checkpoint after removing each side's mean vector
 (a shared direction that every input carries does not rank anything). Last, whether one input per page is what
-limits the model: one-item MRR over every held-out round of the page encoded whole against each of its items
-encoded alone (the page scored by its best item), the most that vectors keeping the items apart could give.
+limits the model: for queries naming one item and for picture queries, MRR over every held-out round of the page
+encoded whole against each of its items encoded alone (the page scored by its best item), the most that vectors
+keeping the items apart could give.
 """
 
 import argparse
@@ -19,11 +20,14 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
-from metaembed.pages import QUERY_KINDS, layout_pages, render_page
+from metaembed.pages import layout_pages, render_page
 from metaembed.quickstart import (
-    TEST_PAGE_SEED, QuickstartSettings, held_out_pages, load_data, query_kind_masks, rank_metrics,
+    TEST_PAGE_SEED, QuickstartSettings, held_out_pages, load_data, query_inputs, query_kind_masks, rank_metrics,
 )
 from training.evaluation import positive_ranks
+
+# The query kinds that name or show one item: the ones a page's best single item can answer.
+ALONE_KINDS = ("one item", "picture")
 
 
 def within_input_cosine(embeddings: torch.Tensor) -> float:
@@ -57,7 +61,7 @@ def main(argv=None) -> None:
     round_ = held_out_pages(test_pairs, settings)[0]
     with torch.no_grad():
         pages = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]])
-        queries = model.encode_queries(round_["queries"])
+        queries = model.encode_queries(query_inputs(round_))
     targets = torch.tensor(round_["targets"])
     print(f"{checkpoint}: {len(round_['pages'])} held-out pages, {len(round_['queries'])} queries")
     print(f"mean cosine between the vectors of one input: queries {within_input_cosine(queries):.3f}, "
@@ -76,23 +80,27 @@ def main(argv=None) -> None:
     budgets = sorted({(1, 1), (model.config.num_query_vectors, model.config.num_candidate_vectors)})
     results = items_alone(model, settings, test_pairs, budgets)
     count = len(held_out_pages(test_pairs, settings)) * len(round_["pages"]) * settings.layout.items_per_page
-    print(f"one-item queries, MRR over {settings.test_rounds} test round(s): the page encoded whole against each item "
-          f"encoded alone (the page scored by its best item; {count} single-item pages)")  # fmt: skip
-    print("| budget | page whole | items alone |")
-    print("|---|---|---|")
-    for budget, (whole, alone) in results.items():
-        print(f"| ({budget[0]}, {budget[1]}) | {whole:.3f} | {alone:.3f} |")
+    for kind in ALONE_KINDS:
+        print(f"\n{kind} queries, MRR over {settings.test_rounds} test round(s): the page encoded whole against each "
+              f"item encoded alone (the page scored by its best item; {count} single-item pages)")  # fmt: skip
+        print("| budget | page whole | items alone |")
+        print("|---|---|---|")
+        for budget, by_kind in results.items():
+            whole, alone = by_kind[kind]
+            print(f"| ({budget[0]}, {budget[1]}) | {whole:.3f} | {alone:.3f} |")
+
 
 
 @torch.no_grad()
 def items_alone(model, settings: QuickstartSettings, test_pairs: list, budgets: list) -> dict:
-    """Is one input per page what limits the model? {budget: (MRR of the page encoded whole, MRR with each item
-    encoded alone)} for one-item queries over every held-out round. "Alone" puts each item in its cell of an
-    otherwise empty page and scores a page by its best item: as if the page's vectors had kept its items apart. If
-    that is no better than the page whole, no arrangement of the meta vectors has a budget gain to take; what limits
-    the model is recognising the items. (Training never shows it a page with empty cells: a caveat.)"""
+    """Is one input per page what limits the model? {budget: {kind: (MRR of the page encoded whole, MRR with each
+    item encoded alone)}} for the queries that name or show one item, over every held-out round. "Alone" puts each
+    item in its cell of an otherwise empty page and scores a page by its best item: as if the page's vectors had
+    kept its items apart. If that is no better than the page whole, no arrangement of the meta vectors has a budget
+    gain to take; what limits the model is recognising the items. (Training never shows it a page with empty
+    cells: a caveat.)"""
     per_page = settings.layout.items_per_page
-    ranks = {budget: ([], []) for budget in budgets}
+    ranks = {budget: {kind: ([], []) for kind in ALONE_KINDS} for budget in budgets}
     for number, round_ in enumerate(held_out_pages(test_pairs, settings)):
         pages_items = layout_pages(test_pairs, settings.layout, 1, TEST_PAGE_SEED + number)  # the round's pages
         if len(pages_items) != len(round_["pages"]):
@@ -106,15 +114,18 @@ def items_alone(model, settings: QuickstartSettings, test_pairs: list, budgets: 
         whole_pages = [Image.open(io.BytesIO(png)) for png in round_["pages"]]
         pages = model.encode_candidates(whole_pages, show_progress_bar=False)
         items = model.encode_candidates(alone, show_progress_bar=False)  # [pages * per_page, R_c, D], page-major
-        queries = model.encode_queries(round_["queries"], show_progress_bar=False)
-        targets, one_item = torch.tensor(round_["targets"]), query_kind_masks(round_["kinds"])[QUERY_KINDS[0]]
+        queries = model.encode_queries(query_inputs(round_), show_progress_bar=False)
+        targets, masks = torch.tensor(round_["targets"]), query_kind_masks(round_["kinds"])
         for budget in budgets:
-            whole = positive_ranks(model.similarity(queries, pages, budget=budget), targets)[one_item]
+            whole = positive_ranks(model.similarity(queries, pages, budget=budget), targets)
             best_item = model.similarity(queries, items, budget=budget).view(len(queries), len(pages), per_page)
-            apart = positive_ranks(best_item.max(dim=-1).values, targets)[one_item]
-            ranks[budget][0].append(whole)
-            ranks[budget][1].append(apart)
-    return {budget: tuple(rank_metrics(torch.cat(found))["mrr"] for found in pair) for budget, pair in ranks.items()}
+            apart = positive_ranks(best_item.max(dim=-1).values, targets)
+            for kind in ALONE_KINDS:
+                ranks[budget][kind][0].append(whole[masks[kind]])
+                ranks[budget][kind][1].append(apart[masks[kind]])
+    mrr = lambda found: rank_metrics(torch.cat(found))["mrr"]  # noqa: E731
+    return {budget: {kind: (mrr(whole), mrr(apart)) for kind, (whole, apart) in by_kind.items()}
+            for budget, by_kind in ranks.items()}  # fmt: skip
 
 
 if __name__ == "__main__":

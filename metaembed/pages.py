@@ -1,8 +1,9 @@
 """Twemoji pages: a retrieval task whose candidates hold several things, built from the packaged Twemoji data.
 
 A page is a square image with a grid of Twemoji (2 x 2 by default) on a plain background; a query names one item
-on the page ("red apple") or two ("red apple and rocket"). One vector per page must compress every item into one
-direction; several vectors can keep the items apart, which is what a retrieval budget buys (the paper's document
+on the page ("red apple") or two ("red apple and rocket"), or shows one item's picture (the emoji at its size on
+the page, centred on an empty page). One vector per page must compress every item into one direction; several
+vectors can keep the items apart, which is what a retrieval budget buys (the paper's document
 pages, at toy size). On single emoji and their names (`metaembed.twemoji`) there is one concept per candidate, so
 the budget has nothing to buy.
 
@@ -20,7 +21,10 @@ from functools import lru_cache
 
 from PIL import Image
 
-QUERY_KINDS = ("one item", "two items")
+# A query names one item of its page, or two, or shows one item's picture (`render_alone`).
+QUERY_KINDS = ("one item", "two items", "picture")
+# Training pages take turns at the query kinds, in this order.
+TRAINING_KINDS = QUERY_KINDS
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,28 @@ def render_page(image_paths: list, layout: PageLayout) -> Image.Image:
     return page
 
 
-def page_png(image_paths: list, layout: PageLayout) -> bytes:
+def render_alone(image_path, layout: PageLayout) -> Image.Image:
+    """One emoji at the size it has on a page of `layout`, centred on an empty page: a picture query."""
+    page = Image.new("RGB", (layout.page_size, layout.page_size), layout.background)
+    size = layout.page_size // layout.grid - 2 * layout.margin
+    emoji = _emoji(str(image_path), size)
+    offset = (layout.page_size - size) // 2
+    page.paste(emoji, (offset, offset), emoji)
+    return page
+
+
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    render_page(image_paths, layout).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def page_png(image_paths: list, layout: PageLayout) -> bytes:
+    return _png(render_page(image_paths, layout))
+
+
+def picture_png(image_path, layout: PageLayout) -> bytes:
+    return _png(render_alone(image_path, layout))
 
 
 def layout_pages(pairs: list, layout: PageLayout, rounds: int, seed: int) -> list:
@@ -96,28 +118,35 @@ def _name(items: list) -> str:
 
 
 def training_records(pairs: list, layout: PageLayout, rounds: int, seed: int) -> list:
-    """One record per page: text query -> page. The query names one item of the page or two (half of each), both
-    picked by the seed. `source` is the page's round: batches drawn within one source never hold two pages with
-    the same emoji, so no in-batch negative answers the query. The page is PNG bytes (`{"bytes": ...}`)."""
+    """One record per page: query -> page. Pages take turns at the three query kinds: the name of one item, the
+    names of two, the picture of one (`render_alone`); the items are picked by the seed. `source` is the page's
+    round: batches drawn within one source never hold two pages with the same emoji, so no in-batch negative
+    answers the query. The page is PNG bytes (`{"bytes": ...}`)."""
     per_round = pages_per_round(len(pairs), layout)
     generator = random.Random(seed + 1)
     records = []
     for number, page in enumerate(layout_pages(pairs, layout, rounds, seed)):
-        count = 1 if number % 2 == 0 else 2
-        named = generator.sample(page, count)
+        kind = TRAINING_KINDS[number % len(TRAINING_KINDS)]
+        named = generator.sample(page, 2 if kind == "two items" else 1)
+        if kind == "picture":
+            query = {"image": {"bytes": picture_png(named[0]["image"], layout)}}
+        else:
+            query = {"text": _name(named)}
         records.append({
-            "id": f"page {number}: {_name(named)}",
+            "id": f"page {number}: {kind}: {_name(named)}",
             "source": f"round {number // per_round}",
-            "query": {"text": _name(named)},
+            "query": query,
             "positive": {"image": {"bytes": page_png([p["image"] for p in page], layout)}},
         })  # fmt: skip
     return records
 
 
 def evaluation_set(pairs: list, layout: PageLayout, round_seed: int) -> dict:
-    """One round of test pages and every query it answers: each item's name (one-item queries) and the names of
-    disjoint pairs of items on the same page (two-item queries). Returns {"pages": [PNG bytes], "queries":
-    [text], "targets": [page index], "kinds": [QUERY_KINDS entry]}; each query has exactly one right page."""
+    """One round of test pages and every query it answers: each item's name (one-item queries), the names of
+    disjoint pairs of items on the same page (two-item queries) and each item's picture. Returns {"pages": [PNG
+    bytes], "queries": [text, or PNG bytes for a picture], "targets": [page index], "kinds": [QUERY_KINDS entry]};
+    each query has exactly one right page, except a picture that two emoji share (a few Twemoji render alike:
+    the Australia and Heard & McDonald Islands flags among the held-out ones), which another page shows too."""
     pages = layout_pages(pairs, layout, 1, round_seed)
     result = {"pages": [], "queries": [], "targets": [], "kinds": []}
     for number, page in enumerate(pages):
@@ -130,7 +159,14 @@ def evaluation_set(pairs: list, layout: PageLayout, round_seed: int) -> dict:
             result["queries"].append(_name(page[start : start + 2]))
             result["targets"].append(number)
             result["kinds"].append(QUERY_KINDS[1])
+        for item in page:
+            result["queries"].append(picture_png(item["image"], layout))
+            result["targets"].append(number)
+            result["kinds"].append(QUERY_KINDS[2])
     return result
 
 
-__all__ = ["PageLayout", "render_page", "page_png", "layout_pages", "training_records", "evaluation_set", "QUERY_KINDS"]
+__all__ = [
+    "PageLayout", "render_page", "render_alone", "page_png", "picture_png", "layout_pages", "training_records",
+    "evaluation_set", "QUERY_KINDS", "TRAINING_KINDS",
+]  # fmt: skip

@@ -2,12 +2,14 @@
 
 1. backbone: LiteVL from packaged pretrained weights (all-MiniLM-L6-v2 text encoder, ImageNet EfficientNet-Lite0);
 2. model: `MetaEmbedModel.from_vlm` adds the meta tokens (R_q = 4, R_c = 16 here);
-3. data (`task`): "pages" (default): text -> page retrieval, each page a grid of several Twemoji, each query the
-   name of one or two of its items (`metaembed.pages`); "emoji": single Twemoji <-> its name, both directions.
+3. data (`task`): "pages" (default): query -> page retrieval, each page a grid of several Twemoji, each query the
+   name of one or two of its items or the picture of one (`metaembed.pages`); "emoji": single Twemoji <-> its
+   name, both directions.
    A fixed hash split of the emoji holds out test concepts that training never sees;
 4. training: `MetaEmbedTrainer` with the MMR loss. The ImageNet tower is frozen, so each image goes through it
-   once (`metaembed.frozen_features.memoized_tower`), and the new projector starts from a closed-form map of the
-   tower's features to the text encoder's word embeddings (`warm_start_projector`);
+   once (`metaembed.frozen_features.memoized_tower`), the new projector starts from a closed-form map of the
+   tower's features to the text encoder's word embeddings (`warm_start_projector`), and the new meta-token rows
+   learn at their own rate;
 5. evaluation: Recall@1 and MRR at every budget over the held-out split; ties count against the positive;
 6. a Hub-ready checkpoint with its model card, results file and quality-versus-budget plot.
 
@@ -62,8 +64,11 @@ class QuickstartSettings:
     test_rounds: int = 2  # pages: rounds of held-out pages (92 pages of 2x2 each), scored separately and pooled
     epochs: float = 2.0
     batch_size: int = 32
-    learning_rate: float = 5e-5  # the pretrained text encoder (and the meta-token rows of its embeddings)
-    projector_learning_rate: float = 3e-3  # the new image projector
+    learning_rate: float = 2e-5  # the pretrained text encoder
+    projector_learning_rate: float = 1e-3  # the new image projector
+    # The meta tokens' embedding rows, new like the projector, at their own rate (the vocabulary's rows stay
+    # frozen); None: they learn with the text encoder at `learning_rate`, which left a page's vectors near-copies.
+    meta_learning_rate: float | None = 1e-2
     # 0.1, not the paper's 0.03: from fresh meta vectors that are near-copies across inputs, 0.03 drives this
     # small model to the uniform loss log(batch) before it learns anything (docs/quickstart.md, measured).
     temperature: float = 0.1
@@ -151,13 +156,20 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
         dataloader_num_workers=0,
         bf16=settings.bf16,
     )
+    # The new image projector learns at its own, higher rate.
     projector = [p for p in model.vlm.projector.parameters() if p.requires_grad]
     projector_ids = {id(p) for p in projector}
+    groups = [{"params": projector, "lr": settings.projector_learning_rate}]
+    if settings.meta_learning_rate is not None:
+        embeddings = model.vlm.get_input_embeddings().weight
+        groups.append({"params": [embeddings], "lr": settings.meta_learning_rate, "weight_decay": 0.0})
+        projector_ids.add(id(embeddings))
+        meta_rows = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype)
+        meta_rows[model.config.query_meta_token_ids + model.config.candidate_meta_token_ids] = 1
+        embeddings.register_hook(lambda grad: grad * meta_rows.to(grad.device))  # only the meta rows learn
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in projector_ids]
-    optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr": settings.learning_rate}, {"params": projector, "lr": settings.projector_learning_rate}],
-        weight_decay=0.01,
-    )  # the Trainer adds its warmup-and-cosine schedule to both groups
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": settings.learning_rate}, *groups], weight_decay=0.01)
+    # the Trainer adds its warmup-and-cosine schedule to every group
     trainer = MetaEmbedTrainer(
         model=model, args=args, train_dataset=ContrastiveDataset(records), optimizers=(optimizer, None)
     )
@@ -209,7 +221,7 @@ def warm_start_projector(model, train_pairs: list, settings: QuickstartSettings,
 @torch.no_grad()
 def evaluate(model, test_pairs: list, settings: QuickstartSettings) -> dict:
     """{group: {"recall@1": {budget_key: value}, "mrr": {...}}} over the held-out split; groups are the
-    directions (emoji) or the query kinds (pages: one item, two items)."""
+    directions (emoji) or the query kinds (pages: one item, two items, picture)."""
     if settings.task == "pages":
         return evaluate_pages(model, test_pairs, settings)
     from training import ContrastiveDataset, retrieval_metrics
@@ -227,6 +239,13 @@ def evaluate(model, test_pairs: list, settings: QuickstartSettings) -> dict:
 def held_out_pages(test_pairs: list, settings: QuickstartSettings) -> list:
     """The held-out evaluation sets: `test_rounds` rounds of pages of held-out emoji, fixed for every seed."""
     return [evaluation_set(test_pairs, settings.layout, TEST_PAGE_SEED + r) for r in range(settings.test_rounds)]
+
+
+def query_inputs(round_: dict) -> list:
+    """A round's queries as the model takes them: names as text, pictures (PNG bytes) as images."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(query)) if isinstance(query, bytes) else query for query in round_["queries"]]
 
 
 def query_kind_masks(kinds: list) -> dict:
@@ -252,7 +271,7 @@ def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dic
     options = {"batch_size": 32, "show_progress_bar": settings.show_progress_bar}
     for round_ in held_out_pages(test_pairs, settings):
         pages = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]], **options)
-        queries = model.encode_queries(round_["queries"], **options)
+        queries = model.encode_queries(query_inputs(round_), **options)
         targets, masks = torch.tensor(round_["targets"]), query_kind_masks(round_["kinds"])
         for budget in settings.budgets:
             found = positive_ranks(model.similarity(queries, pages, budget=tuple(budget)), targets)
@@ -286,7 +305,7 @@ def scoring_time(model, num_queries: int, num_candidates: int, budgets: list, re
     return times
 
 
-GROUP_LABELS = {"text-to-image": "t2i", "image-to-text": "i2t", "one item": "one", "two items": "two"}
+GROUP_LABELS = {"text-to-image": "t2i", "image-to-text": "i2t", "one item": "one", "two items": "two", "picture": "pic"}
 
 
 def candidate_count(summary: dict) -> int:
@@ -462,6 +481,7 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
     - "pooled": one vector per page (features averaged over the page -> mean of its names' embeddings);
     - "per cell": one vector per grid cell (features averaged over the cell -> its item's name), a page scored
       by its best cell: several vectors per page, placed with knowledge of the layout the models never get.
+    Picture queries are scored against the tower's own features of the page, pooled or per cell.
     Returns {"pooled": {kind: {"recall@1", "mrr"}}, "per cell": {...}}."""
     from PIL import Image
     from transformers import AutoModel, AutoTokenizer
@@ -499,14 +519,24 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
     y_cells = embed([p["caption"] for page in train_pages for p in page]).view(len(train_pages), grid * grid, -1)
     maps = {"pooled": ridge_map(x_cells.mean(1), y_cells.mean(1), penalty),
             "per cell": ridge_map(x_cells.flatten(0, 1), y_cells.flatten(0, 1), penalty)}  # fmt: skip
+    feature_mean = x_cells.flatten(0, 1).mean(0)
     ranks = {name: {kind: [] for kind in QUERY_KINDS} for name in maps}
     for round_ in held_out_pages(test_pairs, settings):
-        cells, queries = cell_features(round_["pages"]), embed(round_["queries"])
-        targets, masks = torch.tensor(round_["targets"]), query_kind_masks(round_["kinds"])
+        cells, masks = cell_features(round_["pages"]), query_kind_masks(round_["kinds"])
+        pictures = masks["picture"]
+        named = embed([q for q, picture in zip(round_["queries"], pictures.tolist()) if not picture])
+        # A picture is compared with the pages in the tower's own feature space (centred, cosine): the map to the
+        # names' space would only lose what tells two pictures apart.
+        shown = [q for q, picture in zip(round_["queries"], pictures.tolist()) if picture]
+        shown = torch.nn.functional.normalize(cell_features(shown).mean(1) - feature_mean, dim=-1)
+        targets = torch.tensor(round_["targets"])
         for name, (weight, mean, std, target_mean) in maps.items():
             inputs = cells.mean(1, keepdim=True) if name == "pooled" else cells  # [P, V, C]
             vectors = torch.nn.functional.normalize(((inputs - mean) / std) @ weight + target_mean, dim=-1)
-            scores = torch.einsum("qd,pvd->qpv", queries, vectors).amax(-1)
+            scores = torch.empty(len(targets), len(cells))
+            scores[~pictures] = torch.einsum("qd,pvd->qpv", named, vectors).amax(-1)
+            features = torch.nn.functional.normalize(inputs - feature_mean, dim=-1)
+            scores[pictures] = torch.einsum("qc,pvc->qpv", shown, features).amax(-1)
             found = positive_ranks(scores, targets)
             for kind, chosen in masks.items():
                 ranks[name][kind].append(found[chosen])
