@@ -60,7 +60,9 @@ class QuickstartSettings:
     # pages: 192 px = a 6x6 feature grid, 3x3 tokens per item of a 2x2 page; emoji: 96 px = one page cell alone.
     image_size: int | None = None
     page_grid: int = 2  # pages: items per side of a page
-    train_rounds: int = 4  # pages: each round lays out every training emoji once (382 pages of 2x2 per round)
+    # pages: each round lays out every training emoji once (382 pages of 2x2 per round). 8 (192 steps): at 4 the
+    # budget's gain on picture queries did not hold over seeds (docs/quickstart.md).
+    train_rounds: int = 8
     test_rounds: int = 2  # pages: rounds of held-out pages (92 pages of 2x2 each), scored separately and pooled
     epochs: float = 2.0
     batch_size: int = 32
