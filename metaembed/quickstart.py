@@ -160,16 +160,16 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
     )
     # The new image projector learns at its own, higher rate.
     projector = [p for p in model.vlm.projector.parameters() if p.requires_grad]
-    projector_ids = {id(p) for p in projector}
-    groups = [{"params": projector, "lr": settings.projector_learning_rate}]
+    own_rate_ids = {id(p) for p in projector}
+    groups, hooks = [{"params": projector, "lr": settings.projector_learning_rate}], []
     if settings.meta_learning_rate is not None:
         embeddings = model.vlm.get_input_embeddings().weight
         groups.append({"params": [embeddings], "lr": settings.meta_learning_rate, "weight_decay": 0.0})
-        projector_ids.add(id(embeddings))
+        own_rate_ids.add(id(embeddings))
         meta_rows = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype)
         meta_rows[model.config.query_meta_token_ids + model.config.candidate_meta_token_ids] = 1
-        embeddings.register_hook(lambda grad: grad * meta_rows.to(grad.device))  # only the meta rows learn
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in projector_ids]
+        hooks.append(embeddings.register_hook(lambda grad: grad * meta_rows.to(grad.device)))  # only meta rows learn
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own_rate_ids]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": settings.learning_rate}, *groups], weight_decay=0.01)
     # the Trainer adds its warmup-and-cosine schedule to every group
     trainer = MetaEmbedTrainer(
@@ -179,6 +179,8 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
     # A frozen tower gives each image the same output every time: compute it once per image.
     with memoized_tower(model) if settings.freeze_vision else contextlib.nullcontext():
         trainer.train()
+    for hook in hooks:  # the model leaves training as a plain model: later training updates every row again
+        hook.remove()
     return time.perf_counter() - start
 
 

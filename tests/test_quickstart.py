@@ -58,6 +58,17 @@ def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identic
     mrr = (1.0 / ranks[one].float()).mean().item()
     assert abs(mrr - quality["mrr"][full]) < 1e-6
 
+    # Only the meta tokens' rows of the embedding table learned (their own rate, the vocabulary's rows frozen).
+    from transformers import AutoModel as TextModel
+
+    from metaembed.backbones import minilm_path
+
+    pretrained = TextModel.from_pretrained(minilm_path()).get_input_embeddings().weight
+    table = model.vlm.get_input_embeddings().weight
+    assert torch.equal(table[: pretrained.shape[0]], pretrained)
+    meta_ids = model.config.query_meta_token_ids + model.config.candidate_meta_token_ids
+    assert min(meta_ids) >= pretrained.shape[0]
+
     # The probe of why a budget does or does not pay reads the same checkpoint; its "page whole" column is the
     # reported MRR again, its "items alone" column the per-item encoding of the same pages.
     probe = subprocess.run([sys.executable, "examples/probe_vectors.py", str(checkpoint)], cwd=ROOT,
