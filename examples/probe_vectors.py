@@ -90,7 +90,6 @@ def main(argv=None) -> None:
             print(f"| ({budget[0]}, {budget[1]}) | {whole:.3f} | {alone:.3f} |")
 
 
-
 @torch.no_grad()
 def items_alone(model, settings: QuickstartSettings, test_pairs: list, budgets: list) -> dict:
     """Is one input per page what limits the model? {budget: {kind: (MRR of the page encoded whole, MRR with each

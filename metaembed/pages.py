@@ -21,10 +21,9 @@ from functools import lru_cache
 
 from PIL import Image
 
-# A query names one item of its page, or two, or shows one item's picture (`render_alone`).
+# A query names one item of its page, or two, or shows one item's picture (`render_alone`). Training pages take
+# turns at them, in this order.
 QUERY_KINDS = ("one item", "two items", "picture")
-# Training pages take turns at the query kinds, in this order.
-TRAINING_KINDS = QUERY_KINDS
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,7 @@ class PageLayout:
     background: tuple = (255, 255, 255)
 
     def __post_init__(self):
-        cell = self.page_size // self.grid if self.grid > 0 else 0
-        if self.grid < 1 or cell - 2 * self.margin < 8:
+        if self.grid < 1 or self.item_size < 8:
             raise ValueError(
                 f"a {self.grid}x{self.grid} grid with margin {self.margin} does not fit {self.page_size} px"
             )
@@ -44,6 +42,11 @@ class PageLayout:
     @property
     def items_per_page(self) -> int:
         return self.grid * self.grid
+
+    @property
+    def item_size(self) -> int:
+        """An emoji's side in px: its cell less the margin on both sides."""
+        return self.page_size // self.grid - 2 * self.margin
 
 
 @lru_cache(maxsize=4096)
@@ -59,8 +62,7 @@ def render_page(image_paths: list, layout: PageLayout) -> Image.Image:
             f"a {layout.grid}x{layout.grid} page holds {layout.items_per_page} emoji, got {len(image_paths)}"
         )
     page = Image.new("RGB", (layout.page_size, layout.page_size), layout.background)
-    cell = layout.page_size // layout.grid
-    size = cell - 2 * layout.margin
+    cell, size = layout.page_size // layout.grid, layout.item_size
     for slot, path in enumerate(image_paths):
         if path is None:
             continue
@@ -73,7 +75,7 @@ def render_page(image_paths: list, layout: PageLayout) -> Image.Image:
 def render_alone(image_path, layout: PageLayout) -> Image.Image:
     """One emoji at the size it has on a page of `layout`, centred on an empty page: a picture query."""
     page = Image.new("RGB", (layout.page_size, layout.page_size), layout.background)
-    size = layout.page_size // layout.grid - 2 * layout.margin
+    size = layout.item_size
     emoji = _emoji(str(image_path), size)
     offset = (layout.page_size - size) // 2
     page.paste(emoji, (offset, offset), emoji)
@@ -126,7 +128,7 @@ def training_records(pairs: list, layout: PageLayout, rounds: int, seed: int) ->
     generator = random.Random(seed + 1)
     records = []
     for number, page in enumerate(layout_pages(pairs, layout, rounds, seed)):
-        kind = TRAINING_KINDS[number % len(TRAINING_KINDS)]
+        kind = QUERY_KINDS[number % len(QUERY_KINDS)]
         named = generator.sample(page, 2 if kind == "two items" else 1)
         if kind == "picture":
             query = {"image": {"bytes": picture_png(named[0]["image"], layout)}}
@@ -168,5 +170,5 @@ def evaluation_set(pairs: list, layout: PageLayout, round_seed: int) -> dict:
 
 __all__ = [
     "PageLayout", "render_page", "render_alone", "page_png", "picture_png", "layout_pages", "training_records",
-    "evaluation_set", "QUERY_KINDS", "TRAINING_KINDS",
+    "evaluation_set", "QUERY_KINDS",
 ]  # fmt: skip

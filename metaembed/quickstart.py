@@ -166,9 +166,9 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
         embeddings = model.vlm.get_input_embeddings().weight
         groups.append({"params": [embeddings], "lr": settings.meta_learning_rate, "weight_decay": 0.0})
         own_rate_ids.add(id(embeddings))
-        meta_rows = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype)
+        meta_rows = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
         meta_rows[model.config.query_meta_token_ids + model.config.candidate_meta_token_ids] = 1
-        hooks.append(embeddings.register_hook(lambda grad: grad * meta_rows.to(grad.device)))  # only meta rows learn
+        hooks.append(embeddings.register_hook(lambda grad: grad * meta_rows))  # only the meta rows learn
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own_rate_ids]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": settings.learning_rate}, *groups], weight_decay=0.01)
     # the Trainer adds its warmup-and-cosine schedule to every group
@@ -309,7 +309,9 @@ def scoring_time(model, num_queries: int, num_candidates: int, budgets: list, re
     return times
 
 
-GROUP_LABELS = {"text-to-image": "t2i", "image-to-text": "i2t", "one item": "one", "two items": "two", "picture": "pic"}
+GROUP_LABELS = {
+    "text-to-image": "t2i", "image-to-text": "i2t", "one item": "one", "two items": "two", "picture": "pic",
+}  # fmt: skip
 
 
 def candidate_count(summary: dict) -> int:
@@ -528,11 +530,12 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
     for round_ in held_out_pages(test_pairs, settings):
         cells, masks = cell_features(round_["pages"]), query_kind_masks(round_["kinds"])
         pictures = masks["picture"]
-        named = embed([q for q, picture in zip(round_["queries"], pictures.tolist()) if not picture])
+        is_picture = pictures.tolist()
+        named = embed([q for q, picture in zip(round_["queries"], is_picture) if not picture])
         # A picture is compared with the pages in the tower's own feature space (centred, cosine): the map to the
         # names' space would only lose what tells two pictures apart.
-        shown = [q for q, picture in zip(round_["queries"], pictures.tolist()) if picture]
-        shown = torch.nn.functional.normalize(cell_features(shown).mean(1) - feature_mean, dim=-1)
+        shown_pngs = [q for q, picture in zip(round_["queries"], is_picture) if picture]
+        shown = torch.nn.functional.normalize(cell_features(shown_pngs).mean(1) - feature_mean, dim=-1)
         targets = torch.tensor(round_["targets"])
         for name, (weight, mean, std, target_mean) in maps.items():
             inputs = cells.mean(1, keepdim=True) if name == "pooled" else cells  # [P, V, C]

@@ -9,7 +9,7 @@ from torch import nn
 
 from metaembed.frozen_features import MemoizedTower, memoized_tower, ridge_map, set_mlp_to_linear_map
 from metaembed.pages import (
-    TRAINING_KINDS, PageLayout, evaluation_set, layout_pages, picture_png, render_alone, render_page, training_records,
+    QUERY_KINDS, PageLayout, evaluation_set, layout_pages, picture_png, render_alone, render_page, training_records,
 )
 from metaembed.quickstart import QuickstartSettings, build_model, load_data
 from metaembed.twemoji import split_pairs, twemoji_pairs
@@ -100,7 +100,7 @@ def test_training_records_batch_within_a_round(split):
     assert {r["source"] for r in records} == {"round 0", "round 1"}
     assert all(r["positive"]["image"]["bytes"][:8] == b"\x89PNG\r\n\x1a\n" for r in records)
     for number, record in enumerate(records):  # the pages take turns at the training query kinds
-        kind = TRAINING_KINDS[number % len(TRAINING_KINDS)]
+        kind = QUERY_KINDS[number % len(QUERY_KINDS)]
         assert (kind == "picture") == ("image" in record["query"]), record["id"]
         if kind == "picture":
             assert record["query"]["image"]["bytes"][:8] == b"\x89PNG\r\n\x1a\n"

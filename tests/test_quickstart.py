@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
+from metaembed.backbones import minilm_path
 from metaembed.quickstart import QuickstartSettings, held_out_pages, load_data, query_inputs
 from training.evaluation import positive_ranks
 
@@ -59,11 +60,7 @@ def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identic
     assert abs(mrr - quality["mrr"][full]) < 1e-6
 
     # Only the meta tokens' rows of the embedding table learned (their own rate, the vocabulary's rows frozen).
-    from transformers import AutoModel as TextModel
-
-    from metaembed.backbones import minilm_path
-
-    pretrained = TextModel.from_pretrained(minilm_path()).get_input_embeddings().weight
+    pretrained = AutoModel.from_pretrained(minilm_path()).get_input_embeddings().weight
     table = model.vlm.get_input_embeddings().weight
     assert torch.equal(table[: pretrained.shape[0]], pretrained)
     meta_ids = model.config.query_meta_token_ids + model.config.candidate_meta_token_ids
