@@ -1,4 +1,7 @@
-"""A shortened run of the README's main command (`./run quickstart`): real packaged weights and data, CPU."""
+"""The README's main command (`./run quickstart`) as a user runs it: real packaged weights and data, CPU, ~10 min.
+
+It is the whole main job, not a shortened one: shorter runs were measured and could not support a margin for the
+budget's gain (docs/quickstart.md, "What CI checks")."""
 
 import io
 import json
@@ -11,34 +14,39 @@ from PIL import Image
 from transformers import AutoModel
 
 from metaembed.backbones import minilm_path
-from metaembed.quickstart import QuickstartSettings, held_out_pages, load_data, query_inputs
+from metaembed.quickstart import QuickstartSettings, held_out_pages, load_data, query_inputs, query_kind_masks
 from training.evaluation import positive_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
-# 512 training emoji -> 128 pages per round (4 rounds, 2 epochs: 32 steps); 128 held-out emoji -> one round of 32
-# test pages, asked 128 one-item, 64 two-item and 128 picture queries.
-SHORT = ["--train-pairs", "512", "--test-pairs", "128", "--train-rounds", "4", "--test-rounds", "1", "--epochs", "2",
-         "--num-query-vectors", "2", "--num-candidate-vectors", "4"]  # fmt: skip
+# Picture MRR at (4,16) minus at (1,1) of the main job on this project's machine, seeds 0, 1, 2: 0.055, 0.058,
+# 0.083 (docs/quickstart.md). The test asserts half the smallest: another CPU's arithmetic changes the run as a
+# seed does.
+PICTURE_GAIN_FLOOR = 0.027
 
 
-def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identically(tmp_path):
+def test_main_job_gains_from_the_budget_and_saves_a_checkpoint_that_reloads_identically(tmp_path):
     output = tmp_path / "quickstart"
     result = subprocess.run(
-        [sys.executable, "examples/quickstart.py", "--output-dir", str(output), *SHORT],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [sys.executable, "examples/quickstart.py", "--output-dir", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "one R@1" in result.stdout and "(2,4)" in result.stdout
+    assert "one R@1" in result.stdout and "(4,16)" in result.stdout
 
     summary = json.loads((output / "summary.json").read_text())
-    pages, counts = 32, {"one item": 128, "two items": 64, "picture": 128}
+    # 2 rounds of 92 held-out pages, each asked 368 one-item, 184 two-item and 368 picture queries.
+    pages, counts = 92, {"one item": 736, "two items": 368, "picture": 736}
     reciprocal = [1 / rank for rank in range(1, pages + 1)]
-    chance_mrr = sum(reciprocal) / pages  # a random ranking: 0.127 for 32 pages
+    chance_mrr = sum(reciprocal) / pages  # a random ranking: 0.056 for 92 pages
     chance_sd = (sum(r * r for r in reciprocal) / pages - chance_mrr**2) ** 0.5 / sum(counts.values()) ** 0.5
-    full = "2x4"
-    # MRR over all 320 queries; a random ranking gives 0.127 +- 0.010 (one sd).
+    full = "4x16"
+    # MRR over all 1,840 queries; a random ranking gives 0.056 +- 0.003 (one sd).
     pooled = sum(summary["quality"][kind]["mrr"][full] * n for kind, n in counts.items()) / sum(counts.values())
     assert pooled > chance_mrr + 3 * chance_sd, summary["quality"]
+    # Test-time scaling: on picture queries, where one vector per page is the bottleneck, the full budget beats
+    # one vector per side by a margin every measured seed cleared twice over.
+    picture = summary["quality"]["picture"]["mrr"]
+    assert picture[full] - picture["1x1"] > PICTURE_GAIN_FLOOR, picture
     quality = summary["quality"]["one item"]
     checkpoint = output / "checkpoint"
     for name in ("README.md", "eval_results.json", "budget_quality.png", "model.safetensors", "modeling_litevl.py"):
@@ -51,13 +59,15 @@ def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identic
     model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
     settings = QuickstartSettings(**summary["settings"])
     _, test_pairs = load_data(settings)
-    (round_,) = held_out_pages(test_pairs, settings)
-    pages_embedded = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]])
-    queries = model.encode_queries(query_inputs(round_))
-    ranks = positive_ranks(model.similarity(queries, pages_embedded, budget=(2, 4)), torch.tensor(round_["targets"]))
-    one = [k == "one item" for k in round_["kinds"]]
-    mrr = (1.0 / ranks[one].float()).mean().item()
-    assert abs(mrr - quality["mrr"][full]) < 1e-6
+    ranks = []
+    for round_ in held_out_pages(test_pairs, settings):
+        pages_embedded = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]])
+        queries = model.encode_queries(query_inputs(round_))
+        scores = model.similarity(queries, pages_embedded, budget=(4, 16))
+        found = positive_ranks(scores, torch.tensor(round_["targets"]))
+        ranks.append(found[query_kind_masks(round_["kinds"])["picture"]])
+    mrr = (1.0 / torch.cat(ranks).float()).mean().item()
+    assert abs(mrr - picture[full]) < 1e-6
 
     # Only the meta tokens' rows of the embedding table learned (their own rate, the vocabulary's rows frozen).
     pretrained = AutoModel.from_pretrained(minilm_path()).get_input_embeddings().weight
@@ -74,6 +84,6 @@ def test_shortened_quickstart_learns_and_saves_a_checkpoint_that_reloads_identic
     table = probe.stdout.split("| budget | page whole | items alone |")[1]
     rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:4]]
             for line in table.splitlines() if line.startswith("| (")}  # fmt: skip
-    assert set(rows) == {"(1, 1)", "(2, 4)"}, probe.stdout
-    assert abs(rows["(2, 4)"][0] - quality["mrr"][full]) < 1e-3
-    assert all(1 / 32 <= value <= 1 for value in rows["(2, 4)"] + rows["(1, 1)"])
+    assert set(rows) == {"(1, 1)", "(4, 16)"}, probe.stdout
+    assert abs(rows["(4, 16)"][0] - quality["mrr"][full]) < 1e-3
+    assert all(1 / pages <= value <= 1 for value in rows["(4, 16)"] + rows["(1, 1)"])
