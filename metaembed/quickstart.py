@@ -78,7 +78,7 @@ class QuickstartSettings:
     score_normalization: str = "mean"
     warmup_ratio: float = 0.1
     projector_init: str = "closed_form"  # or "random" (the backbone's own initialisation)
-    train_pairs: int | None = None  # a prefix of the training emoji (the CI test uses a small one)
+    train_pairs: int | None = None  # a prefix of the training emoji (shorter exploration runs)
     test_pairs: int | None = None  # a prefix of the held-out emoji
     freeze_vision: bool = True  # the ImageNet tower stays as it is; projector and text encoder learn
     save_checkpoint: bool = True
