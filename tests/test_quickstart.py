@@ -1,7 +1,8 @@
 """The README's main command (`./run quickstart`) as a user runs it: real packaged weights and data, CPU, ~10 min.
 
 It is the whole main job, not a shortened one: shorter runs were measured and could not support a margin for the
-budget's gain (docs/quickstart.md, "What CI checks")."""
+budget's gain (docs/quickstart.md, "What CI checks"). The job runs once per session; each test reads its output.
+"""
 
 import io
 import json
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoModel
@@ -18,56 +20,75 @@ from metaembed.quickstart import QuickstartSettings, held_out_pages, load_data, 
 from training.evaluation import positive_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
-# Picture MRR at (4,16) minus at (1,1) of the main job on this project's machine, seeds 0, 1, 2: 0.055, 0.058,
-# 0.083 (docs/quickstart.md). The test asserts half the smallest: another CPU's arithmetic changes the run as a
-# seed does.
+# The main job on this project's machine, seeds 0, 1, 2 (docs/quickstart.md): picture MRR at (4,16) minus at (1,1)
+# 0.055, 0.058, 0.083; at (1,1) 0.428 to 0.463; at (4,16) 0.486 to 0.547. The gain must exceed half the smallest
+# (another CPU's arithmetic changes a run as a seed does), and each budget must have learned the pictures: MRR
+# above 80% of the smallest seed's.
 PICTURE_GAIN_FLOOR = 0.027
+PICTURE_MRR_FLOORS = {"1x1": 0.34, "4x16": 0.39}
+FULL = "4x16"
 
 
-def test_main_job_gains_from_the_budget_and_saves_a_checkpoint_that_reloads_identically(tmp_path):
-    output = tmp_path / "quickstart"
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("quickstart")
     result = subprocess.run(
         [sys.executable, "examples/quickstart.py", "--output-dir", str(output)],
         cwd=ROOT, capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "one R@1" in result.stdout and "(4,16)" in result.stdout
+    return output
 
-    summary = json.loads((output / "summary.json").read_text())
-    # 2 rounds of 92 held-out pages, each asked 368 one-item, 184 two-item and 368 picture queries.
-    pages, counts = 92, {"one item": 736, "two items": 368, "picture": 736}
+
+def test_main_job_learns_every_query_kind_above_chance(main_job):
+    summary = json.loads((main_job / "summary.json").read_text())
+    settings = summary["settings"]
+    items = settings["page_grid"] ** 2
+    pages = summary["test_pairs"] // items  # 92 per round
+    # Per page and round: one query per item naming it and one showing it, one per pair of items naming both.
+    asked = pages * settings["test_rounds"]
+    counts = {"one item": items * asked, "two items": items // 2 * asked, "picture": items * asked}
     reciprocal = [1 / rank for rank in range(1, pages + 1)]
     chance_mrr = sum(reciprocal) / pages  # a random ranking: 0.056 for 92 pages
     chance_sd = (sum(r * r for r in reciprocal) / pages - chance_mrr**2) ** 0.5 / sum(counts.values()) ** 0.5
-    full = "4x16"
     # MRR over all 1,840 queries; a random ranking gives 0.056 +- 0.003 (one sd).
-    pooled = sum(summary["quality"][kind]["mrr"][full] * n for kind, n in counts.items()) / sum(counts.values())
+    pooled = sum(summary["quality"][kind]["mrr"][FULL] * n for kind, n in counts.items()) / sum(counts.values())
     assert pooled > chance_mrr + 3 * chance_sd, summary["quality"]
+
+
+def test_main_job_gains_from_the_budget_on_picture_queries(main_job):
     # Test-time scaling: on picture queries, where one vector per page is the bottleneck, the full budget beats
-    # one vector per side by a margin every measured seed cleared twice over.
-    picture = summary["quality"]["picture"]["mrr"]
-    assert picture[full] - picture["1x1"] > PICTURE_GAIN_FLOOR, picture
-    quality = summary["quality"]["one item"]
-    checkpoint = output / "checkpoint"
+    # one vector per side by a margin every measured seed cleared twice over; both budgets learned the pictures
+    # (a broken (1,1) must not pass as a large gain).
+    picture = json.loads((main_job / "summary.json").read_text())["quality"]["picture"]["mrr"]
+    assert picture[FULL] - picture["1x1"] > PICTURE_GAIN_FLOOR, picture
+    for budget, floor in PICTURE_MRR_FLOORS.items():
+        assert picture[budget] > floor, (budget, picture)
+
+
+def test_main_job_saves_a_checkpoint_that_reloads_to_the_reported_numbers(main_job):
+    summary = json.loads((main_job / "summary.json").read_text())
+    checkpoint = main_job / "checkpoint"
     for name in ("README.md", "eval_results.json", "budget_quality.png", "model.safetensors", "modeling_litevl.py"):
         assert (checkpoint / name).is_file(), name
-    assert (output / "budget_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (main_job / "budget_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (checkpoint / "README.md").read_text()
-    assert f"{quality['recall@1'][full]:.4f}".rstrip("0") in card
+    assert f"{summary['quality']['one item']['recall@1'][FULL]:.4f}".rstrip("0") in card
 
-    # The saved checkpoint, loaded as a user would, gives the embeddings that produced the reported numbers.
+    # The checkpoint, loaded as a user would, gives the embeddings behind the reported picture MRR: every round
+    # encoded as the evaluation encodes it (batches of 32), ranks pooled over the rounds.
     model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
     settings = QuickstartSettings(**summary["settings"])
     _, test_pairs = load_data(settings)
     ranks = []
     for round_ in held_out_pages(test_pairs, settings):
-        pages_embedded = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]])
-        queries = model.encode_queries(query_inputs(round_))
-        scores = model.similarity(queries, pages_embedded, budget=(4, 16))
-        found = positive_ranks(scores, torch.tensor(round_["targets"]))
+        pages = model.encode_candidates([Image.open(io.BytesIO(png)) for png in round_["pages"]], batch_size=32)
+        queries = model.encode_queries(query_inputs(round_), batch_size=32)
+        found = positive_ranks(model.similarity(queries, pages, budget=(4, 16)), torch.tensor(round_["targets"]))
         ranks.append(found[query_kind_masks(round_["kinds"])["picture"]])
     mrr = (1.0 / torch.cat(ranks).float()).mean().item()
-    assert abs(mrr - picture[full]) < 1e-6
+    assert abs(mrr - summary["quality"]["picture"]["mrr"][FULL]) < 1e-6
 
     # Only the meta tokens' rows of the embedding table learned (their own rate, the vocabulary's rows frozen).
     pretrained = AutoModel.from_pretrained(minilm_path()).get_input_embeddings().weight
@@ -76,14 +97,18 @@ def test_main_job_gains_from_the_budget_and_saves_a_checkpoint_that_reloads_iden
     meta_ids = model.config.query_meta_token_ids + model.config.candidate_meta_token_ids
     assert min(meta_ids) >= pretrained.shape[0]
 
-    # The probe of why a budget does or does not pay reads the same checkpoint; its "page whole" column is the
-    # reported MRR again, its "items alone" column the per-item encoding of the same pages.
-    probe = subprocess.run([sys.executable, "examples/probe_vectors.py", str(checkpoint)], cwd=ROOT,
+
+def test_the_probe_reads_the_main_jobs_checkpoint(main_job):
+    # Its "page whole" column is the reported MRR again, its "items alone" column the per-item encoding of the same
+    # pages. The first table is for queries naming one item.
+    summary = json.loads((main_job / "summary.json").read_text())
+    probe = subprocess.run([sys.executable, "examples/probe_vectors.py", str(main_job / "checkpoint")], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert probe.returncode == 0, probe.stderr[-3000:]
     table = probe.stdout.split("| budget | page whole | items alone |")[1]
     rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:4]]
             for line in table.splitlines() if line.startswith("| (")}  # fmt: skip
     assert set(rows) == {"(1, 1)", "(4, 16)"}, probe.stdout
-    assert abs(rows["(4, 16)"][0] - quality["mrr"][full]) < 1e-3
+    assert abs(rows["(4, 16)"][0] - summary["quality"]["one item"]["mrr"][FULL]) < 1e-3
+    pages = summary["test_pairs"] // summary["settings"]["page_grid"] ** 2
     assert all(1 / pages <= value <= 1 for value in rows["(4, 16)"] + rows["(1, 1)"])
