@@ -16,7 +16,9 @@ from PIL import Image
 from transformers import AutoModel
 
 from metaembed.backbones import minilm_path
-from metaembed.quickstart import QuickstartSettings, held_out_pages, load_data, query_inputs, query_kind_masks
+from metaembed.quickstart import (
+    QuickstartSettings, candidate_count, held_out_pages, load_data, query_inputs, query_kind_masks,
+)
 from training.evaluation import positive_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,7 @@ def main_job(tmp_path_factory) -> Path:
 def test_main_job_learns_every_query_kind_above_chance(main_job):
     summary = json.loads((main_job / "summary.json").read_text())
     settings = summary["settings"]
-    items = settings["page_grid"] ** 2
-    pages = summary["test_pairs"] // items  # 92 per round
+    items, pages = settings["page_grid"] ** 2, candidate_count(summary)  # 4 items per page, 92 pages per round
     # Per page and round: one query per item naming it and one showing it, one per pair of items naming both.
     asked = pages * settings["test_rounds"]
     counts = {"one item": items * asked, "two items": items // 2 * asked, "picture": items * asked}
@@ -110,5 +111,5 @@ def test_the_probe_reads_the_main_jobs_checkpoint(main_job):
             for line in table.splitlines() if line.startswith("| (")}  # fmt: skip
     assert set(rows) == {"(1, 1)", "(4, 16)"}, probe.stdout
     assert abs(rows["(4, 16)"][0] - summary["quality"]["one item"]["mrr"][FULL]) < 1e-3
-    pages = summary["test_pairs"] // summary["settings"]["page_grid"] ** 2
+    pages = candidate_count(summary)
     assert all(1 / pages <= value <= 1 for value in rows["(4, 16)"] + rows["(1, 1)"])
