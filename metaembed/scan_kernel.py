@@ -14,23 +14,40 @@
   kernel applies: another architecture, another storage dtype, a GPU, D not a multiple of 32 (AMX) / 16 (AVX2),
   or a kernel that cannot be compiled here (no compiler: a warning names the reason, once).
 
-The kernel is compiled on first use with `torch.utils.cpp_extension` (g++ and ninja on PATH; about 35 s on a
-2-core machine, cached under `~/.cache/torch_extensions`), and only for scans that read at least `KERNEL_FROM_BYTES`
-(small ones gain nothing).
+The kernel is compiled once per machine on first use (``torch.utils.cpp_extension``: a C++ compiler and ninja, which
+this package depends on; about 35 s on a 2-core machine, announced by one log line) into `kernel_dir()`, under a name
+that hashes its source, flags and torch version; later processes load the built module without compiling (no
+compiler or ninja needed then). `python -m metaembed.scan_kernel` builds it ahead of time, e.g. while building an
+image whose run time has no compiler. Only x86-64 Linux builds it: elsewhere the torch scan runs with no compile.
+The AMX code needs GCC 11 or Clang 12; an older compiler (or `METAEMBED_KERNEL_AMX=0`) builds the module without it,
+and the AVX2 kernel stays. Kernels are only used for scans that read at least `KERNEL_FROM_BYTES` (small ones gain
+nothing).
 `METAEMBED_CPU_KERNEL` = ``auto`` (default), ``amx``, ``avx2`` or ``torch`` forces a choice (``amx`` / ``avx2`` for
-every size; a forced kernel the CPU lacks falls back to the next one available).
+every size; a forced kernel the CPU lacks falls back to the next one available). `METAEMBED_KERNEL_DIR` sets where
+the built module lives (default ``~/.cache/metaembed/kernels``).
 """
 
+import contextlib
+import hashlib
+import importlib.util
 import logging
 import os
+import platform
+import shutil
+import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "maxsim_scan.cpp"
 ENVIRONMENT = "METAEMBED_CPU_KERNEL"
+KERNEL_DIR_ENVIRONMENT = "METAEMBED_KERNEL_DIR"
+AMX_BUILD_ENVIRONMENT = "METAEMBED_KERNEL_AMX"  # "0": build without the AMX code
 CHOICES = ("auto", "amx", "avx2", "torch")
 # Scans reading fewer bytes than this use the torch scan in "auto" mode (and never trigger a compilation).
 KERNEL_FROM_BYTES = 16 * 2**20
@@ -67,24 +84,120 @@ _lock = threading.Lock()
 _state = {}  # "module": the compiled extension or None, "features": {"avx2": bool, "amx": bool}
 
 
+def supported_platform() -> str | None:
+    """None where the kernel can be built here (x86-64 Linux), else the reason it is not."""
+    machine = platform.machine()
+    if not sys.platform.startswith("linux") or machine.lower() not in ("x86_64", "amd64"):
+        return f"the compiled kernel is for x86-64 Linux, and this is {sys.platform} on {machine or 'an unknown CPU'}"
+    return None
+
+
+def kernel_dir() -> Path:
+    """Where the built kernel lives: `METAEMBED_KERNEL_DIR`, else ~/.cache/metaembed/kernels (XDG_CACHE_HOME)."""
+    if os.environ.get(KERNEL_DIR_ENVIRONMENT):
+        return Path(os.environ[KERNEL_DIR_ENVIRONMENT])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "metaembed" / "kernels"
+
+
+def build_flags() -> list:
+    flags = ["-O3", "-fopenmp"]
+    if os.environ.get(AMX_BUILD_ENVIRONMENT, "1").strip() == "0":
+        flags.append("-DMETAEMBED_NO_AMX")
+    return flags
+
+
+def module_name(flags: list) -> str:
+    """The built module's name: it changes with the source, the flags, torch and the Python ABI, so a module on disk
+    under this name was built from exactly these (nothing is rebuilt or reloaded stale)."""
+    inputs = [SOURCE.read_bytes(), repr((flags, torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"))).encode()]
+    return "metaembed_maxsim_scan_" + hashlib.sha256(b"\0".join(inputs)).hexdigest()[:16]
+
+
+def ninja_folder() -> str | None:
+    """A folder to put on PATH for torch's build to find ninja, or None where PATH has one: the ninja package's
+    (this package depends on it), or the one beside this Python (`./run` and other callers of a venv's python that
+    did not activate it leave the venv's bin folder off PATH)."""
+    if shutil.which("ninja"):
+        return None
+    with contextlib.suppress(ImportError):
+        import ninja
+
+        if getattr(ninja, "BIN_DIR", ""):
+            return str(ninja.BIN_DIR)
+    beside = Path(sys.executable).parent / "ninja"
+    return str(beside.parent) if beside.is_file() else None
+
+
 def compiled():
-    """The compiled extension, built on first call; None (with one warning) where it cannot be built or loaded."""
+    """The compiled extension, built on first call on this machine; None (with one warning) where it cannot be
+    built or loaded, or (one log line) where this platform has no kernel."""
     with _lock:
         if "module" not in _state:
             _state["module"], _state["features"] = None, {"avx2": False, "amx": False}
+            unsupported = supported_platform()
+            if unsupported is not None:
+                logger.warning("%s: searching with the pure-torch scan", unsupported)
+                return None
             try:
-                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" notice
-                from torch.utils.cpp_extension import load
-
-                module = load(name="metaembed_maxsim_scan", sources=[str(SOURCE)], verbose=False,
-                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])  # fmt: skip
+                module = _load_or_build(build_flags())
                 avx2, amx = module.cpu_features()
                 _state["module"], _state["features"] = module, {"avx2": bool(avx2), "amx": bool(amx)}
             except Exception as error:  # noqa: BLE001 - any build or load failure means: use the torch scan
                 reason = f"{type(error).__name__}: {str(error).strip()[-300:]}"
-                warnings.warn(f"the compiled CPU MaxSim scan is unavailable ({reason}); searching with the pure-torch "
-                              "scan", stacklevel=3)  # fmt: skip
+                warnings.warn(
+                    f"the compiled CPU MaxSim scan is unavailable ({reason}); searching with the pure-torch scan",
+                    stacklevel=3,
+                )
     return _state["module"]
+
+
+def _load_or_build(flags: list):
+    """The module built with these flags: loaded from kernel_dir() where built, else built there first. One process
+    builds at a time (an OS lock, released if the process dies); the module is moved into place whole, so a
+    process never loads half a build."""
+    import fcntl
+
+    name = module_name(flags)
+    folder = kernel_dir()
+    built = folder / f"{name}.so"
+    if built.is_file():
+        return _import(name, built)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.is_file():  # (another process may have built it while this one waited)
+            _build(name, flags, folder, built)
+    return _import(name, built)
+
+
+def _build(name: str, flags: list, folder: Path, built: Path) -> None:
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" notice
+    from torch.utils.cpp_extension import load
+
+    logger.warning("compiling the CPU MaxSim kernel, once for this machine (~35 s), into %s", folder)
+    build_dir = folder / f"build-{name}"
+    build_dir.mkdir(exist_ok=True)
+    path = os.environ.get("PATH", "")
+    extra = ninja_folder()
+    try:
+        if extra is not None:
+            os.environ["PATH"] = extra + os.pathsep + path
+        load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+             build_directory=str(build_dir), verbose=False)  # fmt: skip
+    finally:
+        os.environ["PATH"] = path
+    partial = folder / f".{name}.so.{os.getpid()}.tmp"
+    shutil.copyfile(build_dir / f"{name}.so", partial)
+    os.replace(partial, built)
+    shutil.rmtree(build_dir, ignore_errors=True)  # (objects of a build whose name no later source will have)
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def features() -> dict:
@@ -216,5 +329,11 @@ __all__ = ["choose", "top_k", "work_bytes", "compiled", "features", "amx_query_p
 
 
 if __name__ == "__main__":  # python -m metaembed.scan_kernel: build the kernel now and say what this CPU runs
-    print(f"kernels usable here: {features()}; a bf16 index of D = 1,024 is scanned with "
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if supported_platform() is not None:
+        print(f"{supported_platform()}: searches run the pure-torch scan")
+        sys.exit(0)
+    if compiled() is None:
+        sys.exit(1)  # (the warning says why)
+    print(f"kernels usable here: {features()} (built in {kernel_dir()}); a bf16 index of D = 1,024 is scanned with "
           f"{choose(torch.empty(1, 1, 1024, dtype=torch.bfloat16), 1, num_values=KERNEL_FROM_BYTES)!r}")

@@ -47,6 +47,14 @@
 #include <unistd.h>
 #endif
 
+// The AMX code needs the amx-tile / amx-bf16 targets of GCC 11 or Clang 12. With an older compiler, or when built with
+// -DMETAEMBED_NO_AMX (METAEMBED_KERNEL_AMX=0 in metaembed/scan_kernel.py), the module keeps every other kernel and
+// reports no AMX.
+#if defined(METAEMBED_X86) && !defined(METAEMBED_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define METAEMBED_AMX_BUILD 1
+#endif
+
 namespace {
 
 constexpr int64_t kTileRows = 16;  // items (A) or query rows (B columns) per AMX tile
@@ -85,6 +93,28 @@ bool enable_amx() {
     return granted & (1ul << kXtileData);
 }
 
+#endif  // METAEMBED_X86
+
+// One tier's products folded into the running max: best[i][r] = max(best[i][r], hi + mid + lo) (or set, first);
+// with two parts, hi + mid (the same float32 sum as the first two terms of three: (hi + mid) + lo). dots holds one
+// row of virtual rows per item: all hi parts, then all mid, then all lo. (Inlined into the AMX code, where it is
+// vectorised with that code's instructions; the portable reference scan runs it too.)
+template <int Splits>
+inline void fold_tier(const float* __restrict dots, int64_t virtual_rows, int64_t rows, int64_t items,
+                      float* __restrict best, bool first) {
+    for (int64_t i = 0; i < items; ++i) {
+        const float* __restrict hi = dots + i * virtual_rows;
+        const float* __restrict mid = hi + rows;
+        const float* __restrict lo = mid + rows;
+        float* __restrict running = best + i * rows;
+        for (int64_t r = 0; r < rows; ++r) {
+            const float dot = Splits == 3 ? hi[r] + mid[r] + lo[r] : hi[r] + mid[r];
+            running[r] = first ? dot : std::max(running[r], dot);
+        }
+    }
+}
+
+#ifdef METAEMBED_AMX_BUILD
 // ----------------------------------------------------------------------------------------------------------- AMX
 #define METAEMBED_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
 
@@ -188,23 +218,6 @@ METAEMBED_AMX void amx_tier_32x32(const char* a, int64_t a_stride, const char* q
     _tile_stored(3, c + 16 * c_stride + 16, bytes);
 }
 
-// One tier's products folded into the running max: best[i][r] = max(best[i][r], hi + mid + lo) (or set, first);
-// with two parts, hi + mid (the same float32 sum as the first two terms of three: (hi + mid) + lo).
-template <int Splits>
-METAEMBED_AMX void fold_tier(const float* __restrict dots, int64_t virtual_rows, int64_t rows, int64_t items,
-                             float* __restrict best, bool first) {
-    for (int64_t i = 0; i < items; ++i) {
-        const float* __restrict hi = dots + i * virtual_rows;
-        const float* __restrict mid = hi + rows;
-        const float* __restrict lo = mid + rows;
-        float* __restrict running = best + i * rows;
-        for (int64_t r = 0; r < rows; ++r) {
-            const float dot = Splits == 3 ? hi[r] + mid[r] + lo[r] : hi[r] + mid[r];
-            running[r] = first ? dot : std::max(running[r], dot);
-        }
-    }
-}
-
 // One tier of one block of items multiplied by every row block of the packed queries and folded into the running
 // max: the 48 x 16 step where the parts fill one row block, else the 32 x 32 step per pair of row blocks. The scan
 // (top_amx_parts) and the re-score (amx_candidate_scores) both run this, so a pair's score is the same float32 value
@@ -229,6 +242,9 @@ METAEMBED_AMX void multiply_tier(const char* a, int64_t a_stride, const char* pa
         fold_tier<3>(dots, virtual_rows, rows, items, best, first);
     }
 }
+#endif  // METAEMBED_AMX_BUILD
+
+#ifdef METAEMBED_X86
 
 // ---------------------------------------------------------------------------------------------------------- AVX2
 #define METAEMBED_AVX2 __attribute__((target("avx2,fma")))
@@ -486,8 +502,10 @@ std::vector<torch::Tensor> run_blocks(int64_t blocks, int64_t num_queries, int64
 
 // [avx2 + fma usable, amx-bf16 usable (permission granted)]: what this CPU and operating system let the kernels use.
 std::vector<bool> cpu_features() {
-#ifdef METAEMBED_X86
+#if defined(METAEMBED_AMX_BUILD)
     return {has_avx2_fma(), enable_amx()};
+#elif defined(METAEMBED_X86)
+    return {has_avx2_fma(), false};
 #else
     return {false, false};
 #endif
@@ -646,7 +664,7 @@ std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r
                                          const torch::Tensor& query_parts, int64_t splits, int64_t num_queries,
                                          int64_t r_q, int64_t k) {
     check_inputs(vectors, r_c, count, k);
-#ifdef METAEMBED_X86
+#ifdef METAEMBED_AMX_BUILD
     const int64_t dim = vectors.size(2), k_steps = dim / kTileDims, row_blocks = query_parts.size(0);
     const int64_t rows = num_queries * r_q;
     TORCH_CHECK(dim % kTileDims == 0, "the AMX kernel needs D a multiple of 32");
@@ -695,7 +713,7 @@ std::vector<torch::Tensor> top_amx_parts(const torch::Tensor& vectors, int64_t r
         release_tiles();
     });
 #else
-    TORCH_CHECK(false, "the AMX kernel needs an x86-64 Linux build");
+    TORCH_CHECK(false, "the AMX kernel is not in this build (x86-64 Linux, GCC 11 or Clang 12, AMX not disabled)");
 #endif
 }
 
@@ -720,7 +738,7 @@ torch::Tensor amx_candidate_scores(const torch::Tensor& vectors, int64_t r_c, co
         TORCH_CHECK(wanted[i] >= 0 && wanted[i] < count, "candidate ", wanted[i], " is not an item of the index");
     }
     auto out = torch::empty({num_queries, kept}, torch::kFloat32);
-#ifdef METAEMBED_X86
+#ifdef METAEMBED_AMX_BUILD
     const int64_t k_steps = dim / kTileDims, item_stride = vectors.stride(1) * 2, tier_stride = vectors.stride(0) * 2;
     const char* base = reinterpret_cast<const char*>(vectors.data_ptr());
     float* scores = out.data_ptr<float>();
@@ -755,7 +773,7 @@ torch::Tensor amx_candidate_scores(const torch::Tensor& vectors, int64_t r_c, co
         release_tiles();
     });
 #else
-    TORCH_CHECK(false, "the AMX kernel needs an x86-64 Linux build");
+    TORCH_CHECK(false, "the AMX kernel is not in this build (x86-64 Linux, GCC 11 or Clang 12, AMX not disabled)");
 #endif
     return out;
 }
@@ -903,14 +921,15 @@ torch::Tensor finite_query_rows(const torch::Tensor& queries) {
     return all_finite(queries) ? queries.view({-1, queries.size(2)}) : torch::Tensor();
 }
 
+// ------------------------------------------------------------------------------------- two parts, certified
 // max_norm: a bound on the L2 norm of every vector of the first r_c tiers, or negative where none is known.
 // With one, where two parts per query value need fewer B tile blocks than three (a third fewer tile products and
 // loads) and the re-score below costs little next to the scan (16 Q K <= count), the scan runs with two parts,
 // certified: it keeps K = k + rescore_extra(k) candidates per query, and every item left out scores at most the K-th
-// two-part score plus amx_two_part_bounds with three parts. The K candidates are re-scored with three parts
-// (amx_candidate_scores); where the k-th best of them beats that bound, their top-k is the three-part top-k, with
-// three-part scores. Else (scores within the bound of each other over more than K - k ranks at the k-th place, e.g.
-// an item stored K - k + 1 times there) those queries are scanned again together with three parts.
+// two-part score plus amx_two_part_bounds with three parts. The K candidates are re-scored with three parts; where
+// the k-th best of them beats that bound, their top-k is the three-part top-k, with three-part scores. Else (scores
+// within the bound of each other over more than K - k ranks at the k-th place, e.g. an item stored K - k + 1 times
+// there) those queries are scanned again together with three parts.
 int64_t rescore_extra(int64_t k) { return std::max<int64_t>(8, k / 8); }
 
 bool amx_uses_two_parts(int64_t num_queries, int64_t r_q, int64_t k, int64_t count, double max_norm) {
@@ -919,33 +938,19 @@ bool amx_uses_two_parts(int64_t num_queries, int64_t r_q, int64_t k, int64_t cou
            16 * num_queries * (k + rescore_extra(k)) <= count;
 }
 
-std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count,
-                                   const torch::Tensor& queries, int64_t k, double max_norm) {
-    const auto rows = finite_query_rows(queries);
-    if (!rows.defined()) return {};
-    const int64_t num_queries = queries.size(0), r_q = queries.size(1), kept = k + rescore_extra(k);
-    if (!amx_uses_two_parts(num_queries, r_q, k, count, max_norm)) {
-        return top_amx_parts(vectors, r_c, count, amx_query_parts(rows, kMaxSplits), kMaxSplits, num_queries, r_q,
-                             k);
-    }
-    const auto found = top_amx_parts(vectors, r_c, count, amx_query_parts(rows, 2), 2, num_queries, r_q, kept);
-    const auto bounds = amx_two_part_bounds(queries, max_norm);
-    const auto exact = amx_candidate_scores(vectors, r_c, queries, found[1]);
-    const float* two_part = found[0].data_ptr<float>();
-    const float* three_part = exact.data_ptr<float>();
-    const int64_t* candidates = found[1].data_ptr<int64_t>();
-    const double* bound = bounds.data_ptr<double>();
-    auto scores = torch::empty({num_queries, k}, torch::kFloat32);
-    auto positions = torch::empty({num_queries, k}, torch::kInt64);
-    float* s = scores.data_ptr<float>();
-    int64_t* p = positions.data_ptr<int64_t>();
+// The certificate, on scores alone. Per query: the K candidates of the two-part scan (two_part: their two-part
+// scores, descending, the K-th last), their three-part scores (three_part), and the bound on |two-part - three-part|.
+// Writes the three-part top-k of the candidates (higher score first, the lower item among equals) to s / p where its
+// k-th score beats every item left out (> the K-th two-part score + bound); returns the queries where it does not.
+std::vector<int64_t> certify(const float* two_part, const int64_t* candidates, const float* three_part,
+                             const double* bound, int64_t num_queries, int64_t kept, int64_t k, float* s, int64_t* p) {
     std::vector<Entry> list(kept);
     std::vector<int64_t> uncertain;
     for (int64_t q = 0; q < num_queries; ++q) {
         for (int64_t c = 0; c < kept; ++c) list[c] = {three_part[q * kept + c], candidates[q * kept + c]};
         std::partial_sort(list.begin(), list.begin() + k, list.end(), Better());
         const double left_out = static_cast<double>(two_part[q * kept + kept - 1]) + bound[q];
-        if (!(static_cast<double>(list[k - 1].first) > left_out)) {  // (kept < count: 16 * kept <= count)
+        if (!(static_cast<double>(list[k - 1].first) > left_out)) {
             uncertain.push_back(q);
             continue;
         }
@@ -954,19 +959,184 @@ std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, in
             p[q * k + i] = list[i].second;
         }
     }
-    if (!uncertain.empty()) {
+    return uncertain;
+}
+
+// The top-k of a scan whose scores come in two and three bf16 parts per query value, certified where two parts run.
+// scan(rows [n * r_q, D], splits, n, k) -> (scores [n, k], positions [n, k]): the scan with `splits` parts;
+// rescore(queries [Q, r_q, D], candidates [Q, K]) -> [Q, K]: each pair's three-part score, the same float32 value
+// the three-part scan computes for it. The AMX kernel (top_amx) and its portable reference (top_two_part_reference)
+// run this same code, so the certificate is tested on every CPU.
+template <class Scan, class Rescore>
+std::vector<torch::Tensor> top_certified(const torch::Tensor& queries, int64_t count, int64_t k, double max_norm,
+                                         const Scan& scan, const Rescore& rescore) {
+    const auto rows = finite_query_rows(queries);
+    if (!rows.defined()) return {};
+    const int64_t num_queries = queries.size(0), r_q = queries.size(1), kept = k + rescore_extra(k);
+    if (!amx_uses_two_parts(num_queries, r_q, k, count, max_norm)) return scan(rows, kMaxSplits, num_queries, k);
+    const std::vector<torch::Tensor> found = scan(rows, 2, num_queries, kept);
+    const auto bounds = amx_two_part_bounds(queries, max_norm);
+    const torch::Tensor exact = rescore(queries, found[1]);
+    auto scores = torch::empty({num_queries, k}, torch::kFloat32);
+    auto positions = torch::empty({num_queries, k}, torch::kInt64);
+    float* s = scores.data_ptr<float>();
+    int64_t* p = positions.data_ptr<int64_t>();
+    const auto uncertain = certify(found[0].data_ptr<float>(), found[1].data_ptr<int64_t>(), exact.data_ptr<float>(),
+                                   bounds.data_ptr<double>(), num_queries, kept, k, s, p);
+    if (!uncertain.empty()) {  // (kept < count: 16 * kept <= count)
         auto again_rows = torch::empty({static_cast<int64_t>(uncertain.size()) * r_q, rows.size(1)}, torch::kFloat32);
         for (size_t u = 0; u < uncertain.size(); ++u) {
             again_rows.narrow(0, u * r_q, r_q).copy_(rows.narrow(0, uncertain[u] * r_q, r_q));
         }
-        const auto again = top_amx_parts(vectors, r_c, count, amx_query_parts(again_rows, kMaxSplits), kMaxSplits,
-                                         static_cast<int64_t>(uncertain.size()), r_q, k);
+        const std::vector<torch::Tensor> again = scan(again_rows, kMaxSplits, static_cast<int64_t>(uncertain.size()), k);
         for (size_t u = 0; u < uncertain.size(); ++u) {
             std::memcpy(s + uncertain[u] * k, again[0].data_ptr<float>() + u * k, k * sizeof(float));
             std::memcpy(p + uncertain[u] * k, again[1].data_ptr<int64_t>() + u * k, k * sizeof(int64_t));
         }
     }
     return {scores, positions};
+}
+
+std::vector<torch::Tensor> top_amx(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                   const torch::Tensor& queries, int64_t k, double max_norm) {
+    auto scan = [&](const torch::Tensor& rows, int64_t splits, int64_t num_queries, int64_t top) {
+        return top_amx_parts(vectors, r_c, count, amx_query_parts(rows, splits), splits, num_queries, rows.size(0) /
+                             num_queries, top);
+    };
+    auto rescore = [&](const torch::Tensor& q, const torch::Tensor& candidates) {
+        return amx_candidate_scores(vectors, r_c, q, candidates);
+    };
+    return top_certified(queries, count, k, max_norm, scan, rescore);
+}
+
+// ------------------------------------------------------------------------------- the portable reference scan
+// What the AMX kernel computes, on any CPU, for tests of the two-part certificate where there are no tiles: the same
+// bf16 parts of each query value, each part's dot product accumulated on its own in float32, folded (fold_tier) and
+// summed over rows (RunningTop, row_sum) as the kernel does. Within a part the float32 sum runs in another order than
+// the tile unit's, so a score may differ from the kernel's by float32 rounding, but two and three parts relate as
+// they do on the tiles: the same hi and mid sums, lo added last. Plain scalar code: for tests, not for speed.
+
+// dots[i * virtual_rows + v] = <parts[v], item i> in float32, d in order, for `items` candidates at cand[i].
+void reference_tier_dots(const float* parts, int64_t virtual_rows, const uint16_t* const* cand, int64_t items,
+                         int64_t dim, float* dots) {
+    std::vector<float> widened(dim);
+    for (int64_t i = 0; i < items; ++i) {
+        for (int64_t d = 0; d < dim; ++d) widened[d] = bf16_value(cand[i][d]);
+        for (int64_t v = 0; v < virtual_rows; ++v) {
+            const float* part = parts + v * dim;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < dim; ++d) dot += part[d] * widened[d];
+            dots[i * virtual_rows + v] = dot;
+        }
+    }
+}
+
+// Virtual rows [splits * rows, D] float32 (v = part * rows + row), as pack_query_parts splits them.
+std::vector<float> reference_parts(const float* q, int64_t rows, int64_t dim, int64_t splits) {
+    std::vector<uint16_t> split(splits * dim);
+    std::vector<float> parts(splits * rows * dim);
+    for (int64_t r = 0; r < rows; ++r) {
+        if (splits == 2) {
+            split_row<2>(q + r * dim, dim, split.data());
+        } else {
+            split_row<3>(q + r * dim, dim, split.data());
+        }
+        for (int64_t p = 0; p < splits; ++p) {
+            for (int64_t d = 0; d < dim; ++d) parts[((p * rows) + r) * dim + d] = bf16_value(split[p * dim + d]);
+        }
+    }
+    return parts;
+}
+
+void fold(int64_t splits, const float* dots, int64_t virtual_rows, int64_t rows, int64_t items, float* best,
+          bool first) {
+    if (splits == 2) {
+        fold_tier<2>(dots, virtual_rows, rows, items, best, first);
+    } else {
+        fold_tier<3>(dots, virtual_rows, rows, items, best, first);
+    }
+}
+
+std::vector<torch::Tensor> top_reference_parts(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                               const torch::Tensor& rows, int64_t splits, int64_t num_queries,
+                                               int64_t k) {
+    check_inputs(vectors, r_c, count, k);
+    constexpr int64_t kBlock = 48;
+    const int64_t dim = vectors.size(2), query_rows = rows.size(0), r_q = query_rows / num_queries;
+    const int64_t virtual_rows = splits * query_rows, blocks = (count + kBlock - 1) / kBlock;
+    const auto parts = reference_parts(rows.data_ptr<float>(), query_rows, dim, splits);
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(vectors.data_ptr());
+    return run_blocks(blocks, num_queries, k, [&](int64_t first, int64_t last, RunningTop& top) {
+        std::vector<float> dots(kBlock * virtual_rows), best(kBlock * query_rows);
+        const uint16_t* cand[kBlock];
+        for (int64_t b = first; b < last; ++b) {
+            const int64_t items = std::min(kBlock, count - b * kBlock);
+            for (int64_t j = 0; j < r_c; ++j) {
+                for (int64_t i = 0; i < items; ++i) {
+                    cand[i] = base + j * vectors.stride(0) + (b * kBlock + i) * vectors.stride(1);
+                }
+                reference_tier_dots(parts.data(), virtual_rows, cand, items, dim, dots.data());
+                fold(splits, dots.data(), virtual_rows, query_rows, items, best.data(), j == 0);
+            }
+            top.offer(best.data(), query_rows, items, r_q, b * kBlock);
+        }
+    });
+}
+
+torch::Tensor reference_candidate_scores(const torch::Tensor& vectors, int64_t r_c, const torch::Tensor& queries,
+                                         const torch::Tensor& candidates) {
+    const int64_t num_queries = queries.size(0), r_q = queries.size(1), dim = vectors.size(2);
+    const int64_t kept = candidates.size(1), virtual_rows = kMaxSplits * r_q;
+    auto out = torch::empty({num_queries, kept}, torch::kFloat32);
+    const uint16_t* base = reinterpret_cast<const uint16_t*>(vectors.data_ptr());
+    const int64_t* wanted = candidates.data_ptr<int64_t>();
+    std::vector<float> dots(virtual_rows), best(r_q);
+    for (int64_t q = 0; q < num_queries; ++q) {
+        const auto parts = reference_parts(queries.data_ptr<float>() + q * r_q * dim, r_q, dim, kMaxSplits);
+        for (int64_t c = 0; c < kept; ++c) {
+            for (int64_t j = 0; j < r_c; ++j) {
+                const uint16_t* cand = base + j * vectors.stride(0) + wanted[q * kept + c] * vectors.stride(1);
+                reference_tier_dots(parts.data(), virtual_rows, &cand, 1, dim, dots.data());
+                fold(kMaxSplits, dots.data(), virtual_rows, r_q, 1, best.data(), j == 0);
+            }
+            out.data_ptr<float>()[q * kept + c] = row_sum(best.data(), r_q);
+        }
+    }
+    return out;
+}
+
+// top_amx on the portable reference scan: the same parts, the same certificate, no tiles.
+std::vector<torch::Tensor> top_two_part_reference(const torch::Tensor& vectors, int64_t r_c, int64_t count,
+                                                  const torch::Tensor& queries, int64_t k, double max_norm) {
+    TORCH_CHECK(vectors.size(2) == queries.size(2), "queries and vectors differ in D");
+    auto scan = [&](const torch::Tensor& rows, int64_t splits, int64_t num_queries, int64_t top) {
+        return top_reference_parts(vectors, r_c, count, rows, splits, num_queries, top);
+    };
+    auto rescore = [&](const torch::Tensor& q, const torch::Tensor& candidates) {
+        return reference_candidate_scores(vectors, r_c, q.contiguous(), candidates);
+    };
+    return top_certified(queries, count, k, max_norm, scan, rescore);
+}
+
+// The certificate on given scores ([Q, K] each, two-part descending; bounds [Q] float64): (scores [Q, k], positions
+// [Q, k], uncertain [Q] bool); the rows of an uncertain query are left as they were (zero).
+std::vector<torch::Tensor> certify_top_k(const torch::Tensor& two_part, const torch::Tensor& candidates,
+                                         const torch::Tensor& three_part, const torch::Tensor& bounds, int64_t k) {
+    const int64_t num_queries = two_part.size(0), kept = two_part.size(1);
+    TORCH_CHECK(two_part.scalar_type() == torch::kFloat32 && three_part.scalar_type() == torch::kFloat32 &&
+                    candidates.scalar_type() == torch::kInt64 && bounds.scalar_type() == torch::kFloat64 &&
+                    two_part.is_contiguous() && three_part.is_contiguous() && candidates.is_contiguous() &&
+                    candidates.sizes() == two_part.sizes() && three_part.sizes() == two_part.sizes() &&
+                    bounds.dim() == 1 && bounds.size(0) == num_queries && 1 <= k && k <= kept,
+                "certify_top_k: two_part / three_part [Q, K] float32, candidates [Q, K] int64, bounds [Q] float64");
+    auto scores = torch::zeros({num_queries, k}, torch::kFloat32);
+    auto positions = torch::zeros({num_queries, k}, torch::kInt64);
+    auto uncertain = torch::zeros({num_queries}, torch::kBool);
+    const auto left = certify(two_part.data_ptr<float>(), candidates.data_ptr<int64_t>(), three_part.data_ptr<float>(),
+                              bounds.data_ptr<double>(), num_queries, kept, k, scores.data_ptr<float>(),
+                              positions.data_ptr<int64_t>());
+    for (const int64_t q : left) uncertain[q] = true;
+    return {scores, positions, uncertain};
 }
 
 std::vector<torch::Tensor> top_avx2(const torch::Tensor& vectors, int64_t r_c, int64_t count,
@@ -999,5 +1169,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("amx_query_parts", &amx_query_parts, "top_amx's B tiles from float32 query rows [rows, D]");
     m.def("amx_two_part_bounds", &amx_two_part_bounds, "[Q]: bound on |two-part - three-part score| per query");
     m.def("amx_uses_two_parts", &amx_uses_two_parts, "whether top_amx scans these queries with two parts");
+    m.def("top_two_part_reference", &top_two_part_reference,
+          "top_amx on a portable scalar scan of the same bf16 parts (tests of the certificate on any CPU)",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("certify_top_k", &certify_top_k, "the two-part certificate on given scores: (scores, positions, uncertain)");
     m.def("gemm_library", &gemm_library, "[MKL sgemm found, MKL packed GEMM found]");
 }
