@@ -1,5 +1,6 @@
 """`metaembed encode` sharded over processes (torchrun) and resumable: the merged file equals a one-process run."""
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,17 @@ CHUNK = 3
 NUM_ITEMS = 13  # 5 chunks of 3, 3, 3, 3, 1
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Encode on one thread in this process, as the subprocesses below do (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def job(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sharded")
@@ -39,7 +51,11 @@ def job(tiny_checkpoint, tmp_path_factory):
     inputs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     checkpoint = str(tiny_checkpoint("qwen2_5_vl"))
     reference = folder / "one-process.safetensors"
-    assert main(["encode", checkpoint, str(inputs), str(reference), "--chunk-size", str(CHUNK), "--quiet"]) == 0
+    # One thread, as each torchrun worker below (OMP_NUM_THREADS=1): the same chunks on the same number of threads
+    # are the same arithmetic, so the files are compared bit for bit. (Across thread counts float32 sums split
+    # differently: on an AMD EPYC two threads and one differed by 6e-8.)
+    with one_thread():
+        assert main(["encode", checkpoint, str(inputs), str(reference), "--chunk-size", str(CHUNK), "--quiet"]) == 0
     return {"folder": folder, "inputs": inputs, "checkpoint": checkpoint, "reference": reference, "lines": lines}
 
 
@@ -104,7 +120,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(job, capsys):
     )
     command = [sys.executable, "-c", script, "encode", job["checkpoint"], str(job["inputs"]), str(output),
                "--chunk-size", str(CHUNK), "--quiet"]  # fmt: skip
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     shard_dir = Path(f"{output}.shards")
     written = sorted(shard_dir.glob("chunk-*.safetensors"))
@@ -115,7 +131,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(job, capsys):
     (shard_dir / "chunk-000003.safetensors").write_bytes(b"\x00" * 5)  # a damaged chunk is encoded again
 
     capsys.readouterr()
-    assert main(["encode", job["checkpoint"], str(job["inputs"]), str(output), "--chunk-size", str(CHUNK)]) == 0
+    with one_thread():  # the chunks encoded now join the ones the killed run wrote (one thread, as the reference)
+        assert main(["encode", job["checkpoint"], str(job["inputs"]), str(output), "--chunk-size", str(CHUNK)]) == 0
     assert "5 of 5 chunks are this process's; 2 already written" in capsys.readouterr().err
     assert {c.name: c.stat().st_mtime_ns for c in written} == before  # the finished chunks were not redone
     _assert_same_file(output, job["reference"])

@@ -22,6 +22,15 @@ def reference_top_k(queries, candidates, budget, k):
     return scores.topk(k, dim=1)
 
 
+def assert_same_top_k(positions, reference_scores, k):
+    """`positions` [Q, k] rank like the top-k of `reference_scores` [Q, N] but for near ties: the search computes
+    its scores in another float32 order (tiles, query batches, bmm), which may swap items whose scores are a few
+    ulps apart, so each rank's reference score must match the reference top-k's within float32 rounding."""
+    torch.testing.assert_close(reference_scores.gather(1, positions), reference_scores.topk(k, dim=1).values,
+                               rtol=0, atol=1e-5)  # fmt: skip
+    assert all(len(set(row)) == k for row in positions.tolist())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("max_work_bytes", [40_000, 1 << 28])  # a few candidates per tile, or one tile
 def test_search_returns_the_exact_top_k_at_every_budget(dtype, max_work_bytes):
@@ -31,10 +40,10 @@ def test_search_returns_the_exact_top_k_at_every_budget(dtype, max_work_bytes):
     stored = candidates.to(index.dtype).float()  # the reference scores what the index stores, with float32 queries
     for budget in BUDGETS:
         result = index.search(queries, budget=budget, k=5, query_batch_size=3, max_work_bytes=max_work_bytes)
-        expected = reference_top_k(queries, stored, budget, 5)
-        torch.testing.assert_close(result.scores, expected.values, rtol=1e-5, atol=1e-5)
-        assert torch.equal(result.positions, expected.indices)
-        assert result.ids == expected.indices.tolist()
+        reference = maxsim(queries, stored, budget=budget)
+        torch.testing.assert_close(result.scores, reference.topk(5, dim=1).values, rtol=1e-5, atol=1e-5)
+        assert_same_top_k(result.positions, reference, 5)  # bf16 at (1, 1): query 5's ranks 4 and 5 are 9.4e-7 apart
+        assert result.ids == result.positions.tolist()
 
 
 def test_queries_are_not_rounded_to_the_storage_dtype():
@@ -45,13 +54,14 @@ def test_queries_are_not_rounded_to_the_storage_dtype():
     index.add(candidates)
     stored = candidates.bfloat16().float()
     found = index.search(queries, budget=(4, 8), k=10)
-    exact = reference_top_k(queries, stored, (4, 8), 10)
+    reference = maxsim(queries, stored, budget=(4, 8))  # query 14's ranks 9 and 10 are 1 ulp (1.2e-7) apart
+    exact = reference.topk(10, dim=1)
     rounded = reference_top_k(queries.bfloat16().float(), stored, (4, 8), 10)
-    assert torch.equal(found.positions, exact.indices)
+    assert_same_top_k(found.positions, reference, 10)
     torch.testing.assert_close(found.scores, exact.values, rtol=0, atol=1e-5)
-    assert not torch.equal(rounded.indices, exact.indices)
+    assert (reference.gather(1, rounded.indices) - exact.values).abs().max() > 1e-4  # measured 1.3e-3
     two_stage = index.search_two_stage(queries, budget=(4, 8), k=10, shortlist=2000)
-    assert torch.equal(two_stage.positions, exact.indices)
+    assert_same_top_k(two_stage.positions, reference, 10)
 
 
 def test_budget_reads_only_the_first_r_c_vectors():
@@ -128,7 +138,10 @@ def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
 
     rewrite(None)
     earlier = MetaEmbedIndex.load(folder, mmap=mmap)
-    assert earlier._max_norms is None if mmap else torch.equal(earlier._max_norms, index._max_norms)
+    if mmap:
+        assert earlier._max_norms is None
+    else:  # computed over all 30 items at once, the index's over its two adds: equal up to float32 rounding
+        torch.testing.assert_close(earlier._max_norms, index._max_norms, rtol=0, atol=1e-6)
     queries = unit(3, 4, 16, seed=1)
     assert earlier.search(queries, k=5).ids == index.search(queries, k=5).ids
     for bad in (torch.full((4,), -1.0), torch.tensor([1.0, float("nan"), 1.0, 1.0])):

@@ -113,11 +113,12 @@ def test_memoized_tower_returns_the_towers_outputs_and_computes_each_image_once(
     tower = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).requires_grad_(False)
     memo = MemoizedTower(tower)
     images = torch.randn(5, 3, 8, 8)
-    batch = images[[0, 1, 0, 2]]
-    assert torch.equal(memo(batch), tower(batch))
+    # Bit for bit against the tower run on the batches the memo runs (the images new to each call, in one batch):
+    # a conv kernel may round an image's output differently in a batch of another size.
+    first, second = tower(images[:3]), tower(images[3:])
+    assert torch.equal(memo(images[[0, 1, 0, 2]]), first[[0, 1, 0, 2]])
     assert memo.computed == 3  # image 0 twice in one call: computed once
-    again = images[[2, 3, 1, 4]]
-    assert torch.equal(memo(again), tower(again))
+    assert torch.equal(memo(images[[2, 3, 1, 4]]), torch.stack([first[2], second[0], first[1], second[1]]))
     assert (memo.calls, memo.computed) == (8, 5)
     with pytest.raises(ValueError, match="only a frozen tower"):
         MemoizedTower(nn.Conv2d(3, 4, 3))

@@ -98,8 +98,12 @@ def test_images_are_decoded_in_data_loader_workers(recipe_data, tiny_model):
     for plain, parallel in zip(batches[0], batches[2]):
         for side in ("queries", "candidates"):
             for key, value in plain[side][0]["inputs"].items():
-                if isinstance(value, torch.Tensor):
-                    assert torch.equal(value, parallel[side][0]["inputs"][key]), (side, key)
+                other = parallel[side][0]["inputs"].get(key)
+                if isinstance(value, torch.Tensor) and value.is_floating_point():  # pixel values: a worker runs
+                    # one torch thread, this process more, and float32 preprocessing may round differently
+                    torch.testing.assert_close(value, other, atol=1e-6, rtol=0, msg=lambda m: f"{side} {key}: {m}")
+                elif isinstance(value, torch.Tensor):
+                    assert torch.equal(value, other), (side, key)
 
 
 def test_validation_shares_the_checks_across_processes_and_remembers_them(tmp_path):
