@@ -40,6 +40,7 @@ from .twemoji import ATTRIBUTION, DIRECTIONS, retrieval_records, split_pairs, tw
 
 METRIC_NAMES = {"recall@1": ("recall_at_1", "Recall@1"), "mrr": ("mrr", "MRR")}
 TASKS = ("pages", "emoji")
+RANKS_NAME = "ranks.json"  # pages task: each held-out query's rank of its page, per kind and budget
 # The test pages are fixed (not drawn with the training seed), so every seed is scored on the same pages.
 TEST_PAGE_SEED = 10_000
 
@@ -223,11 +224,16 @@ def warm_start_projector(model, train_pairs: list, settings: QuickstartSettings,
 
 
 @torch.no_grad()
-def evaluate(model, test_pairs: list, settings: QuickstartSettings) -> dict:
+def evaluate(model, test_pairs: list, settings: QuickstartSettings, ranks_out: dict | None = None) -> dict:
     """{group: {"recall@1": {budget_key: value}, "mrr": {...}}} over the held-out split; groups are the
-    directions (emoji) or the query kinds (pages: one item, two items, picture)."""
+    directions (emoji) or the query kinds (pages: one item, two items, picture). Pages: `ranks_out`, where given,
+    receives each query's rank of its page per kind and budget ({kind: {budget_key: [rank, ...]}}, queries in one
+    order for every budget: paired comparisons of budgets)."""
     if settings.task == "pages":
-        return evaluate_pages(model, test_pairs, settings)
+        ranks = page_ranks(model, test_pairs, settings)
+        if ranks_out is not None:
+            ranks_out.update({kind: {key: r.tolist() for key, r in by_kind.items()} for kind, by_kind in ranks.items()})
+        return pages_quality(ranks)
     from training import ContrastiveDataset, retrieval_metrics
 
     results = {}
@@ -264,9 +270,10 @@ def rank_metrics(ranks: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dict:
-    """Each round's queries ranked against that round's pages (each query has exactly one right page); the ranks
-    of all rounds are pooled per query kind. Ties count against the right page (`positive_ranks`)."""
+def page_ranks(model, test_pairs: list, settings: QuickstartSettings) -> dict:
+    """{kind: {budget_key: ranks}}: each round's queries ranked against that round's pages (each query has exactly
+    one right page), the rank of the right page per query (1 = best; ties count against it, `positive_ranks`), the
+    rounds' queries concatenated in one order for every budget."""
     from PIL import Image
 
     from training.evaluation import positive_ranks
@@ -281,11 +288,21 @@ def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dic
             found = positive_ranks(model.similarity(queries, pages, budget=tuple(budget)), targets)
             for kind, chosen in masks.items():
                 ranks[kind][budget_key(budget)].append(found[chosen])
+    return {kind: {key: torch.cat(parts) for key, parts in by_budget.items()} for kind, by_budget in ranks.items()}
+
+
+def pages_quality(ranks: dict) -> dict:
+    """{kind: {metric: {budget_key: value}}} from `page_ranks`."""
     results = {}
-    for kind in QUERY_KINDS:
-        metrics = {key: rank_metrics(torch.cat(parts)) for key, parts in ranks[kind].items()}
+    for kind, by_budget in ranks.items():
+        metrics = {key: rank_metrics(found) for key, found in by_budget.items()}
         results[kind] = {name: {key: m[name] for key, m in metrics.items()} for name in METRIC_NAMES}
     return results
+
+
+def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dict:
+    """The pages task's quality per query kind and budget (`page_ranks`, pooled over the rounds)."""
+    return pages_quality(page_ranks(model, test_pairs, settings))
 
 
 def scoring_time(model, num_queries: int, num_candidates: int, budgets: list, repeats: int = 5) -> dict:
@@ -369,7 +386,8 @@ def run_quickstart(settings: QuickstartSettings, command: str | None = None, log
             log(f"projector: closed-form start, R^2 = {fit:.3f} on the training emoji's tokens")
         train_seconds = train(model, train_pairs, settings, work_dir)
         model.eval()
-        quality = evaluate(model, test_pairs, settings)
+        ranks = {}
+        quality = evaluate(model, test_pairs, settings, ranks_out=ranks)
         timing = scoring_time(model, 64, 10_000, settings.budgets)
         summary = {
             "settings": asdict(settings), "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
@@ -393,6 +411,8 @@ def run_quickstart(settings: QuickstartSettings, command: str | None = None, log
             shutil.copyfile(checkpoint / PLOT_NAME, output / PLOT_NAME)
             summary["checkpoint"] = str(checkpoint)
     summary["total_seconds"] = time.perf_counter() - started
+    if ranks:  # each query's rank per budget: what paired comparisons of two budgets need (tests/test_quickstart.py)
+        write_atomic(output / RANKS_NAME, json.dumps(ranks) + "\n")
     write_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
