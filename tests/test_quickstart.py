@@ -58,7 +58,8 @@ def test_ranks_file_holds_the_reported_evaluation(main_job):
     summary = json.loads((main_job / "summary.json").read_text())
     for kind, by_budget in reciprocal_ranks(main_job).items():
         for key, reciprocal in by_budget.items():
-            assert abs(reciprocal.mean().item() - summary["quality"][kind]["mrr"][key]) < 1e-9, (kind, key)
+            # The job averages in float32 (rounding ~1e-7 relative over ~100 queries); the test in float64.
+            assert abs(reciprocal.mean().item() - summary["quality"][kind]["mrr"][key]) < 1e-6, (kind, key)
 
 
 def test_main_job_learns_every_query_kind_above_chance_at_one_vector_and_at_the_full_budget(main_job):
