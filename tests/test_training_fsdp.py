@@ -370,6 +370,106 @@ def test_a_failed_export_on_rank_0_fails_every_rank_at_once(fsdp_runs):
     assert sorted(p.name for p in (root / "export-refused" / "final").iterdir()) == ["keep.txt"]
 
 
+# ---------------------------------------------------------------------- GradCache with unequal chunk counts per rank
+CHUNK_SIZE = 3
+
+
+def write_records(path, records) -> dict:
+    import json
+
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return {"jsonl": [str(path)]}
+
+
+def short_last_batch_data(root) -> dict:
+    """15 records: a full global batch of 8 (4 + 4) and a short one of 7, split 4 + 3. At chunks of 3, one rank
+    embeds 2 query and 3 candidate chunks (4 queries, their 4 positives and 4 hard negatives), the other 1 and 2."""
+    from training.synthetic import synthetic_records
+
+    return write_records(root / "short-last-batch.jsonl", synthetic_records(15, seed=12))
+
+
+def unequal_negatives_data(root) -> dict:
+    """16 records (two full global batches of 8): in each step rank 0's four records hold three hard negatives each
+    and rank 1's none, so rank 0 embeds 4 + 12 candidates (6 chunks of 3), rank 1 only 4 (2 chunks). Which records
+    land on which rank is read from the sampler the trainer builds (same sources, seed 0, epoch 0)."""
+    from training.data import SourceBatchSampler
+    from training.synthetic import synthetic_records
+
+    records = synthetic_records(16, seed=12)
+    sampler = SourceBatchSampler([r["source"] for r in records], PER_DEVICE_BATCH, world_size=2, rank=0, seed=0,
+                                 drop_last=False)  # fmt: skip
+    on_rank_0 = {index for batch in sampler for index in batch}
+    for index, record in enumerate(records):
+        others = [records[(index + shift) % len(records)]["positive"] for shift in (1, 2)]
+        record["negatives"] = record["negatives"] + others if index in on_rank_0 else []
+    return write_records(root / "unequal-negatives.jsonl", records)
+
+
+UNEVEN_DATA = {"short-last-batch": short_last_batch_data, "unequal-negatives": unequal_negatives_data}
+
+
+def uneven_runs(checkpoint, root):
+    """The GradCache runs under FSDP2 where the ranks' chunk counts differ in a step, one per kind of data."""
+    return [
+        (name, ["--config", write_recipe(root / f"{name}.yaml", checkpoint, root / name, PER_DEVICE_BATCH,
+                                         data=make_data(root), gradcache_chunk_size=CHUNK_SIZE)])
+        for name, make_data in UNEVEN_DATA.items()
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uneven_fsdp_runs(tiny_checkpoint, tmp_path_factory):
+    checkpoint = tiny_checkpoint("qwen3")
+    root = tmp_path_factory.mktemp("uneven")
+    # A rank left waiting in a collective fails after ddp_timeout (90 s); the queue gives up after 150 s.
+    seen, errors = run_fsdp_pair(uneven_runs(checkpoint, root), timeout=150)
+    return checkpoint, root, Runs(seen, errors)
+
+
+def padding_chunks(record) -> list:
+    """The chunks a rank ran only to keep in step: on this text-only backbone every placeholder row is padding."""
+    return [chunk for chunk in record["chunks"] if chunk[1] > 0]
+
+
+@pytest.mark.parametrize("name", list(UNEVEN_DATA))
+def test_fsdp2_gradcache_with_unequal_chunk_counts_finishes_and_matches_one_process(uneven_fsdp_runs, name):
+    """GradCache under FSDP2 where one rank has fewer chunks in a step than the other (a short last batch split
+    4 + 3; hard negatives on one rank only): the rank with fewer chunks runs placeholder chunks, so both run the
+    same number of forwards every step and the pair finishes; the weights equal one process on the concatenated
+    batch. Before the placeholder chunks the ranks' collectives went out of step (see docs/training-fsdp2.md)."""
+    checkpoint, root, seen = uneven_fsdp_runs
+    ranks = [seen[name, rank] for rank in range(2)]
+    assert all(record["status"] == 0 and record["distributed_type"] == "FSDP" for record in ranks)
+    assert ranks[0]["forwards"] == ranks[1]["forwards"], [record["forwards"] for record in ranks]
+    assert any(padding_chunks(record) for record in ranks), "the data should give the ranks unequal chunk counts"
+    single = run_one_process(checkpoint, root, f"single-{name}", data=UNEVEN_DATA[name](root),
+                             gradcache_chunk_size=CHUNK_SIZE)  # fmt: skip
+    expected = weights(single)
+    assert any((expected[k] - v).abs().max() > 1e-3 for k, v in weights(checkpoint).items())
+    assert_same_weights(weights(root / name / "final"), expected, f"FSDP2 GradCache, {name}")
+
+
+def test_llama_vision_is_refused_under_fsdp_on_several_processes(tiny_checkpoint, tmp_path, monkeypatch):
+    """Mllama embeds the text rows of a chunk that also holds images in a second forward, so its FSDP all-gathers per
+    chunk depend on the data and no padding chunk evens them out: refused at start (run by hand: a pair whose ranks'
+    query chunks are all images on one and text on the other fails in gloo with a collective size mismatch; the same
+    data on Qwen2.5-VL finishes). One process, or DDP, is accepted."""
+    from modeling_metaembed import MetaEmbedModel
+    from training.data import ContrastiveDataset
+    from training.synthetic import synthetic_records
+    from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
+
+    model = MetaEmbedModel.from_pretrained(tiny_checkpoint("mllama"))
+    data = ContrastiveDataset(synthetic_records(8, seed=0))
+    args = MetaEmbedTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    MetaEmbedTrainer(model=model, args=args, train_dataset=data)  # one process: accepted
+    monkeypatch.setattr(MetaEmbedTrainingArguments, "world_size", property(lambda self: 2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"mllama\) cannot train under FSDP.*ddp\.yaml"):
+        MetaEmbedTrainer(model=model, args=args, train_dataset=data)
+
+
 # ------------------------------------------------------------------------------------ a vision backbone under FSDP2
 IMAGE_RECORD = 5  # the one record whose query is an image (tests/test_training_distributed.py's mixed_records)
 

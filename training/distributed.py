@@ -43,3 +43,12 @@ def all_reduce_sum(value: int | float, device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item()
+
+
+def all_reduce_max(values: list, device) -> list:
+    """Element-wise maximum over ranks of a list of integers (no gradient)."""
+    if world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()

@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .data import ContrastiveDataset, MetaEmbedCollator, SourceBatchSampler
+from .distributed import all_reduce_max
 from .evaluation import sharded_retrieval_metrics
 from .lora import VISION_PARTS
 from .loss import HARD_NEGATIVE_SCOPES, SCORE_NORMALIZATIONS, MatryoshkaContrastiveLoss
@@ -22,6 +23,13 @@ from .similarity import check_groups, matryoshka_maxsim, paired_matryoshka_maxsi
 
 logger = logging.get_logger(__name__)
 PLACEHOLDER_MODES = ("auto", "always", "never")
+# Backbones whose number of FSDP forwards per chunk depends on the data, which no padding chunk can even out.
+FSDP_REFUSED_FAMILIES = {
+    "mllama": "Llama-3.2-Vision (mllama) cannot train under FSDP on several processes: in a chunk that mixes rows "
+    "with and without images it embeds the two kinds in two backbone forwards, in other chunks in one, so processes "
+    "whose chunks mix differently fall out of step in FSDP's all-gathers (a hang or a crash). Train it with DDP "
+    "(training/accelerate/ddp.yaml; the paper's LoRA recipe fits) or in one process.",
+}
 
 
 @dataclass
@@ -140,6 +148,8 @@ class MetaEmbedTrainer(Trainer):
             raise ValueError(f"args must be MetaEmbedTrainingArguments, got {type(args).__name__}")
         metaembed = unwrap_metaembed(model)
         config = metaembed.config
+        if config.vlm_config.model_type in FSDP_REFUSED_FAMILIES and is_fsdp(args) and args.world_size > 1:
+            raise ValueError(FSDP_REFUSED_FAMILIES[config.vlm_config.model_type])
         groups = args.matryoshka_groups or config.matryoshka_groups
         groups = check_groups(groups, config.num_query_vectors, config.num_candidate_vectors)
         if metaembed.processor is None:
@@ -237,10 +247,12 @@ class MetaEmbedTrainer(Trainer):
         )
         loader = self.accelerator.prepare(loader)
         # The sampler already gives each process its share of one global batch: make accelerate's shard wrapper
-        # a pass-through (as the Trainer does for its own rank-aware sampler).
+        # a pass-through (as the Trainer does for its own rank-aware sampler). Without a batch size it also passes
+        # on a share shorter than the per-device batch (a source's short last batch, split unevenly), which it
+        # would otherwise drop, or pad with repeated records, on that process alone: a step fewer there.
         wrapper = getattr(loader, "batch_sampler", None)
         if wrapper is not None and getattr(wrapper, "batch_sampler", None) is sampler:
-            wrapper.num_processes, wrapper.process_index = 1, 0
+            wrapper.num_processes, wrapper.process_index, wrapper.batch_size = 1, 0, None
         return loader
 
     # ---------------------------------------------------------------------------------------------------- loss
@@ -257,11 +269,29 @@ class MetaEmbedTrainer(Trainer):
     def _embed_side(self, model, chunks: list, role: str) -> torch.Tensor:
         return torch.cat([self._embed_chunk(model, chunk, role) for chunk in chunks])
 
+    def _same_chunk_counts(self, inputs: dict) -> dict:
+        """`inputs` with each side's chunks padded to the largest count any process has in this step.
+
+        Every chunk is one forward of the sharded model (under FSDP an all-gather per unit; GradCache also re-runs
+        it with a backward), so a process with fewer chunks (a short last batch, fewer hard negatives) would leave
+        the others waiting in a collective it never joins. A padding chunk re-runs the process's last chunk of that
+        side with every row a placeholder: the same modules run (the vision tower too when that chunk holds an
+        image, real or placeholder), and its embeddings, [0, R, D], add nothing to the loss or the gradients."""
+        sides = ("queries", "candidates")
+        targets = all_reduce_max([len(inputs[side]) for side in sides], self.args.device)
+        padded = dict(inputs)
+        for side, target in zip(sides, targets):
+            last = inputs[side][-1]
+            padding = {"inputs": last["inputs"], "num_placeholders": len(last["inputs"]["input_ids"])}
+            padded[side] = list(inputs[side]) + [padding] * (target - len(inputs[side]))
+        return padded
+
     def _loss_from_embeddings(self, queries, candidates, owners):
         num_positives = queries.shape[0]
         return self.loss_fn(queries, candidates[:num_positives], candidates[num_positives:], owners)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self._same_chunk_counts(inputs)
         queries = self._embed_side(model, inputs["queries"], "query")
         candidates = self._embed_side(model, inputs["candidates"], "candidate")
         loss, per_group = self._loss_from_embeddings(queries, candidates, inputs["negative_owners"])
@@ -289,7 +319,7 @@ class MetaEmbedTrainer(Trainer):
         """GradCache (Gao et al. 2021): embed every chunk without a graph, take the loss's gradient with respect to
         the embeddings, then re-run each chunk with the same random state and push that gradient through it."""
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._same_chunk_counts(self._prepare_inputs(inputs))
         device = self.args.device
         plan = [(chunk, "query") for chunk in inputs["queries"]] + [(chunk, "candidate") for chunk in inputs["candidates"]]
         states, parts = [], []
