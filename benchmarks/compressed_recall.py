@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval.index import MetaEmbedIndex
 from metaembed.twemoji import twemoji_pairs
 
 

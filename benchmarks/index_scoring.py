@@ -10,7 +10,7 @@ The floor of one search is the larger of two times measured here, in this run: i
 storage) at the memory read bandwidth (a read-only pass over a buffer far larger than the caches), and its FLOPs
 (2 * Q * N * r_q * r_c * D) at the float32 GEMM peak (a large square torch.mm). The run goes in --repeats rounds:
 each measures both floors and times every search once from cold caches (a large buffer is read before each), and
-every number keeps its best over the rounds (for the floors, the stricter floor). For each budget: the kernel that ran (`metaembed.scan_kernel`),
+every number keeps its best over the rounds (for the floors, the stricter floor). For each budget: the kernel that ran (`metaembed.retrieval.scan_kernel`),
 one query, and --batch queries in one call (time per query), each as a ratio to its floor, with a check that the
 top-10 ids equal a float32 reference (float32 queries against the stored bf16 vectors widened to float32); "avx2 /
 torch" in the kernel column means one query ran the first, the batch the second. Then the peers on the same bf16
@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from metaembed import scan_kernel
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval import scan_kernel
+from metaembed.retrieval.index import MetaEmbedIndex
 
 
 def cpu_name() -> str:

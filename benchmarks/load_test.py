@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval.index import MetaEmbedIndex
 
 
 def synthetic(items: int, queries: int, vectors: int, query_vectors: int, dim: int, seed: int = 0) -> tuple:
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
                         queries, exact_ids, k, args.batch, sequential))  # fmt: skip
 
     if not args.no_qdrant:
-        from metaembed.qdrant import Edge, QdrantMetaEmbedIndex
+        from metaembed.retrieval.qdrant import Edge, QdrantMetaEmbedIndex
 
         with tempfile.TemporaryDirectory() as folder:
             edge = Edge(folder)

@@ -12,7 +12,7 @@ import argparse
 import torch
 from transformers import AutoModel
 
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval.index import MetaEmbedIndex
 from metaembed.twemoji import twemoji_pairs
 
 

@@ -58,8 +58,8 @@ def _encoder(args, device):
 
 
 def run_encode(args) -> None:
-    from .files import read_inputs
-    from .sharded import world
+    from .inputs import read_inputs
+    from .serving.sharded import world
 
     ids, items = read_inputs(args.inputs)
     _, world_size, local_rank = world()
@@ -76,8 +76,8 @@ def run_encode(args) -> None:
 
 
 def _encode_with(encoder, settings: dict, args, ids: list, items: list, device) -> None:
-    from .files import save_embeddings
-    from .sharded import encode_sharded, world
+    from .retrieval.embeddings_file import save_embeddings
+    from .serving.sharded import encode_sharded, world
 
     world_size = world()[1]
     sharded = world_size > 1 or args.chunk_size is not None
@@ -117,7 +117,7 @@ def run_score(args) -> None:
 
     from modeling_metaembed import maxsim
 
-    from .files import load_embeddings
+    from .retrieval.embeddings_file import load_embeddings
 
     queries, query_ids, query_meta = load_embeddings(args.queries)
     candidates, candidate_ids, candidate_meta = load_embeddings(args.candidates)
@@ -194,7 +194,8 @@ def run_convert(args) -> None:
 def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -> tuple:
     """(embeddings, ids) of `path`: an embeddings file written by `metaembed encode` with this role, or, with
     --model, inputs (.jsonl, .txt, a folder of images) encoded here."""
-    from .files import load_embeddings, read_inputs
+    from .inputs import read_inputs
+    from .retrieval.embeddings_file import load_embeddings
 
     if model_path is None:
         embeddings, ids, metadata = load_embeddings(path)
@@ -209,7 +210,7 @@ def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -
 
 
 def run_index(args) -> None:
-    from .index import MetaEmbedIndex
+    from .retrieval.index import MetaEmbedIndex
 
     embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
     if args.append:
@@ -226,7 +227,7 @@ def run_index(args) -> None:
 
 
 def run_search(args) -> None:
-    from .index import MetaEmbedIndex
+    from .retrieval.index import MetaEmbedIndex
 
     index = MetaEmbedIndex.load(args.index, mmap=args.mmap)
     queries, query_ids = _embeddings_or_encoded(args.queries, args.model, "query", args)

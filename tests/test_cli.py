@@ -9,7 +9,7 @@ import torch
 from tests.conftest import random_image
 
 from metaembed.cli import main
-from metaembed.files import load_embeddings
+from metaembed.retrieval.embeddings_file import load_embeddings
 from modeling_metaembed import MetaEmbedModel, maxsim
 
 
@@ -99,7 +99,7 @@ def test_publish_dry_run_and_card_from_the_command_line(tiny_checkpoint, tmp_pat
 
 
 def test_index_and_search_commands_match_the_python_index(tiny_checkpoint, inputs_file, tmp_path, capsys):
-    from metaembed.index import MetaEmbedIndex
+    from metaembed.retrieval.index import MetaEmbedIndex
 
     checkpoint = str(tiny_checkpoint("qwen2_5_vl"))
     queries = tmp_path / "queries.txt"

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tests.conftest import random_image
 
 from metaembed.cli import main
-from metaembed.files import load_embeddings
+from metaembed.retrieval.embeddings_file import load_embeddings
 from modeling_metaembed import MetaEmbedModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(job, capsys):
     # A real SIGKILL right after the second chunk is written: no cleanup code runs.
     script = (
         "import os, signal, sys\n"
-        "import metaembed.sharded as sharded\n"
+        "import metaembed.serving.sharded as sharded\n"
         "from metaembed.cli import main\n"
         "write, written = sharded._write_chunk, []\n"
         "def killing_write(*args):\n"

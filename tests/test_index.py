@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from metaembed.index import IndexFileError, MetaEmbedIndex
+from metaembed.retrieval.index import IndexFileError, MetaEmbedIndex
 from modeling_metaembed.scoring_metaembed import maxsim
 
 BUDGETS = [(1, 1), (2, 4), (4, 8), (8, 16)]
@@ -159,7 +159,7 @@ def test_saving_again_replaces_the_index_and_a_failed_save_keeps_the_old_one(tmp
     index.save(folder)
     assert len(MetaEmbedIndex.load(folder)) == 8
 
-    import metaembed.index as module
+    import metaembed.retrieval.index as module
 
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
@@ -315,7 +315,7 @@ def test_binary_signs_are_taken_around_the_center_of_the_items():
 
 
 def test_int8_scan_is_close_and_binary_keeps_signs():
-    from metaembed.index import quantize
+    from metaembed.retrieval.index import quantize
 
     x = unit(50, 3, 64)
     codes, scales, _ = quantize(x, "int8")

@@ -8,8 +8,8 @@ pytest.importorskip("qdrant_client")  # declared test dependencies: these only g
 pytest.importorskip("qdrant_edge")
 from qdrant_client import QdrantClient
 
-from metaembed.index import MetaEmbedIndex
-from metaembed.qdrant import Edge, QdrantMetaEmbedIndex, point_id
+from metaembed.retrieval.index import MetaEmbedIndex
+from metaembed.retrieval.qdrant import Edge, QdrantMetaEmbedIndex, point_id
 from modeling_metaembed.scoring_metaembed import maxsim
 
 ENGINES = ["local", "edge"]

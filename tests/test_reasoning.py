@@ -263,7 +263,7 @@ def test_reasoning_command_and_recipe(sharp_backbones, tmp_path):
 
 def test_encode_command_with_a_reasoner(sharp_backbones, tmp_path):
     from metaembed.cli import main
-    from metaembed.files import load_embeddings
+    from metaembed.retrieval.embeddings_file import load_embeddings
 
     _, model = sharp_backbones("qwen3")
     model.save_pretrained(tmp_path / "checkpoint")

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.utils.cpp_extension
 
-from metaembed import scan_kernel
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval import scan_kernel
+from metaembed.retrieval.index import MetaEmbedIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -302,7 +302,7 @@ def test_a_platform_without_a_kernel_takes_the_torch_scan_without_compiling(monk
 
 BUILD_AND_SEARCH = """
 import json, logging, sys, torch
-from metaembed import scan_kernel
+from metaembed.retrieval import scan_kernel
 torch.set_num_threads(1)
 module = scan_kernel.compiled()
 vectors = torch.nn.functional.normalize(torch.randn(2, 500, 64, generator=torch.Generator().manual_seed(0)), dim=-1)

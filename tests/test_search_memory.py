@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from metaembed import scan_kernel
-from metaembed.index import FORMAT
+from metaembed.retrieval import scan_kernel
+from metaembed.retrieval.index import FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNT, VECTORS, DIM = 48_000, 8, 512  # 393 MB of bf16 vectors
@@ -58,8 +58,8 @@ def write_index(folder: Path, count: int = COUNT) -> int:
 MEASURE = r"""
 import json, sys, threading, time
 import torch
-from metaembed import scan_kernel
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval import scan_kernel
+from metaembed.retrieval.index import MetaEmbedIndex
 from modeling_metaembed.scoring_metaembed import maxsim
 
 def anonymous():

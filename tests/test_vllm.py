@@ -21,8 +21,8 @@ from PIL import Image
 from tests.conftest import random_image
 
 from metaembed.cli import main
-from metaembed.files import load_embeddings
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval.embeddings_file import load_embeddings
+from metaembed.retrieval.index import MetaEmbedIndex
 from metaembed.serving.plugin import backbone_config
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import make_tiny_checkpoint

@@ -28,7 +28,7 @@ def main(job_path: str) -> None:
         except ValueError as error:
             errors[name] = str(error)
     if "index" in job:  # MetaEmbedIndex.add_items with the vLLM encoder in place of a model
-        from metaembed.index import MetaEmbedIndex
+        from metaembed.retrieval.index import MetaEmbedIndex
 
         index = MetaEmbedIndex(dim=encoder.config.output_dim, num_vectors=job["index"]["num_vectors"], dtype="float32")
         index.add_items(encoder, job["index"]["inputs"], show_progress_bar=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from metaembed.index import MetaEmbedIndex
+from metaembed.retrieval.index import MetaEmbedIndex
 
 from .common import budget_label, check_budgets, load_split, markdown_table
 from .metrics import ndcg_at_k, recall_at_k

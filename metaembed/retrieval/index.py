@@ -5,9 +5,9 @@ matrix. A budget r_c then reads exactly the first r_c matrices, N * r_c * D * by
 (The item-major `[N, R_c, D]` that `model.encode` returns is not: its prefix `[:, :r_c]` is strided.)
 
 Scoring. Queries are scored in float32 (never rounded to the storage dtype). bf16 vectors on an x86-64 CPU are
-scanned by a compiled kernel (`metaembed.scan_kernel`: AMX tiles with the query split into three bf16 parts, or
-AVX2 FMAs on bf16 widened in registers, or for 128+ query rows blocks widened in L2 and multiplied by MKL's GEMM),
-which keeps each query's top-k as it goes. Everything else (other
+scanned by a compiled kernel (`metaembed.retrieval.scan_kernel`: AMX tiles with the query split into three bf16
+parts, or AVX2 FMAs on bf16 widened in registers, or for 128+ query rows blocks widened in L2 and multiplied by MKL's
+GEMM), which keeps each query's top-k as it goes. Everything else (other
 dtypes, GPUs, other CPUs, or no compiler) uses `modeling_metaembed.scoring_metaembed.scan_maxsim`: the stored
 vectors widened tile by tile into one cache-sized float32 buffer and multiplied there (one GEMM per tile), then a
 max over r_c, a sum over r_q, and a running top-k over chunks. Every temporary of either is counted against
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from metaembed import scan_kernel
+from . import scan_kernel
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
 
 FORMAT = "metaembed-index/1"
@@ -399,7 +399,7 @@ class MetaEmbedIndex:
 
     def _scan_top(self, queries, r_c: int, k: int, query_batch_size: int, max_work_bytes: int) -> tuple:
         """Top-k (scores [Q, k], positions [Q, k], on CPU) of a scan over the stored rows (codes when compressed):
-        bf16 on an x86-64 CPU by a compiled kernel (`metaembed.scan_kernel`), the rest by the torch scan."""
+        bf16 on an x86-64 CPU by a compiled kernel (`metaembed.retrieval.scan_kernel`), the rest by the torch scan."""
         found = self._kernel_top(queries, r_c, k, query_batch_size, max_work_bytes)
         if found is not None:
             return found

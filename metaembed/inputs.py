@@ -1,27 +1,16 @@
-"""Files the command line reads and writes: inputs to encode, and embeddings files.
+"""Inputs of the command line (`metaembed encode`, `index --model`, `search --model`): what a user points it at.
 
-Inputs (`read_inputs`):
+`read_inputs` takes
   - a `.jsonl` file, one object per line: {"id": optional, "text": optional, "image": optional path, relative
     to the file's folder}; ids default to the line number;
   - a `.txt` file, one text per line (blank lines skipped); ids are line numbers;
   - a folder of images (png, jpg, jpeg, webp, bmp, gif), in name order; ids are file names.
-
-Embeddings file: safetensors with one tensor "embeddings" (N, k, D) and metadata
-{"format": "metaembed-embeddings/1", "role", "ids" (a JSON list), "model"}; written atomically.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-EMBEDDINGS_FORMAT = "metaembed-embeddings/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _jsonl_inputs(path: Path) -> tuple:
@@ -82,45 +71,4 @@ def read_inputs(path) -> tuple:
     return ids, items
 
 
-def save_embeddings(path, embeddings: torch.Tensor, ids: list, role: str, model: str, precision: str = "float32"):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if embeddings.dim() != 3 or embeddings.shape[0] != len(ids):
-        raise ValueError(f"expected (N, k, D) embeddings for {len(ids)} ids, got shape {tuple(embeddings.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": EMBEDDINGS_FORMAT, "role": role, "ids": json.dumps(ids), "model": str(model)}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        tensor = embeddings.to(PRECISIONS[precision]).contiguous()
-        save_file({"embeddings": tensor}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_embeddings(path) -> tuple:
-    """(embeddings float32 (N, k, D), ids, metadata); raises ValueError naming the file when it is not one."""
-    path = Path(path)
-    try:
-        with safe_open(path, framework="pt") as file:
-            metadata = file.metadata() or {}
-            if metadata.get("format") != EMBEDDINGS_FORMAT or "embeddings" not in file.keys():
-                raise ValueError(f"{path}: not a MetaEmbed embeddings file (write one with `metaembed encode`)")
-            embeddings = file.get_tensor("embeddings").float()
-    except ValueError:
-        raise
-    except Exception as error:  # missing, truncated or corrupt files
-        raise ValueError(f"{path}: cannot read embeddings: {error}") from error
-    try:
-        ids = json.loads(metadata["ids"])
-    except (KeyError, json.JSONDecodeError):
-        raise ValueError(f"{path}: the ids in its metadata are missing or unreadable") from None
-    if embeddings.dim() != 3 or len(ids) != embeddings.shape[0]:
-        raise ValueError(f"{path}: {len(ids)} ids for embeddings of shape {tuple(embeddings.shape)}")
-    return embeddings, ids, metadata
-
-
-__all__ = ["read_inputs", "save_embeddings", "load_embeddings", "EMBEDDINGS_FORMAT", "PRECISIONS"]
+__all__ = ["read_inputs", "IMAGE_SUFFIXES"]

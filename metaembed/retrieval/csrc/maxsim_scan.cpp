@@ -2,7 +2,8 @@
 //
 //   score[q, i] = sum_{r < r_q} max_{j < r_c} <query[q, r], vectors[j, i]>,  top-k over i for every query q
 //
-// Two kernels, chosen by the caller (metaembed/scan_kernel.py) from what the CPU reports here (`cpu_features`):
+// Two kernels, chosen by the caller (metaembed/retrieval/scan_kernel.py) from what the CPU reports here
+// (`cpu_features`):
 //
 // amx   Intel AMX (Sapphire Rapids and later). The candidates are the A operand of TDPBF16PS, loaded straight from
 //       the stored [r_c, N, D] bf16 rows (16 items x 32 dims per tile, no repacking). Each float32 query value is
@@ -48,8 +49,8 @@
 #endif
 
 // The AMX code needs the amx-tile / amx-bf16 targets of GCC 11 or Clang 12. With an older compiler, or when built with
-// -DMETAEMBED_NO_AMX (METAEMBED_KERNEL_AMX=0 in metaembed/scan_kernel.py), the module keeps every other kernel and
-// reports no AMX.
+// -DMETAEMBED_NO_AMX (METAEMBED_KERNEL_AMX=0 in metaembed/retrieval/scan_kernel.py), the module keeps every other
+// kernel and reports no AMX.
 #if defined(METAEMBED_X86) && !defined(METAEMBED_NO_AMX) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define METAEMBED_AMX_BUILD 1

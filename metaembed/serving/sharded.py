@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .files import EMBEDDINGS_FORMAT, PRECISIONS
+from metaembed.retrieval.embeddings_file import EMBEDDINGS_FORMAT, PRECISIONS
 
 CHUNK_NAME = "chunk-{:06d}.safetensors"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -105,7 +105,7 @@ def _tensor_span(path: Path) -> tuple:
 
 
 def merge_chunks(paths: list, output, ids: list, role: str, model: str, dtype: torch.dtype) -> None:
-    """Concatenate chunk files into one embeddings file (the format of `files.save_embeddings`), streaming the
+    """Concatenate chunk files into one embeddings file (the format of `embeddings_file.save_embeddings`), streaming the
     bytes; written atomically."""
     spans = [_tensor_span(path) for path in paths]
     expected = SAFETENSORS_DTYPES[dtype]

@@ -17,9 +17,9 @@
 The kernel is compiled once per machine on first use (``torch.utils.cpp_extension``: a C++ compiler and ninja, which
 this package depends on; about 35 s on a 2-core machine, announced by one log line) into `kernel_dir()`, under a name
 that hashes its source, flags and torch version; later processes load the built module without compiling (no
-compiler or ninja needed then). `python -m metaembed.scan_kernel` builds it ahead of time, e.g. while building an
-image whose run time has no compiler. Only x86-64 Linux builds it: elsewhere the torch scan runs with no compile.
-The AMX code needs GCC 11 or Clang 12; an older compiler (or `METAEMBED_KERNEL_AMX=0`) builds the module without it,
+compiler or ninja needed then). `python -m metaembed.retrieval.scan_kernel` builds it ahead of time, e.g. while
+building an image whose run time has no compiler. Only x86-64 Linux builds it: elsewhere the torch scan runs with no
+compile. The AMX code needs GCC 11 or Clang 12; an older compiler (or `METAEMBED_KERNEL_AMX=0`) builds the module without it,
 and the AVX2 kernel stays. Kernels are only used for scans that read at least `KERNEL_FROM_BYTES` (small ones gain
 nothing).
 `METAEMBED_CPU_KERNEL` = ``auto`` (default), ``amx``, ``avx2`` or ``torch`` forces a choice (``amx`` / ``avx2`` for
@@ -325,15 +325,22 @@ def work_bytes(kind: str, num_queries: int, r_q: int, dim: int, k: int, r_c: int
     return packing + torch.get_num_threads() * (lists + block)
 
 
-__all__ = ["choose", "top_k", "work_bytes", "compiled", "features", "amx_query_parts"]
+__all__ = ["choose", "top_k", "work_bytes", "compiled", "features", "amx_query_parts", "main"]
 
 
-if __name__ == "__main__":  # python -m metaembed.scan_kernel: build the kernel now and say what this CPU runs
+def main() -> int:
+    """`python -m metaembed.retrieval.scan_kernel`: build the kernel now and say what this CPU runs; the exit status
+    is 1 where the build failed (the warning says why)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if supported_platform() is not None:
         print(f"{supported_platform()}: searches run the pure-torch scan")
-        sys.exit(0)
+        return 0
     if compiled() is None:
-        sys.exit(1)  # (the warning says why)
+        return 1
     print(f"kernels usable here: {features()} (built in {kernel_dir()}); a bf16 index of D = 1,024 is scanned with "
           f"{choose(torch.empty(1, 1, 1024, dtype=torch.bfloat16), 1, num_values=KERNEL_FROM_BYTES)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

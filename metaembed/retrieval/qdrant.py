@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from metaembed.index import SearchResult, as_query_batch, check_candidate_embeddings
+from .index import SearchResult, as_query_batch, check_candidate_embeddings
 from modeling_metaembed.processing_metaembed import write_atomic
 from modeling_metaembed.scoring_metaembed import check_budget
 

@@ -1,0 +1,18 @@
+"""Retrieval: searching stored candidate embeddings at any budget (r_q, r_c).
+
+- `index`: `MetaEmbedIndex`, the exact nested-budget index (bf16 / fp16 / fp32, int8 and binary with an exact
+  re-score), its files (`save` / `load`, memory-mappable) and `SearchResult`.
+- `scan_kernel` with `csrc/maxsim_scan.cpp`: the compiled CPU MaxSim scan (AMX, AVX2) and the choice of kernel.
+- `qdrant`: `QdrantMetaEmbedIndex`, the same index stored in and searched by Qdrant (a server, local mode, or
+  `Edge`, Qdrant's engine in this process).
+- `embeddings_file`: the embeddings-file format (`save_embeddings` / `load_embeddings`).
+
+May import: torch, numpy, safetensors, and `modeling_metaembed` (the scoring functions, atomic writes); Qdrant's
+packages only inside the functions that need them. Never the other rooms (serving, evals, quickstart, hub) or the
+command line, which build on this one.
+"""
+
+from .index import IndexFileError, MetaEmbedIndex, SearchResult
+from .qdrant import Edge, QdrantMetaEmbedIndex
+
+__all__ = ["MetaEmbedIndex", "SearchResult", "IndexFileError", "QdrantMetaEmbedIndex", "Edge"]
