@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModel
 
 from metaembed.retrieval.index import MetaEmbedIndex
-from metaembed.twemoji import twemoji_pairs
+from metaembed.quickstart.twemoji import twemoji_pairs
 
 
 def main(argv=None) -> None:

@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
-from metaembed.pages import layout_pages, render_page
-from metaembed.quickstart import (
-    TEST_PAGE_SEED, QuickstartSettings, held_out_pages, load_data, query_inputs, query_kind_masks, rank_metrics,
+from metaembed.quickstart.pages import layout_pages, render_page
+from metaembed.quickstart import QuickstartSettings, load_data
+from metaembed.quickstart.evaluation import (
+    TEST_PAGE_SEED, held_out_pages, query_inputs, query_kind_masks, rank_metrics,
 )
 from training.evaluation import positive_ranks
 

@@ -1,4 +1,4 @@
-"""The main job: a real MetaEmbed, trained and evaluated offline on a CPU in minutes (see metaembed/quickstart.py).
+"""The main job: a real MetaEmbed, trained and evaluated offline on a CPU in minutes (see metaembed/quickstart/).
 
     ./run quickstart                       # the full run (pages task): prints the budget table, writes runs/quickstart/
     ./run quickstart --task emoji          # single Twemoji <-> their names instead of pages

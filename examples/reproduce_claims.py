@@ -21,16 +21,9 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from metaembed.quickstart import (
-    GROUP_LABELS,
-    TASKS,
-    QuickstartSettings,
-    candidate_count,
-    load_data,
-    pages_ridge_reference,
-    ridge_reference,
-    run_quickstart,
-)
+from closed_form_references import pages_ridge_reference, ridge_reference  # examples/, beside this script
+from metaembed.quickstart import TASKS, QuickstartSettings, candidate_count, load_data, run_quickstart
+from metaembed.quickstart.report import GROUP_LABELS
 from modeling_metaembed.processing_metaembed import write_atomic
 
 VARIANTS = {

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metaembed.backbones import build_litevl, efficientnet_lite_weights, pretrained_efficientnet_lite
-from metaembed.twemoji import DIRECTIONS, retrieval_records, split_pairs, twemoji_pairs
+from metaembed.quickstart.backbones import build_litevl, efficientnet_lite_weights, pretrained_efficientnet_lite
+from metaembed.quickstart.twemoji import DIRECTIONS, retrieval_records, split_pairs, twemoji_pairs
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.configuration_litevl import EfficientNetLiteConfig
 from modeling_metaembed.modeling_litevl import EfficientNetLite

@@ -1,4 +1,4 @@
-"""The pages task (metaembed.pages), the memoized frozen tower and the closed-form projector start."""
+"""The pages task (metaembed.quickstart.pages), the memoized frozen tower and the closed-form projector start."""
 
 import sys
 from pathlib import Path
@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from metaembed.frozen_features import MemoizedTower, memoized_tower, ridge_map, set_mlp_to_linear_map
-from metaembed.pages import (
+from metaembed.quickstart.frozen_features import MemoizedTower, memoized_tower, ridge_map, set_mlp_to_linear_map
+from metaembed.quickstart.pages import (
     QUERY_KINDS, PageLayout, evaluation_set, layout_pages, picture_png, render_alone, render_page, training_records,
 )
 from metaembed.quickstart import QuickstartSettings, build_model, load_data
-from metaembed.twemoji import split_pairs, twemoji_pairs
+from metaembed.quickstart.twemoji import split_pairs, twemoji_pairs
 
 
 @pytest.fixture(scope="module")

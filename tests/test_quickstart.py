@@ -22,10 +22,9 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
-from metaembed.backbones import minilm_path
-from metaembed.quickstart import (
-    RANKS_NAME, QuickstartSettings, candidate_count, held_out_pages, load_data, query_inputs, query_kind_masks,
-)
+from metaembed.quickstart.backbones import minilm_path
+from metaembed.quickstart import RANKS_NAME, QuickstartSettings, candidate_count, load_data
+from metaembed.quickstart.evaluation import held_out_pages, query_inputs, query_kind_masks
 from training.evaluation import positive_ranks
 
 pytestmark = pytest.mark.main_job

@@ -3,15 +3,15 @@
 A page is a square image with a grid of Twemoji (2 x 2 by default) on a plain background; a query names one item
 on the page ("red apple") or two ("red apple and rocket"), or shows one item's picture (the emoji at its size on
 the page, centred on an empty page). One vector per page must compress every item into one direction; several
-vectors can keep the items apart, which is what a retrieval budget buys (the paper's document
-pages, at toy size). On single emoji and their names (`metaembed.twemoji`) there is one concept per candidate, so
-the budget has nothing to buy.
+vectors can keep the items apart, which is what a retrieval budget buys (the paper's document pages, at toy
+size). On single emoji and their names (`twemoji`) there is one concept per candidate, so the budget has nothing
+to buy.
 
 Layout (`PageLayout`): `page_size` px square, `grid` x `grid` cells of `page_size / grid` px, each emoji resized
 to fill its cell less `margin` px on every side, on a `background` colour. Which emoji share a page and where
 each sits is a function of the seed only: round r is a seeded permutation of the emoji cut into pages of
 grid * grid, so within one round every emoji is on exactly one page. Test pages are built only from the held-out
-emoji of the fixed hash split (`metaembed.twemoji.split_pairs`), so nothing on a test page was seen in training.
+emoji of the fixed hash split (`twemoji.split_pairs`), so nothing on a test page was seen in training.
 """
 
 import io
