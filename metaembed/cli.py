@@ -162,7 +162,7 @@ def run_card(args) -> None:
 
 
 def run_publish(args) -> None:
-    from .hub import publish
+    from .hub.publish import publish
 
     staged, commit = publish(
         args.checkpoint, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
@@ -175,7 +175,7 @@ def run_publish(args) -> None:
 
 
 def run_convert(args) -> None:
-    from .convert import ConversionError, convert
+    from .hub.convert import ConversionError, convert
 
     try:
         difference = convert(

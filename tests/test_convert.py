@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
 from tests.conftest import random_image
 
-from metaembed.convert import ConversionError, convert, official_embeddings, probe_prompts
+from metaembed.hub.convert import ConversionError, convert, official_embeddings, probe_prompts
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import make_tiny_backbone
 

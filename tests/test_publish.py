@@ -14,7 +14,7 @@ from PIL import Image
 
 import huggingface_hub
 from model_cards import RESULTS_NAME, ResultsError, load_results, render_model_card, save_results
-from metaembed.hub import PublishError, check_publishable, publish, stage_checkpoint
+from metaembed.hub.publish import PublishError, check_publishable, publish, stage_checkpoint
 from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel
 
 BENCHMARKS = [
