@@ -1,5 +1,14 @@
 """MetaEmbed training: the Matryoshka multi-vector contrastive loss on transformers.Trainer (see README, Training).
 
+- `trainer`: `MetaEmbedTrainer` and its arguments; `loss`: the MMR loss; `similarity`: MaxSim at every Matryoshka
+  group from one pass; `distributed`: the collectives it needs.
+- `data`: the record format, loaders, the collator and the one-source batch sampler; `synthetic`: a small task for
+  tests; `reasoning`: Think-Then-Embed traces for records.
+- `evaluation`: retrieval quality at every budget; `lora`: LoRA through PEFT; `multi_vector_encoder`: the loss for
+  sentence-transformers' trainer.
+- `train`: the entry point (`python -m training.train`); `dry_run`: a recipe's steps and memory, offline; `export`:
+  the final export of a run.
+
 Depends on the model package (`modeling_metaembed`); the model package never imports this one, so checkpoints
 stay free of training code.
 """
