@@ -24,7 +24,7 @@ from pathlib import Path
 from closed_form_references import pages_ridge_reference, ridge_reference  # examples/, beside this script
 from metaembed.quickstart import TASKS, QuickstartSettings, candidate_count, load_data, run_quickstart
 from metaembed.quickstart.report import GROUP_LABELS
-from modeling_metaembed.processing_metaembed import write_atomic
+from modeling_metaembed.hub_metaembed import write_atomic
 
 VARIANTS = {
     "metaembed": {},

@@ -54,7 +54,7 @@ def _encoder(args, device):
         except ImportError as error:  # run it in the vLLM environment: ./run vllm -m metaembed encode ...
             raise CommandFailed(str(error)) from error
     model = _load_model(args.model, device, args.dtype)
-    return model, {"engine": "transformers", "weights": model._fingerprint(), "dtype": args.dtype}
+    return model, {"engine": "transformers", "weights": model.fingerprint(), "dtype": args.dtype}
 
 
 def run_encode(args) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modeling_metaembed import MetaEmbedConfig
-from modeling_metaembed.processing_metaembed import write_atomic
+from modeling_metaembed.hub_metaembed import write_atomic
 
 from .results import budget_key, load_results, parse_budget
 

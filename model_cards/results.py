@@ -20,7 +20,7 @@ Format (JSON, written by the evaluation code, read by the card renderer):
 import json
 from pathlib import Path
 
-from modeling_metaembed.processing_metaembed import write_atomic
+from modeling_metaembed.hub_metaembed import write_atomic
 
 RESULTS_FORMAT = "metaembed-results/1"
 

@@ -1,12 +1,17 @@
-"""Writing a whole folder atomically, for the package's tooling (LoRA export, publish staging, conversion).
+"""Writing a whole folder atomically, for the package's tooling (checkpoints, LoRA export, publish staging,
+conversion, indexes).
 
-Not shipped inside checkpoints: no shipped file imports it.
+Not shipped inside checkpoints: no shipped file imports it. Files go to disk the way single files do
+(`hub_metaembed.replace_atomically`): flushed before the folder is renamed into place, the parent folder flushed
+after.
 """
 
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .hub_metaembed import fsync_file, fsync_folder
 
 
 def is_occupied(directory) -> bool:
@@ -16,23 +21,57 @@ def is_occupied(directory) -> bool:
     return directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
 
 
-def save_folder_atomically(save, directory) -> Path:
-    """Run `save(folder)` into a sibling temporary folder, then move it to `directory` (which must not exist or be
-    empty). A failure leaves `directory` as it was and no temporary folder behind."""
+def fsync_tree(folder) -> None:
+    """Flush every file under `folder`, then every folder (deepest first), to disk."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(root)
+        for name in files:
+            fsync_file(os.path.join(root, name))
+    for root in reversed(folders):
+        fsync_folder(root)
+
+
+def save_folder_atomically(save, directory, replace: bool = False) -> Path:
+    """Run `save(folder)` into a sibling temporary folder, flush it to disk, then move it to `directory`. A failure
+    leaves `directory` as it was and no temporary folder behind.
+
+    `directory` must not exist or be empty, unless `replace=True`: then a folder there is moved aside before the new
+    one moves in and removed last, so at every moment either the old or the new complete folder is at `directory`."""
     directory = Path(directory)
-    if is_occupied(directory):
+    if is_occupied(directory) and not (replace and directory.is_dir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save(staging)
-        if directory.exists():
-            directory.rmdir()
-        os.replace(staging, directory)
+        fsync_tree(staging)
+        _swap_in(staging, directory)
+        fsync_folder(directory.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return directory
 
 
-__all__ = ["save_folder_atomically", "is_occupied"]
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Move the complete `staging` folder to `directory`; a folder there is moved aside first and removed last."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    if not any(directory.iterdir()):
+        directory.rmdir()
+        os.replace(staging, directory)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+    backup.rmdir()
+    os.replace(directory, backup)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(backup, directory)
+        raise
+    shutil.rmtree(backup)
+
+
+__all__ = ["save_folder_atomically", "is_occupied", "fsync_tree"]

@@ -10,7 +10,6 @@ Under causal attention M_c cannot change M_q, so queries are encoded as [content
 """
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,15 @@ from transformers.utils.logging import get_logger, tqdm
 from .modeling_litevl import LiteVLModel
 from .processing_litevl import LiteVLProcessor
 from .configuration_metaembed import MetaEmbedConfig, check_role
-from .processing_metaembed import HUB_KWARGS, MetaEmbedProcessor, parse_inputs, write_atomic
-from .reasoning_metaembed import GenerativeReasoner, generate_traces
+from .hub_metaembed import HUB_KWARGS, upload_folder_to_hub, write_atomic
+from .processing_metaembed import MetaEmbedProcessor, parse_inputs, per_item_instructions
+from .reasoning_metaembed import (
+    GenerativeReasoner,
+    generate_traces,
+    generator_around,
+    load_generative_backbone,
+    ties_word_embeddings,
+)
 from .scoring_metaembed import maxsim
 
 logger = get_logger(__name__)
@@ -48,47 +54,6 @@ SENTENCE_TRANSFORMERS_CONFIG = {
     "prompts": {},  # no prompts: the MetaEmbed config's default instructions apply
     "default_prompt_name": None,
 }
-
-
-def upload_folder_to_hub(
-    folder, repo_id: str, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
-    commit_message: str | None = None, token=None,
-):
-    """Create the Hub repository if needed (and the branch `revision`), then upload `folder` as one commit."""
-    from huggingface_hub import HfApi  # a dependency of transformers
-
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=os.fspath(folder),
-        revision=revision,
-        create_pr=create_pr,
-        commit_message=commit_message or "Upload MetaEmbed model",
-    )
-
-
-def _tied(config) -> bool:
-    text_config = config.get_text_config()
-    return bool(getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
-
-
-def _load_with_head(path, dtype, trust_remote_code: bool, load_kwargs: dict) -> tuple:
-    """(base model, language-model head or None when the head is tied to the embeddings) of a generative backbone."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
-        try:
-            generator = auto_class.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
-            )
-        except ValueError:  # not this kind of architecture
-            continue
-        base = getattr(generator, generator.base_model_prefix)
-        return base, None if _tied(generator.config) else generator.get_output_embeddings()
-    raise ValueError(f"{path}: keep_lm_head=True needs a generative backbone (image-text-to-text or causal LM)")
 
 
 @dataclass
@@ -326,7 +291,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if reasoner is not None or traces is not None:
             items = self._with_traces(items, role, reasoner, traces, trace_cache, batch_size, show_progress_bar)
         processor.check_items(items)
-        instructions = processor._per_item_instructions(instruction, len(items))
+        instructions = per_item_instructions(instruction, len(items))
         if device is not None:
             self.to(device)
         device = self.device
@@ -380,45 +345,23 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         The generation model wraps `self.vlm` (no copy: the same weights think and embed) and the head: the input
         embeddings when the backbone ties them, else the head kept at build time (`from_vlm(keep_lm_head=True)`).
         Meta tokens are never generated. `generation_kwargs` go to `GenerativeReasoner` (max_new_tokens, ...)."""
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-        tied = _tied(self.config.vlm_config)
         head = getattr(self, "lm_head", None)
-        if head is None and not tied:
+        if head is None and not ties_word_embeddings(self.config.vlm_config):
             raise ValueError(
                 "this checkpoint has no language-model head: its backbone does not tie embeddings, and it was built "
                 "without keep_lm_head=True (MetaEmbedModel.from_vlm(..., keep_lm_head=True))"
             )
-        generator = None
-        for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
-            try:
-                with torch.device("meta"):
-                    generator = auto_class.from_config(self.config.vlm_config)
-                break
-            except ValueError:
-                continue
-        if generator is None:
-            family = self.config.vlm_config.model_type
-            raise ValueError(f"the {family} backbone has no generative model in transformers")
-        setattr(generator, generator.base_model_prefix, self.vlm)
-        if head is None:
-            embeddings = self.vlm.get_input_embeddings()
-            head = nn.Linear(embeddings.weight.shape[1], embeddings.weight.shape[0], bias=False, device=self.device)
-            head.weight = embeddings.weight  # tied: shares the parameter
-        generator.set_output_embeddings(head)
-        left = [name for name, p in generator.named_parameters() if p.is_meta]
-        if left:
-            raise ValueError(f"cannot build a generator around this backbone: {left[:3]} have no weights")
+        generator = generator_around(self.vlm, self.config.vlm_config, head, device=self.device)
         generator.generation_config.pad_token_id = self.processor.tokenizer.pad_token_id if self.processor else None
         generation_kwargs.setdefault("prompt", self.config.reasoning_prompt)
         meta_ids = list(self.config.query_meta_token_ids or []) + list(self.config.candidate_meta_token_ids or [])
         generation_kwargs.setdefault("suppress_token_ids", meta_ids)
-        name = f"{self.name_or_path or 'metaembed'} (own backbone, {self._fingerprint()})"
+        name = f"{self.name_or_path or 'metaembed'} (own backbone, {self.fingerprint()})"
         generation_kwargs.setdefault("name", name)
         return GenerativeReasoner(generator.eval(), self._require_processor().processor, **generation_kwargs)
 
     @torch.no_grad()
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
         """A cheap digest of the weights (64 strided values of every tensor): traces cached before training are not
         reused after it."""
         import hashlib
@@ -469,7 +412,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         load_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         head = None
         if keep_lm_head:
-            vlm, head = _load_with_head(pretrained_model_name_or_path, dtype, trust_remote_code, load_kwargs)
+            vlm, head = load_generative_backbone(pretrained_model_name_or_path, dtype, trust_remote_code, load_kwargs)
         else:
             vlm = AutoModel.from_pretrained(
                 pretrained_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
@@ -586,4 +529,4 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
 MetaEmbedConfig.register_for_auto_class()
 MetaEmbedModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput", "upload_folder_to_hub"]
+__all__ = ["MetaEmbedModel", "MetaEmbedPreTrainedModel", "MetaEmbedOutput"]

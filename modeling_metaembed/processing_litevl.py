@@ -1,6 +1,7 @@
 """The LiteVL processor: texts with an [IMG] placeholder per image, plus images, into LiteVL model inputs.
 
-This file ships inside every checkpoint (remote code): it imports only public torch/transformers/PIL APIs.
+This file ships inside every checkpoint (remote code): it imports only public torch/transformers/PIL APIs and
+its flat siblings.
 """
 
 import json
@@ -11,7 +12,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 from transformers.utils import cached_file
 
-from .processing_metaembed import HUB_KWARGS, PROCESSOR_CONFIG_NAME, write_atomic
+from .hub_metaembed import HUB_KWARGS, PROCESSOR_CONFIG_NAME, write_atomic
 
 # EfficientNet-Lite was trained on pixels scaled as (x - 127) / 128.
 LITE_MEAN, LITE_STD = [127.0 / 255] * 3, [128.0 / 255] * 3

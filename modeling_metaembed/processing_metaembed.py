@@ -13,7 +13,6 @@ single ids; the processor checks that they did.
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,28 +21,11 @@ import transformers
 from PIL import Image, UnidentifiedImageError
 
 from .configuration_metaembed import MetaEmbedConfig, check_role
+from .hub_metaembed import HUB_KWARGS, PROCESSOR_CONFIG_NAME, write_atomic
 
-PROCESSOR_CONFIG_NAME = "processor_config.json"
-# from_pretrained keyword arguments that say where files come from; forwarded to every file lookup.
-HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Pixels per visual token when a backbone has no merge-based image processor (a generous generic bound).
 FALLBACK_PIXELS_PER_TOKEN = 28 * 28
-
-
-def write_atomic(path, data: str | bytes) -> None:
-    """Write a file (text as UTF-8, or bytes) so that a reader sees the old content or the new one, never a part."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data.encode("utf-8") if isinstance(data, str) else data)
-            file.flush()
-            os.fsync(file.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EncodeItem:
@@ -153,6 +135,20 @@ def load_image(image, index: int, max_pixels: int) -> Image.Image:
     return image
 
 
+def per_item_instructions(instruction, count: int) -> list:
+    """One instruction (or None: the role's default) per item, from a single value or a list."""
+    if isinstance(instruction, (list, tuple)):
+        if len(instruction) != count:
+            raise ValueError(f"got {len(instruction)} instructions for {count} inputs: give one per input")
+        for index, value in enumerate(instruction):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"instruction {index} must be a string or None, got {type(value).__name__}")
+        return list(instruction)
+    if instruction is not None and not isinstance(instruction, str):
+        raise ValueError(f"instruction must be a string, a list of strings or None, got {type(instruction).__name__}")
+    return [instruction] * count
+
+
 class MetaEmbedProcessor:
     """Builds MetaEmbed model inputs for a role ("query" or "candidate") from texts, images or both.
 
@@ -246,7 +242,7 @@ class MetaEmbedProcessor:
         if not items:
             raise ValueError("inputs are empty: nothing to process")
         self.check_items(items)
-        instructions = self._per_item_instructions(instruction, len(items))
+        instructions = per_item_instructions(instruction, len(items))
         images, prompts = [], []
         for item, item_instruction in zip(items, instructions):
             image = None if item.image is None else load_image(item.image, item.index, self.max_image_pixels)
@@ -297,20 +293,6 @@ class MetaEmbedProcessor:
             text = self.config.reasoning_template.format(text=item.text or "", trace=trace.strip()).strip()
             conditioned.append(type(item)(item.index, text, item.image))
         return conditioned
-
-    @staticmethod
-    def _per_item_instructions(instruction, count: int) -> list:
-        """One instruction (or None: the role's default) per item, from a single value or a list."""
-        if isinstance(instruction, (list, tuple)):
-            if len(instruction) != count:
-                raise ValueError(f"got {len(instruction)} instructions for {count} inputs: give one per input")
-            for index, value in enumerate(instruction):
-                if value is not None and not isinstance(value, str):
-                    raise ValueError(f"instruction {index} must be a string or None, got {type(value).__name__}")
-            return list(instruction)
-        if instruction is not None and not isinstance(instruction, str):
-            raise ValueError(f"instruction must be a string, a list of strings or None, got {type(instruction).__name__}")
-        return [instruction] * count
 
     def _paligemma_batch(self, prompts: list, images: list, meta_suffix: str, kwargs: dict):
         """PaliGemma's processor requires an image in every row; MetaEmbed mixes text-only rows in. Rows are
@@ -438,4 +420,4 @@ class MetaEmbedProcessor:
         """Called by AutoProcessor after loading remote code; the auto_map is written by `save_pretrained`."""
 
 
-__all__ = ["MetaEmbedProcessor", "EncodeItem", "parse_inputs", "load_image", "write_atomic"]
+__all__ = ["MetaEmbedProcessor", "EncodeItem", "parse_inputs", "load_image", "per_item_instructions"]

@@ -11,6 +11,8 @@ its flat siblings.
   is reasoned over once: shards written atomically per batch (an interrupted run resumes), and a folder written
   by another reasoner is refused.
 - `generate_traces` runs a reasoner over inputs through a cache, checking what it returns.
+- Generators: `load_generative_backbone` (a backbone kept with its language-model head, `from_vlm(keep_lm_head=True)`)
+  and `generator_around` (the generation model around an embedder's own backbone, for `as_reasoner`).
 """
 
 import hashlib
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 from transformers.utils.logging import get_logger, tqdm
 
-from .processing_metaembed import write_atomic
+from .hub_metaembed import write_atomic
 
 logger = get_logger(__name__)
 
@@ -243,10 +245,63 @@ class GenerativeReasoner:
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+# ------------------------------------------------------------------------------------------------------ generators
+def ties_word_embeddings(config) -> bool:
+    """Whether a backbone config ties its language-model head to its input embeddings."""
+    text_config = config.get_text_config()
+    return bool(getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+
+
+def load_generative_backbone(path, dtype, trust_remote_code: bool, load_kwargs: dict) -> tuple:
+    """(base model, language-model head or None when the head is tied to the embeddings) of a generative backbone."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            generator = auto_class.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs
+            )
+        except ValueError:  # not this kind of architecture
+            continue
+        base = getattr(generator, generator.base_model_prefix)
+        return base, None if ties_word_embeddings(generator.config) else generator.get_output_embeddings()
+    raise ValueError(f"{path}: keep_lm_head=True needs a generative backbone (image-text-to-text or causal LM)")
+
+
+def generator_around(backbone, backbone_config, head, device):
+    """The generation model (image-text-to-text, else causal LM) of `backbone_config` around `backbone` itself (no
+    copy: the same weights) with `head` as its language-model head, or, when `head` is None, a head on `device`
+    sharing the backbone's input embeddings (tied)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    generator = None
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            with torch.device("meta"):
+                generator = auto_class.from_config(backbone_config)
+            break
+        except ValueError:
+            continue
+    if generator is None:
+        family = backbone_config.model_type
+        raise ValueError(f"the {family} backbone has no generative model in transformers")
+    setattr(generator, generator.base_model_prefix, backbone)
+    if head is None:
+        embeddings = backbone.get_input_embeddings()
+        head = torch.nn.Linear(embeddings.weight.shape[1], embeddings.weight.shape[0], bias=False, device=device)
+        head.weight = embeddings.weight  # tied: shares the parameter
+    generator.set_output_embeddings(head)
+    left = [name for name, p in generator.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"cannot build a generator around this backbone: {left[:3]} have no weights")
+    return generator
+
+
 def _default_prompt() -> str:
     from .configuration_metaembed import DEFAULT_REASONING_PROMPT
 
     return DEFAULT_REASONING_PROMPT
 
 
-__all__ = ["GenerativeReasoner", "TraceCache", "generate_traces", "content_key", "reasoner_identity"]
+__all__ = ["GenerativeReasoner", "TraceCache", "generate_traces", "content_key", "reasoner_identity",
+           "load_generative_backbone", "generator_around", "ties_word_embeddings"]  # fmt: skip

@@ -188,7 +188,7 @@ def test_a_model_fresh_from_from_vlm_embeds_as_its_saved_checkpoint(tmp_path, fa
 def test_save_pretrained_writes_a_self_contained_hub_folder(tiny_checkpoint):
     folder = tiny_checkpoint("qwen2_5_vl")
     files = {path.name for path in folder.iterdir()}
-    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py",
+    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py", "hub_metaembed.py",
             "configuration_litevl.py", "modeling_litevl.py", "processing_litevl.py", "sentence_metaembed.py"}
     assert code <= files and "model.safetensors" in files and "tokenizer.json" in files
     config = json.loads((folder / "config.json").read_text())

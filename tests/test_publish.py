@@ -90,7 +90,7 @@ def test_dry_run_writes_the_exact_upload_folder(checkpoint, tmp_path):
     staged, commit = publish(checkpoint, "org/metaembed-tiny", dry_run_dir=tmp_path / "upload", license="apache-2.0")
     assert commit is None
     files = set(os.listdir(staged))
-    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py",
+    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py", "hub_metaembed.py",
             "sentence_metaembed.py"}
     assert code <= files
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "modules.json",

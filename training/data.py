@@ -211,7 +211,7 @@ class ContrastiveDataset(torch.utils.data.Dataset):
                 if side.get("image") is not None:
                     open_image(side["image"], self.image_root, f"{name}: {label}").close()
         if marker is not None:
-            from modeling_metaembed.processing_metaembed import write_atomic
+            from modeling_metaembed.hub_metaembed import write_atomic
 
             marker.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(marker, f"{len(self)} records checked\n")

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from modeling_metaembed.processing_metaembed import write_atomic
+from modeling_metaembed.hub_metaembed import write_atomic
 from modeling_metaembed.reasoning_metaembed import GenerativeReasoner, generate_traces
 
 from .data import ContrastiveDataset, open_image

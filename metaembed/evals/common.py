@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from modeling_metaembed.processing_metaembed import write_atomic
+from modeling_metaembed.hub_metaembed import write_atomic
 from modeling_metaembed.scoring_metaembed import check_budget
 
 # The budgets of the paper's test-time scaling table (Table 3 / Figure 3).

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from model_cards import RESULTS_NAME, write_model_card
 from modeling_metaembed.folders import save_folder_atomically
-from modeling_metaembed.modeling_metaembed import upload_folder_to_hub
+from modeling_metaembed.hub_metaembed import upload_folder_to_hub
 
 # Files a Trainer checkpoint holds that are not part of a published model.
 TRAINING_LEFTOVERS = re.compile(

@@ -30,7 +30,7 @@ import torch
 from model_cards.card import PLOT_NAME, RESULTS_NAME, write_model_card
 from model_cards.results import save_results
 from modeling_metaembed import MetaEmbedModel
-from modeling_metaembed.processing_metaembed import write_atomic
+from modeling_metaembed.hub_metaembed import write_atomic
 
 from .backbones import build_litevl
 from .evaluation import evaluate

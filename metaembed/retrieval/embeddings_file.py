@@ -5,13 +5,13 @@ Safetensors with one tensor "embeddings" (N, k, D) and metadata {"format": "meta
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from modeling_metaembed.hub_metaembed import replace_atomically
 
 EMBEDDINGS_FORMAT = "metaembed-embeddings/1"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,15 +25,8 @@ def save_embeddings(path, embeddings: torch.Tensor, ids: list, role: str, model:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EMBEDDINGS_FORMAT, "role": role, "ids": json.dumps(ids), "model": str(model)}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        tensor = embeddings.to(PRECISIONS[precision]).contiguous()
-        save_file({"embeddings": tensor}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensor = embeddings.to(PRECISIONS[precision]).contiguous()
+    replace_atomically(path, lambda tmp: save_file({"embeddings": tensor}, str(tmp), metadata=metadata))
 
 
 def load_embeddings(path) -> tuple:

@@ -36,10 +36,7 @@ everything and can memory-map the vectors for indexes larger than RAM.
 
 import hashlib
 import json
-import os
-import shutil
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +45,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import scan_kernel
+from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
+
+from . import scan_kernel
 
 FORMAT = "metaembed-index/1"
 MANIFEST_NAME = "index.json"
@@ -503,9 +502,8 @@ class MetaEmbedIndex:
             raise FileExistsError(f"{directory} exists and is not a folder")
         if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST_NAME).is_file():
             raise FileExistsError(f"{directory} holds files but no {MANIFEST_NAME}: refusing to replace it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+
+        def write(staging: Path) -> None:
             tensor_path = staging / VECTORS_NAME
             tensors = {"vectors": self.codes.contiguous().cpu()}
             if not self.compressed:
@@ -533,11 +531,8 @@ class MetaEmbedIndex:
                 manifest["full_dtype"] = self.full_dtype_name
                 manifest["full_sha256"] = _sha256(staging / FULL_NAME)
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
-            _fsync_folder(staging)
-            _swap_in(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+
+        save_folder_atomically(write, directory, replace=True)
         return directory
 
     @classmethod
@@ -709,29 +704,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: file.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_folder(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as file:
-            os.fsync(file.fileno())
-
-
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Move the complete `staging` folder to `directory`; an old index there is moved aside first and removed
-    last, so at every moment either the old or the new complete index exists."""
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-    backup.rmdir()
-    os.replace(directory, backup)
-    try:
-        os.replace(staging, directory)
-    except BaseException:
-        os.replace(backup, directory)
-        raise
-    shutil.rmtree(backup)
 
 
 __all__ = ["MetaEmbedIndex", "SearchResult", "IndexFileError", "quantize"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .index import SearchResult, as_query_batch, check_candidate_embeddings
-from modeling_metaembed.processing_metaembed import write_atomic
+from modeling_metaembed.hub_metaembed import write_atomic
 from modeling_metaembed.scoring_metaembed import check_budget
 
 FORMAT = "metaembed-qdrant/1"

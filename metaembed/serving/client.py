@@ -19,7 +19,7 @@ import urllib.request
 import torch
 
 from modeling_metaembed.configuration_metaembed import MetaEmbedConfig, check_role
-from modeling_metaembed.processing_metaembed import EncodeItem, MetaEmbedProcessor, parse_inputs
+from modeling_metaembed.processing_metaembed import EncodeItem, MetaEmbedProcessor, parse_inputs, per_item_instructions
 
 
 def _check_num_vectors(config: MetaEmbedConfig, role: str, num_vectors):
@@ -144,7 +144,7 @@ class ServerEncoder(_Encoder):
                show_progress_bar=False) -> torch.Tensor:  # fmt: skip
         num_vectors = _check_num_vectors(self.config, role, num_vectors)
         items = self._items(inputs)
-        instructions = self.processor._per_item_instructions(instruction, len(items))
+        instructions = per_item_instructions(instruction, len(items))
         vectors = []
         step = batch_size or self.max_items_per_request
         for start in range(0, len(items), step):

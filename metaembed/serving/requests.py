@@ -7,7 +7,13 @@ for the backbone expands into visual tokens. The meta tokens of the role end eve
 finds them by id. No vLLM import here: the HTTP server's request plugin and the offline client share this code.
 """
 
-from modeling_metaembed.processing_metaembed import EncodeItem, MetaEmbedProcessor, load_image, parse_inputs
+from modeling_metaembed.processing_metaembed import (
+    EncodeItem,
+    MetaEmbedProcessor,
+    load_image,
+    parse_inputs,
+    per_item_instructions,
+)
 
 
 def build_prompts(processor: MetaEmbedProcessor, inputs, role: str, instruction=None) -> list:
@@ -17,7 +23,7 @@ def build_prompts(processor: MetaEmbedProcessor, inputs, role: str, instruction=
     if not items:
         raise ValueError("inputs are empty: nothing to encode")
     processor.check_items(items)
-    instructions = processor._per_item_instructions(instruction, len(items))
+    instructions = per_item_instructions(instruction, len(items))
     suffix = "".join(processor.config.meta_tokens(role))
     tokenizer = processor.tokenizer
     add_special_tokens = not processor.uses_chat_template  # as MetaEmbedProcessor.__call__

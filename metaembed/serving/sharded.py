@@ -20,7 +20,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from metaembed.retrieval.embeddings_file import EMBEDDINGS_FORMAT, PRECISIONS
+from modeling_metaembed.hub_metaembed import replace_atomically
 
 CHUNK_NAME = "chunk-{:06d}.safetensors"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -81,17 +81,9 @@ def _chunk_key(path: Path):
 
 
 def _write_chunk(path: Path, embeddings: torch.Tensor, key: str, index: int, start: int) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        metadata = {"job": key, "chunk": str(index), "start": str(start), "count": str(embeddings.shape[0])}
-        save_file({"embeddings": embeddings.contiguous()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    metadata = {"job": key, "chunk": str(index), "start": str(start), "count": str(embeddings.shape[0])}
+    tensor = embeddings.contiguous()
+    replace_atomically(path, lambda tmp: save_file({"embeddings": tensor}, str(tmp), metadata=metadata))
 
 
 def _tensor_span(path: Path) -> tuple:
@@ -124,9 +116,9 @@ def merge_chunks(paths: list, output, ids: list, role: str, model: str, dtype: t
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(encoded)) + encoded)
             for path, (_, _, offset, count) in zip(paths, spans):
                 with open(path, "rb") as source:
@@ -137,12 +129,8 @@ def merge_chunks(paths: list, output, ids: list, role: str, model: str, dtype: t
                             raise ValueError(f"{path}: ends before its tensor does")
                         out.write(block)
                         count -= len(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    replace_atomically(output, write)
 
 
 def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: str, settings: dict,
