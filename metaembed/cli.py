@@ -131,17 +131,35 @@ def run_score(args) -> None:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
     k = min(args.top_k, len(candidate_ids))
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
+
+    def ranked():
         for start in range(0, len(query_ids), args.query_batch):
             scores = maxsim(queries[start : start + args.query_batch], candidates, budget=budget)
             top = torch.topk(scores, k, dim=1)
             for row, query_id in enumerate(query_ids[start : start + args.query_batch]):
-                hits = [{"id": candidate_ids[i], "score": round(float(s), 6)} for s, i in zip(top.values[row], top.indices[row])]
-                out.write(json.dumps({"query_id": query_id, "results": hits}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+                yield query_id, [candidate_ids[i] for i in top.indices[row].tolist()], top.values[row].tolist()
+
+    _write_results(args.output, ranked())
+
+
+def _write_results(output, ranked) -> None:
+    """One JSON line {"query_id", "results": [{"id", "score"}, ...]} per (query id, ids, scores) of `ranked`, to
+    the file `output` (written atomically once complete) or to standard output."""
+    lines = (
+        json.dumps({"query_id": query_id, "results": [{"id": i, "score": round(s, 6)} for i, s in zip(ids, scores)]})
+        + "\n"
+        for query_id, ids, scores in ranked
+    )
+    if output is None:
+        sys.stdout.writelines(lines)
+        return
+    from modeling_metaembed.hub_metaembed import replace_atomically
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.writelines(lines)  # streamed: never all the results in memory
+
+    replace_atomically(Path(output), write)
 
 
 def _card_kwargs(args) -> dict:
@@ -239,14 +257,7 @@ def run_search(args) -> None:
         found = index.search_two_stage(queries, budget=budget, k=k, shortlist=args.shortlist)
     else:
         found = index.search(queries, budget=budget, k=k)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for query_id, ids, scores in zip(query_ids, found.ids, found.scores.tolist()):
-            hits = [{"id": i, "score": round(s, 6)} for i, s in zip(ids, scores)]
-            out.write(json.dumps({"query_id": query_id, "results": hits}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    _write_results(args.output, zip(query_ids, found.ids, found.scores.tolist()))
 
 
 def run_evaluate(args) -> None:

@@ -6,6 +6,7 @@
 - `qdrant`: `QdrantMetaEmbedIndex`, the same index stored in and searched by Qdrant (a server, local mode, or
   `Edge`, Qdrant's engine in this process).
 - `embeddings_file`: the embeddings-file format (`save_embeddings` / `load_embeddings`).
+- `safetensors_header`: where a safetensors file's tensors lie, for memory maps and streamed copies.
 
 May import: torch, numpy, safetensors, and `modeling_metaembed` (the scoring functions, atomic writes); Qdrant's
 packages only inside the functions that need them. Never the other rooms (serving, evals, quickstart, hub) or the

@@ -49,6 +49,7 @@ from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
 
 from . import scan_kernel
+from .safetensors_header import read_header, tensor_span
 
 FORMAT = "metaembed-index/1"
 MANIFEST_NAME = "index.json"
@@ -655,36 +656,20 @@ def _check_manifest(manifest, path: Path) -> dict:
 def _read_tensors(path: Path, expected: dict, mmap: bool, optional: tuple = ()) -> dict:
     """Tensors of a safetensors file, each checked against `expected` {name: (dtype name, shape)}, read or
     memory-mapped; those named in `optional` may be absent (then they are left out of the result)."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise IndexFileError(f"{path} is truncated (no safetensors header)")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > size - 8:
-            raise IndexFileError(f"{path} is truncated (header of {header_length} bytes in a {size}-byte file)")
-        try:
-            header = json.loads(file.read(header_length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise IndexFileError(f"{path} has an unreadable safetensors header: {error}") from error
+    header, data_start, size = read_header(path, IndexFileError)
     tensors = {}
     for name, (dtype_name, shape) in expected.items():
         safetensors_dtype, numpy_dtype = _SAFETENSORS_DTYPES[dtype_name]
-        entry = header.get(name) if isinstance(header, dict) else None
-        if entry is None and name in optional:
+        if header.get(name) is None and name in optional:
             continue
-        if not isinstance(entry, dict):
-            raise IndexFileError(f"{path} holds no {name!r} tensor")
-        if entry.get("dtype") != safetensors_dtype or entry.get("shape") != shape:
+        found_dtype, found_shape, offset, nbytes = tensor_span(header, data_start, name, path, IndexFileError)
+        if found_dtype != safetensors_dtype or found_shape != shape:
             raise IndexFileError(
-                f"{path}: tensor {name!r} is {entry.get('dtype')} {entry.get('shape')}, "
-                f"the manifest says {safetensors_dtype} {shape}"
+                f"{path}: tensor {name!r} is {found_dtype} {found_shape}, the manifest says {safetensors_dtype} {shape}"
             )
-        begin, end = entry["data_offsets"]
         count = int(np.prod(shape))
-        if end - begin != count * np.dtype(numpy_dtype).itemsize or 8 + header_length + end > size:
+        if nbytes != count * np.dtype(numpy_dtype).itemsize or offset + nbytes > size:
             raise IndexFileError(f"{path} is truncated: the bytes of tensor {name!r} are incomplete")
-        offset = 8 + header_length + begin
         if mmap and count:
             array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=offset, shape=(count,))
         else:

@@ -109,7 +109,26 @@ def _client_models():
     return models
 
 
-class _ClientBackend:
+class _Backend:
+    """What both backends do alike; each translates a field, a request and a search into its engine's own types."""
+
+    def create(self, fields: dict, metadata: dict, on_disk: bool) -> None:
+        """`fields`: {name: (dim, multivector, quantization or None)}."""
+        vectors = {field: self.vector_params(*spec, on_disk) for field, spec in fields.items()}
+        self.create_collection(vectors, metadata, fields)
+
+    def query(self, requests: list) -> list:
+        """[[(score, id), ...] per request]; a request is {"vector", "using", "limit", "prefetch": None or (vector,
+        using, limit, exact), "rescore": None or bool, "oversampling"}."""
+        built = []
+        for r in requests:
+            prefetch = None if r["prefetch"] is None else self.prefetch(*r["prefetch"])
+            params = None if r["rescore"] is None else self.rescore_params(r["rescore"], r["oversampling"])
+            built.append(self.request(r["vector"], r["using"], r["limit"], prefetch, params))
+        return self.run_queries(built)
+
+
+class _ClientBackend(_Backend):
     """A collection reached through qdrant-client (a server by URL, or local mode)."""
 
     def __init__(self, client, name: str):
@@ -118,22 +137,22 @@ class _ClientBackend:
     def exists(self) -> bool:
         return self.client.collection_exists(self.name)
 
-    def create(self, fields: dict, metadata: dict, on_disk: bool) -> None:
+    def vector_params(self, dim: int, multivector: bool, quantization, on_disk: bool):
         models = _client_models()
-        vectors = {}
-        for field, (dim, multivector, quantization) in fields.items():
-            extra = {}
-            if multivector:
-                comparator = models.MultiVectorComparator.MAX_SIM
-                extra = {"multivector_config": models.MultiVectorConfig(comparator=comparator),
-                         "hnsw_config": models.HnswConfigDiff(m=0)}  # fmt: skip
-            if quantization == "int8":
-                extra["quantization_config"] = models.ScalarQuantization(
-                    scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
-            elif quantization == "binary":
-                extra["quantization_config"] = models.BinaryQuantization(
-                    binary=models.BinaryQuantizationConfig(always_ram=True))
-            vectors[field] = models.VectorParams(size=dim, distance=models.Distance.DOT, on_disk=on_disk, **extra)
+        extra = {}
+        if multivector:
+            comparator = models.MultiVectorComparator.MAX_SIM
+            extra = {"multivector_config": models.MultiVectorConfig(comparator=comparator),
+                     "hnsw_config": models.HnswConfigDiff(m=0)}  # fmt: skip
+        if quantization == "int8":
+            extra["quantization_config"] = models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
+        elif quantization == "binary":
+            extra["quantization_config"] = models.BinaryQuantization(
+                binary=models.BinaryQuantizationConfig(always_ram=True))
+        return models.VectorParams(size=dim, distance=models.Distance.DOT, on_disk=on_disk, **extra)
+
+    def create_collection(self, vectors: dict, metadata: dict, fields: dict) -> None:
         self.client.create_collection(self.name, vectors_config=vectors, metadata=metadata)
 
     def metadata_and_fields(self) -> tuple:
@@ -152,26 +171,25 @@ class _ClientBackend:
     def optimize(self) -> None:
         pass  # a server optimizes in the background; local mode has no optimizer
 
-    def query(self, requests: list) -> list:
+    def prefetch(self, vector, using: str, limit: int, exact: bool):
         models = _client_models()
-        built = []
-        for r in requests:
-            prefetch = None
-            if r["prefetch"] is not None:
-                vector, using, limit, exact = r["prefetch"]
-                prefetch = models.Prefetch(query=vector, using=using, limit=limit,
-                                           params=models.SearchParams(exact=exact))  # fmt: skip
-            params = None
-            if r["rescore"] is not None:
-                params = models.SearchParams(quantization=models.QuantizationSearchParams(
-                    rescore=r["rescore"], oversampling=r["oversampling"]))  # fmt: skip
-            built.append(models.QueryRequest(query=r["vector"], using=r["using"], limit=r["limit"], prefetch=prefetch,
-                                             params=params, with_payload=[ID_KEY]))  # fmt: skip
+        return models.Prefetch(query=vector, using=using, limit=limit, params=models.SearchParams(exact=exact))
+
+    def rescore_params(self, rescore: bool, oversampling):
+        models = _client_models()
+        quantization = models.QuantizationSearchParams(rescore=rescore, oversampling=oversampling)
+        return models.SearchParams(quantization=quantization)
+
+    def request(self, vector, using: str, limit: int, prefetch, params):
+        return _client_models().QueryRequest(query=vector, using=using, limit=limit, prefetch=prefetch,
+                                             params=params, with_payload=[ID_KEY])  # fmt: skip
+
+    def run_queries(self, built: list) -> list:
         responses = self.client.query_batch_points(self.name, requests=built)
         return [[(point.score, point.payload[ID_KEY]) for point in response.points] for response in responses]
 
 
-class _EdgeBackend:
+class _EdgeBackend(_Backend):
     """A shard of Qdrant's embedded engine (`Edge`)."""
 
     def __init__(self, edge: Edge, name: str):
@@ -180,20 +198,21 @@ class _EdgeBackend:
     def exists(self) -> bool:
         return self.edge.collection_exists(self.name)
 
-    def create(self, fields: dict, metadata: dict, on_disk: bool) -> None:
+    def vector_params(self, dim: int, multivector: bool, quantization, on_disk: bool):
         qe = _edge()
-        vectors = {}
-        for field, (dim, multivector, quantization) in fields.items():
-            extra = {}
-            if multivector:
-                hnsw = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)  # re-rank only: no graph
-                multivector = qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim)
-                extra = {"multivector_config": multivector, "hnsw_config": hnsw}
-            if quantization == "int8":
-                extra["quantization_config"] = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, always_ram=True)
-            elif quantization == "binary":
-                extra["quantization_config"] = qe.BinaryQuantizationConfig(always_ram=True)
-            vectors[field] = qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot, on_disk=on_disk, **extra)
+        extra = {}
+        if multivector:
+            hnsw = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)  # re-rank only: no graph
+            multivector = qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim)
+            extra = {"multivector_config": multivector, "hnsw_config": hnsw}
+        if quantization == "int8":
+            extra["quantization_config"] = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, always_ram=True)
+        elif quantization == "binary":
+            extra["quantization_config"] = qe.BinaryQuantizationConfig(always_ram=True)
+        return qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot, on_disk=on_disk, **extra)
+
+    def create_collection(self, vectors: dict, metadata: dict, fields: dict) -> None:
+        qe = _edge()
         optimizers = None
         if self.edge.indexing_threshold_kb is not None:
             optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self.edge.indexing_threshold_kb)
@@ -223,22 +242,21 @@ class _EdgeBackend:
     def optimize(self) -> None:
         self.edge.shard(self.name).optimize()
 
-    def query(self, requests: list) -> list:
+    def prefetch(self, vector, using: str, limit: int, exact: bool):
         qe = _edge()
-        built = []
-        for r in requests:
-            prefetches = None
-            if r["prefetch"] is not None:
-                vector, using, limit, exact = r["prefetch"]
-                prefetches = [qe.Prefetch(limit=limit, query=qe.Query.Nearest(vector, using=using),
-                                          params=qe.SearchParams(exact=exact))]  # fmt: skip
-            params = None
-            if r["rescore"] is not None:
-                params = qe.SearchParams(quantization=qe.QuantizationSearchParams(
-                    rescore=r["rescore"], oversampling=r["oversampling"]))  # fmt: skip
-            built.append(qe.QueryRequest(limit=r["limit"], query=qe.Query.Nearest(r["vector"], using=r["using"]),
-                                         prefetches=prefetches, params=params, with_payload=[ID_KEY]))  # fmt: skip
-        responses = self.edge.shard(self.name).query_batch(qe.QueryBatchRequest(built))
+        return [qe.Prefetch(limit=limit, query=qe.Query.Nearest(vector, using=using), params=qe.SearchParams(exact=exact))]
+
+    def rescore_params(self, rescore: bool, oversampling):
+        qe = _edge()
+        return qe.SearchParams(quantization=qe.QuantizationSearchParams(rescore=rescore, oversampling=oversampling))
+
+    def request(self, vector, using: str, limit: int, prefetch, params):
+        qe = _edge()
+        return qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector, using=using), prefetches=prefetch,
+                               params=params, with_payload=[ID_KEY])  # fmt: skip
+
+    def run_queries(self, built: list) -> list:
+        responses = self.edge.shard(self.name).query_batch(_edge().QueryBatchRequest(built))
         return [[(point.score, point.payload[ID_KEY]) for point in points] for points in responses]
 
 

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from metaembed.retrieval.embeddings_file import EMBEDDINGS_FORMAT, PRECISIONS
+from metaembed.retrieval.safetensors_header import read_header, tensor_span
 from modeling_metaembed.hub_metaembed import replace_atomically
 
 CHUNK_NAME = "chunk-{:06d}.safetensors"
@@ -87,13 +88,9 @@ def _write_chunk(path: Path, embeddings: torch.Tensor, key: str, index: int, sta
 
 
 def _tensor_span(path: Path) -> tuple:
-    """(dtype string, shape, absolute byte offset, byte count) of the 'embeddings' tensor of a safetensors file."""
-    with open(path, "rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
-    entry = header["embeddings"]
-    begin, end = entry["data_offsets"]
-    return entry["dtype"], entry["shape"], 8 + header_size + begin, end - begin
+    """(dtype string, shape, absolute byte offset, byte count) of the 'embeddings' tensor of a chunk file."""
+    header, data_start, _ = read_header(path)
+    return tensor_span(header, data_start, "embeddings", path)
 
 
 def merge_chunks(paths: list, output, ids: list, role: str, model: str, dtype: torch.dtype) -> None:
