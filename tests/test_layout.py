@@ -188,3 +188,27 @@ def test_no_room_holds_more_than_a_third_of_the_code():
 def test_old_import_paths_give_the_same_objects(old, new, names):
     old_module, new_module = importlib.import_module(old), importlib.import_module(new)
     assert [name for name in names if getattr(old_module, name) is not getattr(new_module, name)] == []
+
+
+def readme_layout_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("## Layout of the repository", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readmes_layout_section_matches_the_tree():
+    """Every path the README's layout names exists, and it names every room and every top-level folder."""
+    section = readme_layout_section()
+    named = set(re.findall(r"`([\w./*-]+)`", section))
+    paths = {name for name in named if "/" in name or name.endswith(".py")}
+    missing = []
+    for name in paths:
+        if "*" in name:
+            continue
+        candidates = [ROOT / name] + [path for path in ROOT.rglob(name) if ".venv" not in path.parts]
+        if not any(path.exists() for path in candidates):
+            missing.append(name)
+    assert missing == []
+    rooms = {room.replace(".", "/") + "/" for room in ROOMS}
+    folders = {f"{path.name}/" for path in ROOT.iterdir() if path.is_dir() and (path / "__init__.py").exists()}
+    folders |= {"examples/", "benchmarks/", "tests/", "docs/"}
+    assert sorted((rooms | folders) - named) == []
