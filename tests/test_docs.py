@@ -137,3 +137,43 @@ def test_the_checker_finds_broken_links_and_anchors(tmp_path):
         "think-then-embed-queries-embedded-with-a-reasoners-trace"
     )
     assert slug("Index scoring against the machine's floor") == "index-scoring-against-the-machines-floor"
+
+
+# ------------------------------------------------------------------------- the imports the snippets show
+# Packages a snippet may import that are extras, not installed in the test environment.
+OPTIONAL_PACKAGES = {"vllm"}
+
+
+def python_snippets(path: Path) -> list[str]:
+    """The ```python blocks of a page."""
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def snippet_imports() -> list[tuple[str, str]]:
+    """(page, import statement) for every import in every Python snippet of the README and docs/."""
+    import ast
+
+    found = []
+    for path in [README, *PAGES]:
+        for snippet in python_snippets(path):
+            for node in ast.walk(ast.parse(snippet)):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    if module.split(".")[0] not in OPTIONAL_PACKAGES:
+                        found.append((str(path.relative_to(ROOT)), ast.unparse(node)))
+    return found
+
+
+def test_the_snippets_import_only_what_exists():
+    """Every import a snippet shows runs (in a fresh interpreter: names moved to new rooms keep their old paths)."""
+    import subprocess
+    import sys
+
+    imports = snippet_imports()
+    assert len(imports) > 10  # the snippets were found
+    program = "\n".join(
+        f"try:\n    {statement}\nexcept Exception as error:\n    print({page!r}, {statement!r}, repr(error))"
+        for page, statement in imports
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr[-2000:]

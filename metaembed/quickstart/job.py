@@ -126,7 +126,7 @@ def warm_start_projector(model, train_pairs: list, settings: QuickstartSettings,
     features of each training emoji's tokens (the emoji alone, at the size it has on a page) to the mean input
     embedding of its name's word pieces, set exactly into the projector (`set_mlp_to_linear_map`). An image
     token then enters the text encoder near the words that name it. From a random projector this model sat at
-    the uniform loss for its whole run (docs/quickstart.md). Returns the R^2 of the map on its training data."""
+    the uniform loss for its whole run (docs/measurements/quickstart.md). Returns the R^2 of the map on its training data."""
     from modeling_metaembed.processing_litevl import LiteVLImageProcessor
 
     from modeling_metaembed.processing_metaembed import load_image

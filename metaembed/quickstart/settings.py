@@ -26,7 +26,7 @@ class QuickstartSettings:
     image_size: int | None = None
     page_grid: int = 2  # pages: items per side of a page
     # pages: each round lays out every training emoji once (382 pages of 2x2 per round). 8 (192 steps): at 4 the
-    # budget's gain on picture queries did not hold over seeds (docs/quickstart.md).
+    # budget's gain on picture queries did not hold over seeds (docs/measurements/quickstart.md).
     train_rounds: int = 8
     test_rounds: int = 2  # pages: rounds of held-out pages (92 pages of 2x2 each), scored separately and pooled
     epochs: float = 2.0
@@ -37,7 +37,7 @@ class QuickstartSettings:
     # frozen); None: they learn with the text encoder at `learning_rate`, which left a page's vectors near-copies.
     meta_learning_rate: float | None = 1e-2
     # 0.1, not the paper's 0.03: from fresh meta vectors that are near-copies across inputs, 0.03 drives this
-    # small model to the uniform loss log(batch) before it learns anything (docs/quickstart.md, measured).
+    # small model to the uniform loss log(batch) before it learns anything (docs/measurements/quickstart.md, measured).
     temperature: float = 0.1
     # Logits = MaxSim / (r_q * tau): every group gets the logit range of (1,1) (see docs/training.md).
     score_normalization: str = "mean"
