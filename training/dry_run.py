@@ -2,7 +2,7 @@
 
 In seconds, offline, on a CPU machine:
 
-1. **Data**, built lazily at full size: the recipe's data where it is on disk (through `training.train.build_data`,
+1. **Data**, built lazily at full size: the recipe's data where it is on disk (through `training.building.build_data`,
    the loader a real run uses); for each part that is absent, a synthetic stand-in with the record count and image
    sizes the recipe declares under `data.expected_sizes` (records generated on access, never held in memory;
    images never decoded). The held-out split and the one-source batches are those of a real run
@@ -204,8 +204,8 @@ def split_data_settings(settings: dict) -> tuple:
 
 def build_dry_data(settings: dict) -> dict:
     """Train/held-out sources of the recipe's data: the real loaders for what is on disk, stand-ins for the rest."""
+    from training.building import build_data
     from training.data import split_holdout
-    from training.train import build_data
 
     present, absent = split_data_settings(settings)
     fraction = settings.get("holdout_fraction")
