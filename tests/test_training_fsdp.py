@@ -198,14 +198,15 @@ def _fsdp_worker(rank, environment, runs, results):
         results.put(("error", rank, traceback.format_exc()))
 
 
-def run_fsdp_pair(runs, timeout=420, layer_classes="Qwen3DecoderLayer") -> tuple:
+def run_fsdp_pair(runs, timeout=420, layer_classes="Qwen3DecoderLayer", worker=None) -> tuple:
     """Run `runs` in one spawned pair; ({(name, rank): what that rank saw}, [errors]). A rank stops at its first
     error (its partner then fails its next collective after ddp_timeout), so the scenarios before it still count.
-    `layer_classes`: the FSDP units (None: the shipped config's)."""
+    `layer_classes`: the FSDP units (None: the shipped config's). `worker`: a module-level function with
+    `_fsdp_worker`'s arguments and reports (default: `_fsdp_worker`)."""
     environment = launch_environment(layer_classes, num_processes=2, port=free_port())
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_fsdp_worker, args=(r, environment, runs, results)) for r in range(2)]
+    processes = [context.Process(target=worker or _fsdp_worker, args=(r, environment, runs, results)) for r in range(2)]
     for p in processes:
         p.start()
     seen, errors = {}, []

@@ -2,7 +2,7 @@
 
 In seconds, offline, on a CPU machine:
 
-1. **Data**, built lazily at full size: the recipe's data where it is on disk (through `training.train.build_data`,
+1. **Data**, built lazily at full size: the recipe's data where it is on disk (through `training.building.build_data`,
    the loader a real run uses); for each part that is absent, a synthetic stand-in with the record count and image
    sizes the recipe declares under `data.expected_sizes` (records generated on access, never held in memory;
    images never decoded). The held-out split and the one-source batches are those of a real run
@@ -39,6 +39,10 @@ QUERY_TEXT_TOKENS = 128
 CANDIDATE_TEXT_TOKENS = 64
 ACTIVATION_BYTES = 2  # bf16 / fp16 activations (the recipes train with bf16 autocast)
 GIB = 1024**3
+# How far measured memory may be from the estimate, per component, as checked on CPU by
+# tests/test_training_memory_plan.py (table in docs/training.md). "step" is what a training step adds on top of the
+# weights, gradients and optimizer state: activations (in the recipe's mode) + embeddings + MaxSim scores.
+ESTIMATE_MARGINS = {"parameters": 0.01, "gradients": 0.01, "optimizer_adamw": 0.01, "step": 0.30}
 ROLES = ("query", "positive", "negative")
 SAMPLED_RECORDS = 64  # records of on-disk data read to see which sides carry images
 
@@ -204,8 +208,8 @@ def split_data_settings(settings: dict) -> tuple:
 
 def build_dry_data(settings: dict) -> dict:
     """Train/held-out sources of the recipe's data: the real loaders for what is on disk, stand-ins for the rest."""
+    from training.building import build_data
     from training.data import split_holdout
-    from training.train import build_data
 
     present, absent = split_data_settings(settings)
     fraction = settings.get("holdout_fraction")
@@ -423,6 +427,7 @@ def build_meta_model(model_settings: dict, lora_settings: dict | None):
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
         trainable_dtypes=sorted({str(p.dtype).replace("torch.", "") for p in trainable}),
         largest_block_bytes=_largest_block_bytes(model),
+        qk_norm=any(name.split(".")[-1] in ("q_norm", "k_norm") for name, _ in model.named_modules()),
         lora=lora_note,
     )
     return model, config, info
@@ -441,8 +446,19 @@ def _largest_block_bytes(model) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- memory
-def estimate_memory(info: dict, config, args: dict, launch: dict, data: dict, lora: dict | None) -> dict:
-    """Bytes per rank of what the run holds, as estimates. All formulas are here.
+def activation_bytes(info: dict, args: dict) -> int:
+    """Bytes of one activation element: 2 under bf16 / fp16 autocast, else the parameters' element size (a float32
+    model without autocast, as on CPU, keeps float32 activations)."""
+    if args.get("bf16") or args.get("fp16"):
+        return ACTIVATION_BYTES
+    return {"float32": 4, "float64": 8}.get(info["dtype"], ACTIVATION_BYTES)
+
+
+def estimate_memory(
+    info: dict, config, args: dict, launch: dict, data: dict, lora: dict | None, text_tokens: tuple | None = None
+) -> dict:
+    """Bytes per rank of what the run holds, as estimates. All formulas are here. `text_tokens`: (query, candidate)
+    text tokens per row, replacing the assumed QUERY_TEXT_TOKENS / CANDIDATE_TEXT_TOKENS (tests pass measured ones).
 
     Parameters / gradients / optimizer (exact counts from the meta model, estimates of what is resident):
       parameters = sum(numel * element size) over every parameter (frozen ones in the recipe's dtype; PEFT keeps
@@ -455,16 +471,20 @@ def estimate_memory(info: dict, config, args: dict, launch: dict, data: dict, lo
 
     Activations (per-layer per-token counts in the style of Korthikanti et al. 2022, "Reducing Activation
     Recomputation in Large Transformer Models", with FlashAttention: no [heads, L, L] score matrix is kept):
-      a = 2 bytes (bf16 activations), h = hidden, h_kv = KV heads x head dim, I = MLP intermediate, n_h = heads.
-      One decoder layer keeps, per token, for its backward:
-        attention: RMSNorm input h, q/k/v input h, q h, k h_kv, v h_kv, attention output (o_proj input) h
-        MLP (SwiGLU/GeGLU): RMSNorm input h, gate/up input h, gate I, up I, act(gate) I, act(gate)*up (down input) I
-        -> a * (6h + 2 h_kv + 4I) + 4 n_h (FlashAttention's float32 log-sum-exp)
+      a = 2 bytes (bf16 / fp16 autocast; else the parameters' element size, `activation_bytes`), h = hidden, h_kv = KV heads x head dim, I = MLP intermediate, n_h = heads.
+      h_q = heads x head dim. One decoder layer keeps, per token, for its backward (counted with saved-tensor hooks
+      on a Qwen3 layer, tests/test_training_memory_plan.py):
+        each RMSNorm: its input in float32 (4 h bytes: the upcast under autocast) and its normalized output (a h);
+        attention: q/k/v input h, q h_q, k h_kv, v h_kv (after rotary: the attention kernel's inputs), attention
+          output (o_proj input) h_q; with per-head q/k norms (Qwen3) also their inputs and outputs: (4 + a)(h_q + h_kv)
+        MLP (SwiGLU/GeGLU): gate/up input h, gate I, up I, act(gate) I, act(gate)*up (down input) I
+        -> 2 (4 + a) h + a * (2h + 2 h_q + 2 h_kv + 4I) [+ (4 + a)(h_q + h_kv)] + 4 n_h (FlashAttention's float32
+        log-sum-exp). The last norm (one more RMSNorm, (4 + a) h per token) is counted once.
         LoRA with dropout p > 0 adds, per adapted Linear, the dropped-out input (a bytes) and its mask (1 byte) per
         input feature, plus the rank-r intermediate (a * r): (a + 1) * (6h + I) + 7 a r for q,k,v,o,gate,up,down.
       Without gradient checkpointing: tokens x layers x per-layer bytes.
       With gradient checkpointing (one checkpoint per decoder layer): tokens x layers x a h (each layer's input)
-        + tokens x per-layer bytes (one layer recomputed in the backward).
+        + tokens x per-layer bytes (one layer recomputed in the backward). Both add the last norm.
       The vision tower is frozen and upstream of every trainable parameter (LoRA on the language model only), so it
       keeps nothing for the backward; its transient working memory is not counted.
       Tokens (worst case: every row padded to the longest): a query = text + visual tokens (when any data part has
@@ -486,11 +506,15 @@ def estimate_memory(info: dict, config, args: dict, launch: dict, data: dict, lo
     head_dim = getattr(text, "head_dim", None) or h // heads
     h_kv = getattr(text, "num_key_value_heads", None) or heads
     h_kv *= head_dim
+    h_q = heads * head_dim
     intermediate = text.intermediate_size
     layers = text.num_hidden_layers
-    a = ACTIVATION_BYTES
+    a = activation_bytes(info, args)
 
-    per_layer = a * (6 * h + 2 * h_kv + 4 * intermediate) + 4 * heads
+    norm = (4 + a) * h  # an RMSNorm keeps its float32 input and its normalized output
+    per_layer = 2 * norm + a * (2 * h + 2 * h_q + 2 * h_kv + 4 * intermediate) + 4 * heads
+    if info.get("qk_norm"):
+        per_layer += (4 + a) * (h_q + h_kv)
     if lora and lora.get("dropout", 0.0) > 0:
         per_layer += (a + 1) * (6 * h + intermediate) + 7 * a * lora.get("r", 32)
     elif lora:
@@ -503,15 +527,16 @@ def estimate_memory(info: dict, config, args: dict, launch: dict, data: dict, lo
     query_images = data["images"]["query"]
     if not any(data["images"].values()):  # text-only data: no visual tokens on either side
         image_tokens = 0
-    query_tokens = QUERY_TEXT_TOKENS + (image_tokens if query_images else 0) + len(config.meta_tokens("query"))
-    candidate_tokens = CANDIDATE_TEXT_TOKENS + image_tokens + len(config.meta_tokens("candidate"))
+    query_text, candidate_text = text_tokens or (QUERY_TEXT_TOKENS, CANDIDATE_TEXT_TOKENS)
+    query_tokens = query_text + (image_tokens if query_images else 0) + len(config.meta_tokens("query"))
+    candidate_tokens = candidate_text + image_tokens + len(config.meta_tokens("candidate"))
     query_rows, candidate_rows = batch, batch * (1 + negatives)
 
     def activations(q_rows, c_rows, checkpointing):
         tokens = q_rows * query_tokens + c_rows * candidate_tokens
         if not checkpointing:
-            return tokens * layers * per_layer
-        return tokens * layers * layer_input + tokens * per_layer
+            return tokens * (layers * per_layer + norm)
+        return tokens * (layers * layer_input + per_layer + norm)
 
     chunk = args.get("gradcache_chunk_size")
     chunk_rows = chunk or max(query_rows, candidate_rows)
@@ -521,8 +546,8 @@ def estimate_memory(info: dict, config, args: dict, launch: dict, data: dict, lo
     def gradcache(checkpointing):
         tokens = chunk_rows * longest
         if not checkpointing:
-            return tokens * layers * per_layer
-        return tokens * layers * layer_input + tokens * per_layer
+            return tokens * (layers * per_layer + norm)
+        return tokens * (layers * layer_input + per_layer + norm)
 
     d = config.output_dim
     r_q, r_c = config.num_query_vectors, config.num_candidate_vectors
@@ -556,8 +581,9 @@ def estimate_memory(info: dict, config, args: dict, launch: dict, data: dict, lo
         "assumptions": {
             "query_tokens": query_tokens,
             "candidate_tokens": candidate_tokens,
-            "query_text_tokens": QUERY_TEXT_TOKENS,
-            "candidate_text_tokens": CANDIDATE_TEXT_TOKENS,
+            "query_text_tokens": query_text,
+            "candidate_text_tokens": candidate_text,
+            "activation_bytes": a,
             "image_tokens": image_tokens,
             "query_rows": query_rows,
             "candidate_rows": candidate_rows,
@@ -657,9 +683,14 @@ def format_report(report: dict) -> str:
             f"    {mode.replace('_', ' '):<40} {_gib(value)}   total {_gib(memory['total_per_rank_bytes'][mode])}{mark}"
         )
     lines.append(
-        "formulas: training.dry_run.estimate_memory (Korthikanti et al. 2022-style per-token activations, "
+        "formulas: training.dry_run.estimate_memory (per-token activations: what a decoder layer saves for its backward, "
         f"FlashAttention, {assume['activation_bytes_per_token_per_layer']:,} bytes/token/layer); "
         "allocator fragmentation, CUDA context and framework buffers are not included."
+    )
+    margins = ESTIMATE_MARGINS
+    lines.append(
+        f"margins: parameters, gradients, AdamW ±{margins['parameters']:.0%}; activations + embeddings + scores "
+        f"±{margins['step']:.0%} (checked against measured peaks on CPU by tests/test_training_memory_plan.py)"
     )
     return "\n".join(lines)
 

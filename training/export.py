@@ -2,9 +2,11 @@
 
 Under FSDP the parameters are shards (DTensors) spread over the processes: no single process can save them or
 merge LoRA into them. Every process enters one collective (`accelerator.get_state_dict`, which gives the full
-state dict on process 0, on CPU); process 0 then loads it into a plain copy of the model (built from the recipe,
-unsharded) and writes from that copy, so `save_pretrained` and PEFT's merge run on plain tensors. Without FSDP
-(one process, DDP) process 0 writes the model it holds, as before.
+state dict on process 0, on CPU); process 0 then builds a plain, unsharded copy of the trained model's architecture
+(its config, plus LoRA when the recipe has it) on the meta device and assigns the gathered tensors to it, so
+`save_pretrained` and PEFT's merge run on plain tensors while process 0 holds the weights once: the gathered state
+is the copy (nothing is read from disk, nothing is copied). Without FSDP (one process, DDP) process 0 writes the
+model it holds, as before.
 
 What is written to `directory`:
 - full fine-tuning: a MetaEmbed checkpoint (code, config, weights, processor);
@@ -28,16 +30,57 @@ def _write(model, recipe: dict, directory: Path) -> Path:
     return save_adapter(model, directory)
 
 
-def _unsharded_copy(recipe: dict, state_dict: dict):
-    """The recipe's model (with LoRA when the recipe has it), unsharded, holding `state_dict`."""
-    from .lora import apply_lora
-    from .train import build_model
+def _unsharded_copy(trained, recipe: dict, state_dict: dict):
+    """A plain copy of `trained` (the sharded model: its config, its processor, LoRA when the recipe has it) that
+    holds the tensors of `state_dict` themselves. Only parameters are built on the meta device; buffers (rotary
+    `inv_freq`, position ids: not in the state dict) are computed on CPU as any fresh build computes them, and those
+    built from parameters (PEFT's copy of the meta-token rows) are taken from `trained`."""
+    import copy
 
-    model = build_model(recipe.get("model") or {})
-    if recipe.get("lora") is not None:
-        model = apply_lora(model, **recipe["lora"])
-    model.load_state_dict(state_dict, strict=True)  # every key, or an error: never a half-loaded export
+    from accelerate import init_empty_weights
+
+    from modeling_metaembed import MetaEmbedModel
+
+    from .lora import apply_lora
+
+    lora = recipe.get("lora") is not None
+    base = trained.get_base_model() if lora else trained
+    with init_empty_weights(include_buffers=False):
+        model = MetaEmbedModel(copy.deepcopy(base.config))
+        if lora:
+            model = apply_lora(model, **recipe["lora"])
+    assign_weights(model, state_dict, trained)
+    plain = model.get_base_model() if lora else model
+    plain.processor, plain.model_card = base.processor, base.model_card  # what save_pretrained writes beside
     return model
+
+
+def assign_weights(model, state_dict: dict, trained=None) -> None:
+    """Make `state_dict`'s tensors `model`'s parameters and persistent buffers, without copying them
+    (`load_state_dict(assign=True)`): every key, or an error (never a half-loaded export). Tied parameters stay
+    tied as they are in `trained` (else in `model`). A buffer left on the meta device (one a build computes from
+    parameters, such as PEFT's `trainable_tokens_original`) is copied from the same name in `trained`; nothing may
+    stay on the meta device."""
+    from itertools import chain
+
+    # Parameters several modules hold (tied weights), read from the trained model: assign gives each name its own
+    # tensor, and a build under init_empty_weights has already untied them (it re-registers every parameter).
+    shared = {}
+    for name, parameter in (model if trained is None else trained).named_parameters(remove_duplicate=False):
+        shared.setdefault(id(parameter), []).append(name)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    for names in shared.values():
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, first)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta and trained is not None:  # small (a few rows); under FSDP buffers are not sharded
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, trained.get_buffer(name).detach().to("cpu", copy=True))
+    left = [name for name, tensor in chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
+    if left:
+        raise RuntimeError(f"the export left {len(left)} tensor(s) on the meta device, first {left[:3]}")
 
 
 def export_final(trainer, recipe: dict, directory) -> Path | None:
@@ -55,7 +98,8 @@ def export_final(trainer, recipe: dict, directory) -> Path | None:
     written, error = None, None
     if trainer.is_world_process_zero():
         try:
-            model = _unsharded_copy(recipe, state_dict) if sharded else accelerator.unwrap_model(trainer.model)
+            trained = accelerator.unwrap_model(trainer.model)
+            model = _unsharded_copy(trained, recipe, state_dict) if sharded else trained
             written = _write(model, recipe, directory)
         except Exception as caught:  # noqa: BLE001 - reported to every process below, then raised here
             error = caught
