@@ -28,6 +28,7 @@ from .vllm_api import (
     processor_factories,
 )
 
+
 class MetaTokenPool(AllPool):
     """Each finished prompt's states at its role's meta tokens, in meta-token order: (R, H)."""
 

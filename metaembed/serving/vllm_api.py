@@ -13,19 +13,19 @@ from .vllm_version import check_vllm_version
 
 check_vllm_version(vllm.__version__)
 
-from vllm import LLM, ModelRegistry  # noqa: E402
-from vllm.config import PoolerConfig, VllmConfig  # noqa: E402
-from vllm.model_executor.layers.pooler import PoolingParamsUpdate  # noqa: E402
-from vllm.model_executor.layers.pooler.tokwise.methods import AllPool  # noqa: E402  private module
-from vllm.model_executor.layers.pooler.tokwise.poolers import TokenPooler  # noqa: E402  private module
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader  # noqa: E402
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: E402
-from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
-from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration  # noqa: E402
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix  # noqa: E402
-from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.plugins.io_processors.interface import IOProcessor  # noqa: E402
-from vllm.pooling_params import PoolingParams  # noqa: E402
+from vllm import LLM, ModelRegistry
+from vllm.config import PoolerConfig, VllmConfig
+from vllm.model_executor.layers.pooler import PoolingParamsUpdate
+from vllm.model_executor.layers.pooler.tokwise.methods import AllPool  # private module
+from vllm.model_executor.layers.pooler.tokwise.poolers import TokenPooler  # private module
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.plugins.io_processors.interface import IOProcessor
+from vllm.pooling_params import PoolingParams
 
 
 def register_config(model_type: str, config_class) -> None:
