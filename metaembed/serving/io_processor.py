@@ -23,6 +23,7 @@ checkpoint's own processor, exactly as the offline client builds them.
 
 import base64
 import io
+import logging
 from collections import OrderedDict
 
 import torch
@@ -39,6 +40,7 @@ from .wire import check_format, encode_tensor
 
 ENCODE_KEYS = {"role", "items", "num_vectors", "encoding", "dtype"}
 SCORE_KEYS = {"queries", "candidates", "budget"}
+logger = logging.getLogger(__name__)
 MAX_PENDING = 4096  # requests between pre_process and post_process (what each asked for is kept meanwhile)
 
 
@@ -77,7 +79,11 @@ class MetaEmbedIOProcessor(IOProcessor):
         super().__init__(vllm_config, renderer)
         self.processor = MetaEmbedProcessor.from_pretrained(vllm_config.model_config.model)
         self.config = self.processor.config
-        self.fingerprint = weights_fingerprint(vllm_config.model_config.model)
+        try:
+            self.fingerprint = weights_fingerprint(vllm_config.model_config.model)
+        except Exception as error:  # noqa: BLE001  e.g. weights outside the Hub cache (--download-dir): serve anyway
+            logger.warning("metaembed: no fingerprint of the served weights (%s); answers carry null", error)
+            self.fingerprint = None
         # What each request asked for, by request id, from pre_process to post_process (vLLM passes only the id).
         self._pending = OrderedDict()
 
