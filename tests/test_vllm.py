@@ -426,15 +426,26 @@ def test_an_untested_vllm_is_refused_at_registration(monkeypatch):
     check_vllm_version("0.34.0")
 
 
+def test_the_engine_runs_the_checkpoints_dtype_on_gpu_and_float32_on_cpu(monkeypatch):
+    from metaembed.serving import client
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert client.default_dtype() == "auto"  # vLLM's "auto": the checkpoint's own dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert client.default_dtype() == "float32"
+
+
 class FakeEngine:
     """Stands in for VLLMEncoder in the CLI (no engine start): model.encode, and what the engine would see."""
 
     devices: ClassVar[list] = []  # CUDA_VISIBLE_DEVICES each engine started with
+    dtypes: ClassVar[list] = []
 
     def __init__(self, checkpoint, **engine):
         from metaembed.serving.sharded import weights_fingerprint
 
         FakeEngine.devices.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        FakeEngine.dtypes.append(engine.get("dtype"))
         self.model = MetaEmbedModel.from_pretrained(checkpoint)
         self.fingerprint = lambda: weights_fingerprint(checkpoint)
 
@@ -466,7 +477,7 @@ def test_each_rank_gets_its_own_engine_device_and_changed_weights_refuse_to_resu
     for rank in (0, 1):  # two ranks of one node: two engines, GPUs 0 and 1
         assert _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, rank, 2, rank)[0] == 0
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # each rank is its own process
-    assert FakeEngine.devices == ["0", "1"]
+    assert FakeEngine.devices == ["0", "1"] and set(FakeEngine.dtypes) == {"float32"}  # no GPU here
     got, _, _ = load_embeddings(output)
     assert_equal_embeddings(got, MetaEmbedModel.from_pretrained(qwen3).encode(TEXTS))
     # Under a launcher that already narrowed the visible GPUs, rank r takes the r-th of them; too few is refused.
