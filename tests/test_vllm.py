@@ -268,6 +268,12 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
     want, want_ids, _ = load_embeddings(tmp_path / "hf.safetensors")
     assert got_ids == want_ids
     assert_equal_embeddings(got, want)
+    # At a budget, chunked: the server is asked for 2 vectors, and its fingerprint keys the resumable job.
+    assert main(["encode", str(qwen25vl), str(source), str(tmp_path / "server2.safetensors"), "--server", server,
+                 "--num-vectors", "2", "--chunk-size", "2", "--quiet"]) == 0  # fmt: skip
+    got, got_ids, _ = load_embeddings(tmp_path / "server2.safetensors")
+    assert got_ids == want_ids and got.shape == (5, 2, 48)
+    assert_equal_embeddings(got, want[:, :2])
 
 
 def test_server_rejects_a_bad_item_naming_it(server, qwen25vl):
