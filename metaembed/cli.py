@@ -49,8 +49,9 @@ def _encoder(args, device):
         from .serving import client
         from .serving.sharded import engine_device, world
 
-        if args.server:
-            return client.ServerEncoder(args.server, args.model), {"engine": "vllm-server", "server": args.server}
+        if args.server:  # the answers come in the stored precision: the server sends no bytes that are dropped here
+            encoder = client.ServerEncoder(args.server, args.model, dtype=args.precision)
+            return encoder, {"engine": "vllm-server", "server": args.server}
         _, world_size, local_rank = world()
         if world_size > 1:  # one engine per process, on the process's own GPU (its spawned workers inherit this)
             os.environ["CUDA_VISIBLE_DEVICES"] = engine_device(local_rank)

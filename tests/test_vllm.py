@@ -268,12 +268,13 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
     want, want_ids, _ = load_embeddings(tmp_path / "hf.safetensors")
     assert got_ids == want_ids
     assert_equal_embeddings(got, want)
-    # At a budget, chunked: the server is asked for 2 vectors, and its fingerprint keys the resumable job.
+    # At a budget, chunked, stored in bf16: the server is asked for 2 vectors in bf16, and its fingerprint keys the
+    # resumable job. Both sides round the same float32 values (to 1e-7) to bf16: at most one bf16 step apart.
     assert main(["encode", str(qwen25vl), str(source), str(tmp_path / "server2.safetensors"), "--server", server,
-                 "--num-vectors", "2", "--chunk-size", "2", "--quiet"]) == 0  # fmt: skip
+                 "--num-vectors", "2", "--chunk-size", "2", "--precision", "bfloat16", "--quiet"]) == 0  # fmt: skip
     got, got_ids, _ = load_embeddings(tmp_path / "server2.safetensors")
-    assert got_ids == want_ids and got.shape == (5, 2, 48)
-    assert_equal_embeddings(got, want[:, :2])
+    assert got_ids == want_ids and got.shape == (5, 2, 48) and torch.equal(got, got.bfloat16().float())
+    assert (got.float() - want[:, :2].bfloat16().float()).abs().max().item() <= 2**-8
 
 
 def test_server_rejects_a_bad_item_naming_it(server, qwen25vl):
