@@ -303,14 +303,15 @@ def _pool_error(server: str, data: dict) -> str:
 
 
 def test_server_returns_the_vectors_asked_for_in_binary(server, qwen25vl, files):
-    from metaembed.serving.client import ServerEncoder
+    from metaembed.serving.client import ServerEncoder, _records
     from metaembed.serving.sharded import weights_fingerprint
     from metaembed.serving.wire import decode_tensor
 
     model = MetaEmbedModel.from_pretrained(qwen25vl)
     inputs = mixed(files)
     encoder = ServerEncoder(server, qwen25vl)
-    items = {"query": encoder._records([TEXTS[1], inputs[2]], None), "candidate": encoder._records(inputs, None)}
+    items = {role: _records(encoder._items(raw), [None] * len(raw))
+             for role, raw in (("query", [TEXTS[1], inputs[2]]), ("candidate", inputs))}  # fmt: skip
     # Half a float32 ulp near 1 for the 16-bit forms (the vectors are unit-norm, so every value is within +-1).
     rounding = {"float32": TOLERANCE, "float16": 2**-11 + TOLERANCE, "bfloat16": 2**-8 + TOLERANCE}
     for role, num_vectors, raw in (("query", 2, [TEXTS[1], inputs[2]]), ("candidate", 4, inputs)):
@@ -339,7 +340,7 @@ def test_server_returns_the_vectors_asked_for_in_binary(server, qwen25vl, files)
 
 
 def test_server_scores_at_a_budget_like_similarity(server, qwen25vl, files):
-    from metaembed.serving.client import ServerEncoder
+    from metaembed.serving.client import ServerEncoder, _records
 
     model = MetaEmbedModel.from_pretrained(qwen25vl)
     encoder = ServerEncoder(server, qwen25vl)
@@ -352,7 +353,7 @@ def test_server_scores_at_a_budget_like_similarity(server, qwen25vl, files):
         assert got.shape == (3, 5)
         difference = (got - want).abs().max().item()
         assert difference <= TOLERANCE, f"budget {budget}: the server's scores differ by {difference:.2e}"
-    records = encoder._records(candidates[:1], None)
+    records = _records(encoder._items(candidates[:1]), [None])
     message = _pool_error(server, {"queries": records, "candidates": records, "budget": [2, 9]})
     assert "budget r_c=9 is outside 1..8" in message
 
@@ -362,8 +363,8 @@ def test_server_refuses_an_instruction_holding_a_meta_token(server, qwen25vl):
     instruction = f"Find {model.config.query_meta_tokens[0]}: "
     with pytest.raises(ValueError) as expected:
         model.encode(["ok", "fine"], role="query", instruction=[None, instruction])
-    message = _pool_error(server, {"role": "query", "items": [{"text": "ok"}, {"text": "fine",
-                                                                              "instruction": instruction}]})  # fmt: skip
+    items = [{"text": "ok"}, {"text": "fine", "instruction": instruction}]
+    message = _pool_error(server, {"role": "query", "items": items})
     assert str(expected.value) in message
 
 

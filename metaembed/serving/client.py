@@ -131,6 +131,17 @@ def _image_payload(image) -> dict:
     return {"base64": base64.b64encode(data).decode("ascii")}
 
 
+def _records(items: list, instructions: list) -> list:
+    """The request records of parsed items (images read here, so callers build them a request at a time)."""
+    records = []
+    for item, instruction in zip(items, instructions):
+        record = {"index": item.index, "text": item.text, "instruction": instruction}
+        if item.image is not None:
+            record["image"] = _image_payload(item.image)
+        records.append(record)
+    return records
+
+
 class ServerEncoder(_Encoder):
     """A running vLLM server (`python -m vllm.entrypoints.openai.api_server --model CHECKPOINT --runner pooling`
     with this package installed): items are posted to `/pooling` as `{"data": {...}}` and turned into prompts
@@ -166,23 +177,16 @@ class ServerEncoder(_Encoder):
     def score(self, queries, candidates, budget=None, query_instruction=None,
               candidate_instruction=None) -> torch.Tensor:  # fmt: skip
         """MaxSim scores (Nq, Nc) computed by the server at `budget` (r_q, r_c), as `model.similarity` gives them."""
-        data = {"queries": self._records(queries, query_instruction),
-                "candidates": self._records(candidates, candidate_instruction)}  # fmt: skip
+        data = {}
+        for key, inputs, instruction in (("queries", queries, query_instruction),
+                                         ("candidates", candidates, candidate_instruction)):  # fmt: skip
+            items = self._items(inputs)
+            data[key] = _records(items, per_item_instructions(instruction, len(items)))
         if budget is not None:
             data["budget"] = list(budget)
         answer = self._post({"model": self.model_name, "data": data})["data"]
         self._check_fingerprint(answer)
         return torch.tensor(answer["scores"], dtype=torch.float32)
-
-    def _records(self, inputs, instruction) -> list:
-        items = self._items(inputs)
-        records = []
-        for item, item_instruction in zip(items, per_item_instructions(instruction, len(items))):
-            record = {"index": item.index, "text": item.text, "instruction": item_instruction}
-            if item.image is not None:
-                record["image"] = _image_payload(item.image)
-            records.append(record)
-        return records
 
     def _post(self, payload: dict) -> dict:
         request = urllib.request.Request(self.url + "/pooling", data=json.dumps(payload).encode(),
@@ -196,12 +200,13 @@ class ServerEncoder(_Encoder):
     def encode(self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None,
                show_progress_bar=False) -> torch.Tensor:  # fmt: skip
         num_vectors = _check_num_vectors(self.config, role, num_vectors)
-        records = self._records(inputs, instruction)
+        items = self._items(inputs)
+        instructions = per_item_instructions(instruction, len(items))
         step = batch_size or self.max_items_per_request
         dim = self.config.output_dim
-        output = torch.empty(len(records), num_vectors, dim, dtype=torch.float32)
-        for start in range(0, len(records), step):
-            chunk = records[start : start + step]
+        output = torch.empty(len(items), num_vectors, dim, dtype=torch.float32)
+        for start in range(0, len(items), step):
+            chunk = _records(items[start : start + step], instructions[start : start + step])
             answer = self._post({"model": self.model_name, "data": {
                 "role": role, "num_vectors": num_vectors, "encoding": self.encoding, "dtype": self.dtype,
                 "items": chunk}})["data"]  # fmt: skip
