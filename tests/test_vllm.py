@@ -356,6 +356,8 @@ def test_server_scores_at_a_budget_like_similarity(server, qwen25vl, files):
     records = _records(encoder._items(candidates[:1]), [None])
     message = _pool_error(server, {"queries": records, "candidates": records, "budget": [2, 9]})
     assert "budget r_c=9 is outside 1..8" in message
+    message = _pool_error(server, {"queries": records, "candidates": [*records, {"text": " "}]})
+    assert "candidates: item 1: text is empty" in message
 
 
 def test_server_refuses_an_instruction_holding_a_meta_token(server, qwen25vl):

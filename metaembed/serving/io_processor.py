@@ -71,7 +71,10 @@ def _parse_items(records, what: str) -> tuple:
                 raise ValueError(f"{what}: item {position}: cannot decode its image: {error}") from None
         raw.append(item)
         instructions.append(record.get("instruction"))
-    return parse_inputs(raw), instructions
+    try:
+        return parse_inputs(raw), instructions
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
 
 
 class MetaEmbedIOProcessor(IOProcessor):
@@ -114,10 +117,14 @@ class MetaEmbedIOProcessor(IOProcessor):
 
     def pre_process(self, prompt: dict, request_id=None, **kwargs) -> list:
         if prompt["score"]:
-            (queries, query_instructions), (candidates, candidate_instructions) = prompt["queries"], prompt["candidates"]
-            prompts = build_prompts(self.processor, queries, "query", query_instructions)
-            prompts += build_prompts(self.processor, candidates, "candidate", candidate_instructions)
-            settings = {"score": True, "num_queries": len(queries), "budget": prompt["budget"]}
+            prompts = []
+            for what, role in (("queries", "query"), ("candidates", "candidate")):
+                items, instructions = prompt[what]
+                try:
+                    prompts += build_prompts(self.processor, items, role, instructions)
+                except ValueError as error:
+                    raise ValueError(f"{what}: {error}") from None
+            settings = {"score": True, "num_queries": len(prompt["queries"][0]), "budget": prompt["budget"]}
         else:
             prompts = build_prompts(self.processor, prompt["items"], prompt["role"], prompt["instructions"])
             settings = {key: prompt[key] for key in ("score", "role", "num_vectors", "encoding", "dtype")}
