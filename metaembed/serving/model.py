@@ -10,16 +10,23 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from vllm.config import VllmConfig
-from vllm.model_executor.layers.pooler import PoolingParamsUpdate
-from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
-from vllm.model_executor.layers.pooler.tokwise.poolers import TokenPooler
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
-from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
-from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from .vllm_api import (
+    MULTIMODAL_REGISTRY,
+    AllPool,
+    AutoWeightsLoader,
+    PoolingParamsUpdate,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    TokenPooler,
+    VllmConfig,
+    WeightsMapper,
+    decoder_backbone,
+    default_weight_loader,
+    maybe_prefix,
+    processor_factories,
+)
 
 
 class MetaTokenPool(AllPool):
@@ -111,15 +118,7 @@ class MetaEmbedTextModel(MetaEmbedMixin, nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        family = vllm_config.model_config.hf_config.model_type
-        if family == "qwen3":
-            from vllm.model_executor.models.qwen3 import Qwen3Model as Backbone
-        elif family == "qwen2":
-            from vllm.model_executor.models.qwen2 import Qwen2Model as Backbone
-        elif family == "llama":
-            from vllm.model_executor.models.llama import LlamaModel as Backbone
-        else:
-            raise ValueError(f"no vLLM decoder backbone wired for {family}")
+        Backbone = decoder_backbone(vllm_config.model_config.hf_config.model_type)
         self.model = Backbone(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self._init_metaembed(vllm_config)
 
@@ -159,7 +158,7 @@ def _vision_language(base):
 
     # The backbone's multimodal processor, with the image processor capped at the checkpoint's max_image_tokens as
     # MetaEmbedProcessor caps it (the saved preprocessor config keeps the backbone's own, larger limit).
-    factories = base._processor_factory
+    factories = processor_factories(base)
 
     class CappedProcessingInfo(factories.info):
         def get_hf_processor(self, **kwargs):

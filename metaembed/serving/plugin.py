@@ -12,6 +12,7 @@ requests with a `data` field (raw items: text, base64 images, role, instruction;
 import os
 
 from .torchvision_ops import define_missing_ops
+from .vllm_version import check_vllm_version
 
 # Backbone families vLLM can serve as a MetaEmbed pooling model: model_type -> (architecture, vLLM model class).
 SERVED_FAMILIES = {
@@ -78,11 +79,13 @@ def _config_class():
 
 def register() -> None:
     """Entry point of `vllm.general_plugins`: the config reader and the model classes."""
-    define_missing_ops()
-    from vllm import ModelRegistry
-    from vllm.transformers_utils import config as vllm_config
+    import vllm
 
-    vllm_config._CONFIG_REGISTRY["metaembed"] = _config_class()
+    check_vllm_version(vllm.__version__)  # before any of vLLM's private names is touched
+    define_missing_ops()
+    from .vllm_api import ModelRegistry, register_config
+
+    register_config("metaembed", _config_class())
     for architecture, qualname in SERVED_FAMILIES.values():
         if architecture not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(architecture, qualname)

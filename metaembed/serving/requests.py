@@ -4,8 +4,12 @@ Text-only inputs become token ids (the processor's own tokenisation, so no engin
 inputs with an image become the processor's prompt text with the image placeholder plus the decoded, capped image
 (`load_image`: RGB, transparency on white, downscaled to the checkpoint's `max_image_tokens`), which vLLM's processor
 for the backbone expands into visual tokens. The meta tokens of the role end every prompt, so the engine's pooler
-finds them by id. No vLLM import here: the HTTP server's request plugin and the offline client share this code.
+finds them by id. Every prompt is checked as `MetaEmbedProcessor` checks its rows (each of the role's meta tokens
+exactly once, with its message), and a query prompt must not hold candidate meta tokens (the engine's pooler
+tells the roles apart by them). No vLLM import here: the HTTP server's request plugin and the offline client share this code.
 """
+
+import torch
 
 from modeling_metaembed.processing_metaembed import (
     EncodeItem,
@@ -27,12 +31,18 @@ def build_prompts(processor: MetaEmbedProcessor, inputs, role: str, instruction=
     suffix = "".join(processor.config.meta_tokens(role))
     tokenizer = processor.tokenizer
     add_special_tokens = not processor.uses_chat_template  # as MetaEmbedProcessor.__call__
+    candidate_ids = set(tokenizer.convert_tokens_to_ids(list(processor.config.candidate_meta_tokens)))
     prompts = []
     for item, item_instruction in zip(items, instructions):
         text = processor.build_prompt(item, role, item_instruction) + suffix
+        # The text's own tokens: the image placeholder, if any, is one token here (vLLM expands it later).
+        ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        processor._check_meta_tokens(torch.tensor([ids]), [item], role)  # model.encode's check and message
+        if role == "query" and candidate_ids.intersection(ids):
+            raise ValueError(f"item {item.index}: its query prompt holds a candidate meta token string (in its "
+                             "instruction or template); vLLM would read it as a candidate")  # fmt: skip
         if item.image is None:
-            ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+            prompts.append({"prompt_token_ids": ids})
         else:
             image = load_image(item.image, item.index, processor.max_image_pixels)
             prompts.append({"prompt": text, "multi_modal_data": {"image": image}})

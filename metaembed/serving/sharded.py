@@ -10,7 +10,8 @@ merges them, streaming chunk by chunk (never the whole matrix in memory), into O
 a one-process `metaembed encode`, bit for bit the same whichever processes encoded which chunks (each chunk is
 encoded alone, so its batches do not depend on the number of processes).
 
-The job key hashes what determines the output: the model (path and a digest of its weights), the role, number of
+The job key hashes what determines the output: the model (path and a digest of its weights: the model's, the
+checkpoint files' for `--engine vllm`, the server's report for `--server`), the role, number of
 vectors, instruction, stored precision, chunk size, reasoner, and every input (id, text, image path with its size and
 modification time). A shard folder holding chunks of another job is refused with a clear error.
 """
@@ -54,6 +55,19 @@ def world() -> tuple:
     return rank, size, values.get("LOCAL_RANK", rank)
 
 
+def engine_device(local_rank: int, environ=os.environ) -> str:
+    """CUDA_VISIBLE_DEVICES for this rank's vLLM engine under a launcher: the LOCAL_RANK-th device the launcher sees
+    (one engine, one GPU per process). Raises when the rank has no device of its own."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return str(local_rank)
+    devices = [device.strip() for device in visible.split(",") if device.strip()]
+    if local_rank >= len(devices):
+        raise ValueError(f"LOCAL_RANK={local_rank} but CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)} "
+                         "device(s): start at most one process per visible GPU (each runs its own vLLM engine)")  # fmt: skip
+    return devices[local_rank]
+
+
 def _item_record(identifier, item) -> list:
     text, image = item.get("text"), item.get("image")
     record = [str(identifier), text]
@@ -69,6 +83,38 @@ def job_key(ids: list, items: list, settings: dict) -> str:
     for identifier, item in zip(ids, items):
         digest.update(json.dumps(_item_record(identifier, item), default=str).encode() + b"\n")
     return digest.hexdigest()
+
+
+def weights_fingerprint(checkpoint) -> str:
+    """A digest of a checkpoint's weight files read from disk, without loading them: every safetensors header and
+    64 strided 8-byte samples of every tensor. The same bytes give the same digest wherever the files were copied
+    (no paths, no modification times), so a redeployed model with other weights is told apart from a copy."""
+    folder = _local_checkpoint(checkpoint)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{checkpoint}: no *.safetensors weight files to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        header, data_start, _ = read_header(path)
+        digest.update(path.name.encode() + json.dumps(header, sort_keys=True).encode())
+        with open(path, "rb") as file:
+            for name in sorted(key for key in header if key != "__metadata__"):
+                _, _, offset, count = tensor_span(header, data_start, name, path)
+                step = max(8, count // 64)
+                for position in range(offset, offset + count, step)[:64]:
+                    file.seek(position)
+                    digest.update(file.read(min(8, offset + count - position)))
+    return digest.hexdigest()[:16]
+
+
+def _local_checkpoint(checkpoint) -> Path:
+    """The folder of a local checkpoint, or of a Hub id's cached snapshot (no download here)."""
+    folder = Path(checkpoint)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(checkpoint), local_files_only=True))
 
 
 def _chunk_key(path: Path):
@@ -178,4 +224,4 @@ def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: 
     return report
 
 
-__all__ = ["encode_sharded", "merge_chunks", "job_key", "world"]
+__all__ = ["encode_sharded", "merge_chunks", "job_key", "world", "weights_fingerprint", "engine_device"]
