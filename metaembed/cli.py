@@ -102,7 +102,7 @@ def _encode_with(encoder, settings: dict, args, ids: list, items: list, device) 
         report = encode_sharded(lambda chunk: encode(chunk, False), ids, items, args.output, role=args.role,
                                 model=args.model, settings=settings, chunk_size=args.chunk_size or 1024,
                                 shard_dir=args.shard_dir, precision=args.precision, quiet=args.quiet)  # fmt: skip
-        if report["merged"] and not args.quiet:
+        if report["finished"] and not args.quiet:
             print(f"[rank {report['rank']}/{report['world_size']}] wrote {len(ids)} {args.role} embeddings to "
                   f"{args.output}", file=sys.stderr)  # fmt: skip
         return
@@ -228,17 +228,26 @@ def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -
 
 
 def run_index(args) -> None:
+    from .retrieval.embeddings_file import embeddings_info, iter_embeddings
     from .retrieval.index import MetaEmbedIndex
 
-    embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
+    if args.model is None:  # an embeddings folder: added shard by shard, never all of it in memory
+        info = embeddings_info(args.source)
+        if info.get("role") != "candidate":
+            raise ValueError(f"{args.source}: holds {info.get('role')} embeddings, expected candidate embeddings "
+                             f"(or give --model to encode inputs)")  # fmt: skip
+        chunks, dim, stored = iter_embeddings(args.source), info["dim"], info["num_vectors"]
+    else:
+        embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
+        chunks, dim, stored = [(embeddings, ids)], embeddings.shape[-1], embeddings.shape[1]
     if args.append:
         index = MetaEmbedIndex.load(args.index)
     else:
         if Path(args.index, "index.json").exists():
             raise ValueError(f"{args.index}: an index is already there; pass --append to add to it")
-        num_vectors = args.num_vectors or embeddings.shape[1]
-        index = MetaEmbedIndex(dim=embeddings.shape[-1], num_vectors=num_vectors, dtype=args.precision)
-    index.add(embeddings, ids=ids)
+        index = MetaEmbedIndex(dim=dim, num_vectors=args.num_vectors or stored, dtype=args.precision)
+    for embeddings, ids in chunks:
+        index.add(embeddings, ids=ids)
     index.save(args.index)
     if not args.quiet:
         print(f"wrote {args.index}: {index}", file=sys.stderr)
@@ -295,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser("encode", help="embed a .jsonl/.txt file or a folder of images into an embeddings file")
     encode.add_argument("model", help="MetaEmbed checkpoint folder or Hub id")
     encode.add_argument("inputs", help=".jsonl ({'id','text','image'} per line), .txt (one text per line) or a folder of images")
-    encode.add_argument("output", help="embeddings file to write (.safetensors)")
+    encode.add_argument("output", help="embeddings folder to write (shards + embeddings.json)")
     encode.add_argument("--role", choices=("query", "candidate"), default="candidate")
     encode.add_argument("--num-vectors", type=int, default=None, help="keep the first K vectors (default: all)")
     encode.add_argument("--instruction", default=None, help="replace the role's default instruction")
@@ -312,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--server", default=None, metavar="URL", help="a running vLLM server with the metaembed plugin")
     encode.add_argument("--chunk-size", type=int, default=None, help="resumable: encode and write chunks of this many "
                         "inputs (default 1024 under torchrun / accelerate launch, where each process takes its share)")
-    encode.add_argument("--shard-dir", default=None, help="where chunks are written (default: OUTPUT.shards)")
+    encode.add_argument("--shard-dir", default=None, help="where chunks are written (default: OUTPUT itself)")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(run=run_encode)
 
