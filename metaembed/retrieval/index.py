@@ -194,6 +194,10 @@ class MetaEmbedIndex:
         # [R_c] float32 on CPU, float storage only: the largest L2 norm of each tier's stored vectors, which certifies
         # the AMX kernel's faster two-part scan (scan_kernel.top_k); None where unknown (an index saved without it)
         self._max_norms = None if self.compressed else torch.zeros(num_vectors, dtype=torch.float32)
+        # Tiers whose _max_norms are known to bound the data: all for norms computed here; none for norms read from
+        # files whose checksums were not verified (checked against the vectors before the kernel trusts them)
+        self._norms_checked = num_vectors
+        self._files = []  # (path, SHA-256 in the manifest) of the files a loaded index reads, for verify()
         self._count = 0
         self.ids: list = []
         self._id_set: set = set()
@@ -285,6 +289,29 @@ class MetaEmbedIndex:
             if item_id in self._id_set or item_id in seen:
                 raise ValueError(f"id {item_id!r} (position {position}) is already in the index")
             seen.add(item_id)
+
+    def verify(self) -> None:
+        """Check a loaded index's files against the SHA-256 in its manifest and the stored tier norms against the
+        vectors; IndexFileError naming the file otherwise. Reads every byte (a mapped `load` reads none of them)."""
+        for path, expected in self._files:
+            if _sha256(path) != expected:
+                raise IndexFileError(f"{path} does not match the checksum in its manifest: it was changed or truncated")
+        if self._max_norms is not None:
+            self._checked_max_norms(self.num_vectors)
+
+    def _checked_max_norms(self, r_c: int, max_work_bytes: int = DEFAULT_MAX_WORK_BYTES) -> torch.Tensor:
+        """The stored tier norms, the first r_c of them checked against the vectors (once; one pass over those
+        tiers) unless they were computed here or their file's checksum was verified: a norm smaller than the data's
+        would void the two-part scan's certificate silently."""
+        if self._norms_checked < r_c:
+            # slices of at most 1 MB of float32: a search's memory must not grow with N (tests/test_search_memory.py)
+            found = _tier_max_norms(self._vectors[:r_c, : self._count], min(max_work_bytes, 2**22))
+            if bool((self._max_norms[:r_c] < found).any()):
+                where = self._files[0][0] if self._files else "this index"
+                raise IndexFileError(f"{where}: tensor 'max_norms' is smaller than the stored vectors' norms "
+                                     f"({self._max_norms[:r_c].tolist()} < {found.tolist()}): the file was changed")
+            self._norms_checked = r_c
+        return self._max_norms
 
     def add_items(self, model, items: list, ids: list | None = None, batch_size: int = 16,
                   show_progress_bar: bool = True, **encode_kwargs) -> None:  # fmt: skip
@@ -442,7 +469,7 @@ class MetaEmbedIndex:
             return None
         max_norm = None  # looked up (two torch calls) only where the AMX kernel's two-part scan can run
         if kind == "amx" and self._max_norms is not None and step * r_q >= scan_kernel.AMX_TWO_PARTS_FROM_ROWS:
-            max_norm = float(self._max_norms[:r_c].max())
+            max_norm = float(self._checked_max_norms(r_c, max_work_bytes)[:r_c].max())
         scores, positions = [], []
         for start in range(0, num_queries, step):
             batch = queries[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
@@ -510,6 +537,7 @@ class MetaEmbedIndex:
             if not self.compressed:
                 if self._max_norms is None:  # loaded mapped from a file saved without them: one pass, as save reads
                     self._max_norms = _tier_max_norms(self.vectors)
+                self._checked_max_norms(self.num_vectors)  # never write norms read unverified without checking
                 tensors["max_norms"] = self._max_norms.contiguous()
             if self.compressed:
                 tensors["scales"] = self.scales.contiguous().cpu()
@@ -537,12 +565,15 @@ class MetaEmbedIndex:
         return directory
 
     @classmethod
-    def load(cls, directory, device="cpu", mmap: bool = False, verify_checksum: bool = True) -> "MetaEmbedIndex":
-        """Load a saved index, validating its manifest, tensor headers, shapes, dtypes and (by default) checksums.
+    def load(cls, directory, device="cpu", mmap: bool = False, verify_checksum: bool | None = None) -> "MetaEmbedIndex":
+        """Load a saved index, validating its manifest, tensor headers, shapes and dtypes, and checksums when
+        `verify_checksum` (default: when read into memory, not when mapped).
 
         `mmap=True` maps the vector file instead of reading it (CPU only): an index larger than RAM is searched
-        from the page cache. A compressed index's full vectors are always mapped (they are read only to re-score
-        shortlists). Adding to a memory-mapped index copies it into memory first."""
+        from the page cache, and opening it reads none of the vectors. `verify()` checks the checksums later; the
+        stored tier norms, which the AMX kernel's faster scan trusts, are checked against the vectors before their
+        first use when the checksums were not. A compressed index's full vectors are always mapped (they are read
+        only to re-score shortlists). Adding to a memory-mapped index copies it into memory first."""
         directory = Path(directory)
         if mmap and torch.device(device).type != "cpu":
             raise ValueError(f"mmap=True maps the file into CPU memory; it cannot be used with device={device!r}")
@@ -559,10 +590,11 @@ class MetaEmbedIndex:
         full_path = directory / FULL_NAME
         if compressed and not full_path.is_file():
             raise IndexFileError(f"{full_path} is missing: a {manifest['dtype']} index keeps its full vectors there")
+        verify_checksum = not mmap if verify_checksum is None else verify_checksum
+        checks = [(tensor_path, manifest["sha256"])] + ([(full_path, manifest["full_sha256"])] if compressed else [])
         if verify_checksum:
-            checks = [(tensor_path, "sha256")] + ([(full_path, "full_sha256")] if compressed else [])
-            for path, key in checks:
-                if _sha256(path) != manifest[key]:
+            for path, expected in checks:
+                if _sha256(path) != expected:
                     raise IndexFileError(
                         f"{path} does not match the checksum in {manifest_path}: it was changed or truncated"
                     )
@@ -589,7 +621,10 @@ class MetaEmbedIndex:
             full = {"vectors": (manifest["full_dtype"], [num_vectors, count, dim])}
             index._full = _read_tensors(full_path, full, mmap=True)["vectors"]
         if not compressed:
-            index._max_norms = _checked_max_norms(tensors.get("max_norms"), index._vectors, tensor_path, mmap)
+            index._max_norms = _validated_max_norms(tensors.get("max_norms"), index._vectors, tensor_path, mmap)
+            # Stored norms are trusted once their file's checksum is verified; else checked before first use.
+            index._norms_checked = num_vectors if verify_checksum or "max_norms" not in tensors else 0
+        index._files = checks
         index._count = count
         index.ids = list(manifest["ids"])
         index._id_set = set(index.ids)
@@ -603,17 +638,18 @@ def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
     return grown
 
 
-def _tier_max_norms(vectors: torch.Tensor) -> torch.Tensor:
-    """[R] float32 on CPU: the largest L2 norm in each tier of `vectors` [R, n, D], read 16 MB of float32 at a time."""
+def _tier_max_norms(vectors: torch.Tensor, work_bytes: int = 2**26) -> torch.Tensor:
+    """[R] float32 on CPU: the largest L2 norm in each tier of `vectors` [R, n, D], read a slice at a time (a float32
+    copy and its temporaries within `work_bytes`)."""
     found = torch.zeros(vectors.shape[0], dtype=torch.float32)
-    step = max(1, 2**22 // max(1, vectors.shape[0] * vectors.shape[2]))
+    step = max(1, work_bytes // 16 // max(1, vectors.shape[0] * vectors.shape[2]))
     for start in range(0, vectors.shape[1], step):
         norms = vectors[:, start : start + step].float().norm(dim=-1).amax(dim=1).cpu()
         found = torch.maximum(found, norms)
     return found
 
 
-def _checked_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) -> torch.Tensor | None:
+def _validated_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) -> torch.Tensor | None:
     """The saved tier norms, validated; for an index saved without them, computed from the vectors read into memory
     (one pass, as a search makes), or None for a memory-mapped one (its AMX scans then use three parts)."""
     if stored is None:
