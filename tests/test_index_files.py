@@ -100,3 +100,26 @@ def test_verify_names_a_changed_file(tmp_path):
     full.write_bytes(bytes(data))
     with pytest.raises(IndexFileError, match="full.safetensors does not match the checksum"):
         loaded.verify()
+
+
+@pytest.mark.parametrize("dtype", ["binary", "int8"])
+@pytest.mark.parametrize("sample", [None, 700])  # centres fitted at the first search, or once 700 items are in
+def test_streamed_adds_code_items_as_one_add_does(dtype, sample, monkeypatch):
+    import metaembed.retrieval.index as module
+
+    if sample is not None:
+        monkeypatch.setattr(module, "CENTER_SAMPLE", sample)
+    # Trained embeddings share a common direction per tier; the centres must come from more than the first item.
+    common = torch.nn.functional.normalize(torch.randn(2, 64), dim=-1)
+    embeddings = torch.nn.functional.normalize(common + 0.3 * torch.randn(3000, 2, 64), dim=-1)
+    queries = torch.nn.functional.normalize(common + 0.3 * torch.randn(20, 2, 64), dim=-1)
+    whole = MetaEmbedIndex(dim=64, num_vectors=2, dtype=dtype)
+    whole.add(embeddings)
+    streamed = MetaEmbedIndex(dim=64, num_vectors=2, dtype=dtype)
+    for start, stop in ((0, 1), (1, 1000), (1000, 3000)):  # one item first, then the rest
+        streamed.add(embeddings[start:stop])
+    found = streamed.search(queries, k=10, shortlist=20)
+    assert found.ids == whole.search(queries, k=10, shortlist=20).ids
+    assert torch.equal(streamed.codes, whole.codes) and torch.equal(streamed.scales, whole.scales)
+    if dtype == "binary":
+        assert torch.equal(streamed._centers, whole._centers) and torch.equal(streamed._offsets, whole._offsets)

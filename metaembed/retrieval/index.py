@@ -15,7 +15,9 @@ max over r_c, a sum over r_q, and a running top-k over chunks. Every temporary o
 memory.
 
 Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127). "binary" keeps,
-around a center c_j per vector tier (the mean of tier j over the first items added), the exact component of
+around a center c_j per vector tier (the mean of tier j over the first CENTER_SAMPLE items, fitted once that many
+are added or at the first search or save, whichever comes first: not by the size of the first add), the exact
+component of
 x - c_j along c_j and one bit per dimension for the rest (its signs, scaled by their mean magnitude): a vector reads
 back as c_j + delta * u_j + s * sign(r) with u_j = c_j / |c_j| (delta chosen so the component along u_j is exact).
 Trained embeddings share a strong common direction per tier (here: the mean vector has norm 0.98 of 1); raw sign
@@ -61,6 +63,8 @@ COMPRESSED = {"int8": torch.int8, "binary": torch.uint8}
 # safetensors dtype names, and the numpy type of the same width used to memory-map the raw bytes.
 _SAFETENSORS_DTYPES = {"bfloat16": ("BF16", np.uint16), "float16": ("F16", np.float16), "float32": ("F32", np.float32),
                        "int8": ("I8", np.int8), "binary": ("U8", np.uint8)}  # fmt: skip
+# Binary: each tier's centre is the mean of this many first items (or of all, if fewer at the first search or save).
+CENTER_SAMPLE = 65536
 # Items re-scored exactly per query after a compressed scan, unless `shortlist` says otherwise.
 DEFAULT_SHORTLIST = 100
 
@@ -190,7 +194,7 @@ class MetaEmbedIndex:
         self._scales = torch.empty(num_vectors, 0, device=self.device) if self.compressed else None  # [R_c, cap]
         self._full = torch.empty(num_vectors, 0, dim, dtype=self.full_dtype) if self.compressed else None
         self._offsets = torch.empty(num_vectors, 0, device=self.device) if self.dtype_name == "binary" else None
-        self._centers = None  # [R_c, D] float32, binary only: the mean of each tier over the first add
+        self._centers = None  # [R_c, D] float32, binary only: each tier's mean over the first CENTER_SAMPLE items
         # [R_c] float32 on CPU, float storage only: the largest L2 norm of each tier's stored vectors, which certifies
         # the AMX kernel's faster two-part scan (scan_kernel.top_k); None where unknown (an index saved without it)
         self._max_norms = None if self.compressed else torch.zeros(num_vectors, dtype=torch.float32)
@@ -220,6 +224,7 @@ class MetaEmbedIndex:
     @property
     def codes(self) -> torch.Tensor:
         """[R_c, N, D'] view of what a scan reads: the vectors, or a compressed index's int8 / packed-bit codes."""
+        self._fit_centers()
         return self._vectors[:, : self._count]
 
     @property
@@ -257,19 +262,17 @@ class MetaEmbedIndex:
             if self._offsets is not None:
                 self._offsets = _grown(self._offsets, self._count, capacity)
         new = embeddings[:, : self.num_vectors].transpose(0, 1)  # [R_c, n, D]
-        if self.dtype_name == "binary" and self._centers is None and count:
-            self._centers = new[:, :65536].float().mean(dim=1).to(self.device)  # [R_c, D]
         if self.compressed:
             for start in range(0, count, 4096):  # quantize a few thousand items at a time
                 part = new[:, start : start + 4096]
-                center = None if self._centers is None else self._centers.cpu().unsqueeze(1)
-                codes, scales, offsets = quantize(part, self.dtype_name, center=center)
                 where = slice(self._count + start, self._count + start + part.shape[1])
-                self._vectors[:, where] = codes.to(self.device)
-                self._scales[:, where] = scales.to(self.device)
-                if offsets is not None:
-                    self._offsets[:, where] = offsets.to(self.device)
                 self._full[:, where] = part.to(device="cpu", dtype=self.full_dtype)
+                if self.dtype_name == "int8":
+                    codes, scales, _ = quantize(part, "int8")
+                    self._vectors[:, where] = codes.to(self.device)
+                    self._scales[:, where] = scales.to(self.device)
+                elif self._centers is not None:
+                    self._code_binary(where.start, where.stop)
         else:
             self._vectors[:, self._count : needed] = new.to(device=self.device, dtype=self.dtype)
             if self._max_norms is not None:
@@ -278,6 +281,29 @@ class MetaEmbedIndex:
         self._count = needed
         self.ids.extend(ids)
         self._id_set.update(ids)
+        if self.dtype_name == "binary" and self._centers is None and needed >= CENTER_SAMPLE:
+            self._fit_centers()
+
+    def _fit_centers(self) -> None:
+        """Binary: fix each tier's centre, the mean of the first CENTER_SAMPLE items' stored full vectors (or of
+        all items, when fewer are in the index at its first search or save), and code every item added so far.
+        Codes are thus the same whatever sizes the adds had (one add, or one item then the rest)."""
+        if self.dtype_name != "binary" or self._centers is not None or not self._count:
+            return
+        sample = min(self._count, CENTER_SAMPLE)
+        total = torch.zeros(self.num_vectors, self.dim, dtype=torch.float64)
+        for start in range(0, sample, 4096):  # float64 sums: exact for bf16 vectors, whatever the slicing
+            total += self._full[:, start : min(start + 4096, sample)].double().sum(dim=1)
+        self._centers = (total / sample).float().to(self.device)  # [R_c, D]
+        for start in range(0, self._count, 4096):
+            self._code_binary(start, min(start + 4096, self._count))
+
+    def _code_binary(self, start: int, stop: int) -> None:
+        """Binary codes of items start..stop from their stored full vectors, around the fitted centres."""
+        codes, scales, offsets = quantize(self._full[:, start:stop], "binary", center=self._centers.cpu().unsqueeze(1))
+        self._vectors[:, start:stop] = codes.to(self.device)
+        self._scales[:, start:stop] = scales.to(self.device)
+        self._offsets[:, start:stop] = offsets.to(self.device)
 
     def _check_new_ids(self, ids: list, count: int) -> None:
         if len(ids) != count:
@@ -379,6 +405,7 @@ class MetaEmbedIndex:
         budget = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
         if self._count == 0:
             raise ValueError("the index is empty: add items before searching")
+        self._fit_centers()
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self._count:
             raise ValueError(f"k must be an integer in 1..{self._count} (the number of items), got {k!r}")
         return queries, budget
