@@ -123,3 +123,73 @@ def test_streamed_adds_code_items_as_one_add_does(dtype, sample, monkeypatch):
     assert torch.equal(streamed.codes, whole.codes) and torch.equal(streamed.scales, whole.scales)
     if dtype == "binary":
         assert torch.equal(streamed._centers, whole._centers) and torch.equal(streamed._offsets, whole._offsets)
+
+
+# In one process per scenario: fork a child that saves (or appends: load, add, save) over an index, killed with
+# SIGKILL just before its k-th file-system call (k = 1, 2, ... until it finishes); after each kill the parent loads
+# the folder, which must hold the old index or the new one, complete and verified.
+KILL_AT_EACH_STEP = """
+import json, os, shutil, signal, sys, tempfile
+import torch
+torch.set_num_threads(1)  # no thread pool to inherit across fork
+import metaembed.retrieval.index as index_module
+import metaembed.retrieval.index_files as files_module
+from metaembed.retrieval.index import MetaEmbedIndex
+
+folder, scenario = sys.argv[1], sys.argv[2]
+generator = torch.Generator().manual_seed(0)
+old = MetaEmbedIndex(dim=16, num_vectors=2, dtype="int8")
+old.add(torch.randn(30, 2, 16, generator=generator), ids=[f"old-{i}" for i in range(30)])
+more = torch.randn(12, 2, 16, generator=generator)
+steps = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
+         (tempfile, "mkdtemp"), (index_module, "save_file"), (index_module, "write_ids"), (files_module, "write_atomic")]
+
+def save_new():
+    if scenario == "append":  # what `metaembed index --append` does
+        index = MetaEmbedIndex.load(folder)
+        index.add(more, ids=[f"new-{i}" for i in range(12)])
+    else:
+        index = MetaEmbedIndex(dim=16, num_vectors=2, dtype="float32")
+        index.add(more, ids=[f"new-{i}" for i in range(12)])
+    index.save(folder)
+
+seen, k = [], 0
+while True:
+    k += 1
+    shutil.rmtree(folder, ignore_errors=True)
+    old.save(folder)
+    pid = os.fork()
+    if pid == 0:
+        calls = [0]
+        def wrap(function):
+            def killing(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return function(*args, **kwargs)
+            return killing
+        for owner, name in steps:
+            setattr(owner, name, wrap(getattr(owner, name)))
+        save_new()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    loaded = MetaEmbedIndex.load(folder, verify_checksum=True)
+    loaded.verify()
+    seen.append([len(loaded), loaded.ids[-1], os.WIFSIGNALED(status)])
+    if not os.WIFSIGNALED(status):
+        break
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("scenario", ["save", "append"])
+def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_index(tmp_path, scenario):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", KILL_AT_EACH_STEP, str(tmp_path / "index"), scenario]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout)
+    new = [42, "new-11"] if scenario == "append" else [12, "new-11"]
+    assert all(found[:2] in ([30, "old-29"], new) for found in seen), seen
+    assert len(seen) > 10 and seen[0][:2] == [30, "old-29"] and seen[-1] == [*new, False]  # every step, then done
+    assert any(found == [*new, True] for found in seen)  # killed after the switch (while removing the old segment)

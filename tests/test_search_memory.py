@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from metaembed.retrieval import scan_kernel
-from metaembed.retrieval.index import FORMAT
+from metaembed.retrieval.index_files import LEGACY_FORMAT as FORMAT  # the layout written by hand below
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNT, VECTORS, DIM = 48_000, 8, 512  # 393 MB of bf16 vectors

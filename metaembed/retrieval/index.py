@@ -28,17 +28,14 @@ it, would swamp the differences that rank items. Both are searched at any budget
 `full.safetensors`, memory-mapped when loaded), so the top-k is exact MaxSim over that shortlist; its recall
 against exhaustive exact search is measured (`benchmarks/compressed_recall.py`).
 
-On disk (`save` / `load`): a folder with `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the
-codes `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `offsets` `[R_c, N]`
-and `centers` `[R_c, D]`), `full.safetensors` for compressed
-indexes, and `index.json` (format, shape, dtypes, ids, SHA-256 of each tensor file). Saving builds the new folder
-beside the old one and swaps it in, so an interrupted save leaves the previous index intact; loading validates
-everything and can memory-map the vectors for indexes larger than RAM.
+On disk (`save` / `load`, `index_files`): a folder whose `index.json` (format, shape, dtypes, SHA-256 of each file)
+names a segment folder holding `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the codes
+`[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `offsets` `[R_c, N]` and
+`centers` `[R_c, D]`), `full.safetensors` for compressed indexes, and `ids.jsonl`. Saving writes a new segment and
+switches `index.json` to it atomically, so a crash at any point leaves the old index or the new one; loading
+validates everything and can memory-map the vectors (reading none of them) for indexes larger than RAM.
 """
 
-import hashlib
-import json
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,16 +44,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
 
 from . import scan_kernel
+from .index_files import (FORMAT, FULL_NAME, IDS_NAME, MANIFEST_NAME, VECTORS_NAME, IndexFileError,
+                          _sha256, read_ids, read_manifest, save_segment, write_ids)  # fmt: skip
 from .safetensors_header import read_header, tensor_span
 
-FORMAT = "metaembed-index/1"
-MANIFEST_NAME = "index.json"
-VECTORS_NAME = "vectors.safetensors"
-FULL_NAME = "full.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Compressed storage: the torch dtype of the codes.
 COMPRESSED = {"int8": torch.int8, "binary": torch.uint8}
@@ -67,10 +61,6 @@ _SAFETENSORS_DTYPES = {"bfloat16": ("BF16", np.uint16), "float16": ("F16", np.fl
 CENTER_SAMPLE = 65536
 # Items re-scored exactly per query after a compressed scan, unless `shortlist` says otherwise.
 DEFAULT_SHORTLIST = 100
-
-
-class IndexFileError(ValueError):
-    """An index folder that is missing, truncated, tampered with or inconsistent."""
 
 
 @dataclass
@@ -550,16 +540,12 @@ class MetaEmbedIndex:
 
     # ------------------------------------------------------------------------------------------------ files
     def save(self, directory) -> Path:
-        """Write `vectors.safetensors` (and `full.safetensors` for int8 / binary) and `index.json` into
-        `directory`, replacing an index saved there before only once the new one is complete."""
+        """Write the index into `directory` as a new segment (`vectors.safetensors`, `full.safetensors` for int8 /
+        binary, `ids.jsonl`) and switch `index.json` to it atomically: the old index or the new one, complete, is
+        at `directory` at every instant, whatever happens (`metaembed.retrieval.index_files`)."""
         directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise FileExistsError(f"{directory} exists and is not a folder")
-        if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST_NAME).is_file():
-            raise FileExistsError(f"{directory} holds files but no {MANIFEST_NAME}: refusing to replace it")
 
-        def write(staging: Path) -> None:
-            tensor_path = staging / VECTORS_NAME
+        def write(segment: Path) -> dict:
             tensors = {"vectors": self.codes.contiguous().cpu()}
             if not self.compressed:
                 if self._max_norms is None:  # loaded mapped from a file saved without them: one pass, as save reads
@@ -571,24 +557,19 @@ class MetaEmbedIndex:
             if self._centers is not None:
                 tensors["offsets"] = self._offsets[:, : self._count].contiguous().cpu()
                 tensors["centers"] = self._centers.contiguous().cpu()
-            save_file(tensors, str(tensor_path), metadata={"format": FORMAT})
-            manifest = {
-                "format": FORMAT,
-                "count": self._count,
-                "num_vectors": self.num_vectors,
-                "dim": self.dim,
-                "dtype": self.dtype_name,
-                "layout": "vector-major [num_vectors, count, dim]",
-                "sha256": _sha256(tensor_path),
-                "ids": self.ids,
-            }
+            save_file(tensors, str(segment / VECTORS_NAME), metadata={"format": FORMAT})
+            files = {"sha256": VECTORS_NAME, "ids_sha256": IDS_NAME}
             if self.compressed:
-                save_file({"vectors": self.vectors.contiguous()}, str(staging / FULL_NAME), metadata={"format": FORMAT})
-                manifest["full_dtype"] = self.full_dtype_name
-                manifest["full_sha256"] = _sha256(staging / FULL_NAME)
-            (staging / MANIFEST_NAME).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
+                save_file({"vectors": self.vectors.contiguous()}, str(segment / FULL_NAME), metadata={"format": FORMAT})
+                files["full_sha256"] = FULL_NAME
+            write_ids(segment / IDS_NAME, self.ids)
+            return files
 
-        save_folder_atomically(write, directory, replace=True)
+        manifest = {"count": self._count, "num_vectors": self.num_vectors, "dim": self.dim, "dtype": self.dtype_name,
+                    "layout": "vector-major [num_vectors, count, dim]"}  # fmt: skip
+        if self.compressed:
+            manifest["full_dtype"] = self.full_dtype_name
+        save_segment(directory, write, manifest)
         return directory
 
     @classmethod
@@ -604,21 +585,22 @@ class MetaEmbedIndex:
         directory = Path(directory)
         if mmap and torch.device(device).type != "cpu":
             raise ValueError(f"mmap=True maps the file into CPU memory; it cannot be used with device={device!r}")
-        manifest_path, tensor_path = directory / MANIFEST_NAME, directory / VECTORS_NAME
-        for path in (manifest_path, tensor_path):
-            if not path.is_file():
-                raise IndexFileError(f"{path} is missing: {directory} is not a saved MetaEmbedIndex")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise IndexFileError(f"{manifest_path} is not valid JSON: {error}") from error
+        manifest_path = directory / MANIFEST_NAME
+        manifest, folder = read_manifest(directory)
+        tensor_path = folder / VECTORS_NAME
+        if not tensor_path.is_file():
+            raise IndexFileError(f"{tensor_path} is missing: {directory} is not a saved MetaEmbedIndex")
         manifest = _check_manifest(manifest, manifest_path)
+        ids_path = folder / IDS_NAME if manifest["format"] == FORMAT else manifest_path
+        ids = _checked_ids(read_ids(manifest, folder), manifest["count"], ids_path)
         compressed = manifest["dtype"] in COMPRESSED
-        full_path = directory / FULL_NAME
+        full_path = folder / FULL_NAME
         if compressed and not full_path.is_file():
             raise IndexFileError(f"{full_path} is missing: a {manifest['dtype']} index keeps its full vectors there")
         verify_checksum = not mmap if verify_checksum is None else verify_checksum
         checks = [(tensor_path, manifest["sha256"])] + ([(full_path, manifest["full_sha256"])] if compressed else [])
+        if manifest["format"] == FORMAT:
+            checks.append((folder / IDS_NAME, manifest.get("ids_sha256")))
         if verify_checksum:
             for path, expected in checks:
                 if _sha256(path) != expected:
@@ -653,8 +635,8 @@ class MetaEmbedIndex:
             index._norms_checked = num_vectors if verify_checksum or "max_norms" not in tensors else 0
         index._files = checks
         index._count = count
-        index.ids = list(manifest["ids"])
-        index._id_set = set(index.ids)
+        index.ids = ids
+        index._id_set = set(ids)
         return index
 
 
@@ -687,10 +669,15 @@ def _validated_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) 
     return stored
 
 
+def _checked_ids(ids, count: int, path: Path) -> list:
+    if not isinstance(ids, list) or len(ids) != count:
+        raise IndexFileError(f"{path}: ids must be a list of {count} entries")
+    if len(set(ids)) != len(ids) or any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids):
+        raise IndexFileError(f"{path}: ids must be unique strings or integers")
+    return ids
+
+
 def _check_manifest(manifest, path: Path) -> dict:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise IndexFileError(f"{path}: format is {found!r}, expected {FORMAT!r}")
     for key in ("count", "num_vectors", "dim"):
         value = manifest.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "count" else 1):
@@ -700,11 +687,6 @@ def _check_manifest(manifest, path: Path) -> dict:
         raise IndexFileError(f"{path}: dtype must be one of {dtypes}, got {manifest.get('dtype')!r}")
     if manifest["dtype"] == "binary" and manifest["dim"] % 8:
         raise IndexFileError(f"{path}: a binary index needs dim a multiple of 8, got {manifest['dim']}")
-    ids = manifest.get("ids")
-    if not isinstance(ids, list) or len(ids) != manifest["count"]:
-        raise IndexFileError(f"{path}: ids must be a list of {manifest['count']} entries")
-    if len(set(ids)) != len(ids) or any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids):
-        raise IndexFileError(f"{path}: ids must be unique strings or integers")
     if not isinstance(manifest.get("sha256"), str):
         raise IndexFileError(f"{path}: sha256 is missing")
     if manifest["dtype"] in COMPRESSED:
@@ -744,14 +726,6 @@ def _read_tensors(path: Path, expected: dict, mmap: bool, optional: tuple = ()) 
             tensor = tensor.view(torch.bfloat16)
         tensors[name] = tensor.view(*shape)
     return tensors
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 __all__ = ["MetaEmbedIndex", "SearchResult", "IndexFileError", "quantize"]
