@@ -63,3 +63,60 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path):
     (tmp_path / "e" / "chunk-000002.safetensors").write_bytes(b"\0" * 5)
     with pytest.raises(ValueError, match="cannot read shard chunk-000002.safetensors"):
         load_embeddings(tmp_path / "e")
+
+
+# Fork a child that replaces an embeddings folder, killed with SIGKILL just before its k-th file-system call
+# (k = 1, 2, ... until it finishes); after each kill the folder must hold the old embeddings or the new ones.
+KILL_AT_EACH_STEP = """
+import json, os, shutil, signal, sys, tempfile
+import torch
+torch.set_num_threads(1)  # no thread pool to inherit across fork
+import modeling_metaembed.folders as folders
+from metaembed.retrieval.embeddings_file import load_embeddings, save_embeddings
+
+path = sys.argv[1]
+steps = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "rmdir"), (shutil, "rmtree"), (tempfile, "mkdtemp"),
+         (folders, "_exchange")]
+seen, k = [], 0
+while True:
+    k += 1
+    shutil.rmtree(path, ignore_errors=True)
+    save_embeddings(path, torch.zeros(5, 1, 2), [f"old-{i}" for i in range(5)], "candidate", "m", shard_rows=2)
+    pid = os.fork()
+    if pid == 0:
+        calls = [0]
+        def wrap(function):
+            def killing(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return function(*args, **kwargs)
+            return killing
+        for owner, name in steps:
+            if hasattr(owner, name):
+                setattr(owner, name, wrap(getattr(owner, name)))
+        save_embeddings(path, torch.ones(3, 1, 2), [f"new-{i}" for i in range(3)], "candidate", "m", shard_rows=2)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    embeddings, ids, _ = load_embeddings(path)
+    seen.append([ids[-1], float(embeddings.sum()), os.WIFSIGNALED(status)])
+    if not os.WIFSIGNALED(status):
+        break
+print(json.dumps(seen))
+"""
+
+
+def test_a_kill_at_any_step_of_a_replacing_save_leaves_old_or_new_embeddings(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", KILL_AT_EACH_STEP, str(tmp_path / "e")]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout)
+    assert all(found[:2] in (["old-4", 0.0], ["new-2", 6.0]) for found in seen), seen
+    assert len(seen) > 5 and seen[-1] == ["new-2", 6.0, False]

@@ -169,7 +169,8 @@ while True:
                 return function(*args, **kwargs)
             return killing
         for owner, name in steps:
-            setattr(owner, name, wrap(getattr(owner, name)))
+            if hasattr(owner, name):
+                setattr(owner, name, wrap(getattr(owner, name)))
         save_new()
         os._exit(0)
     _, status = os.waitpid(pid, 0)
