@@ -100,3 +100,9 @@ def test_vllm_throughput():
     assert float(row.split("|")[-2]) > 0
     difference = float(out.rsplit("max |vLLM - model.encode| over the embeddings:", 1)[1])
     assert difference <= 1e-4
+
+
+def test_index_build_memory():
+    out = run("index_build_memory.py", "--items", "300", "--shard-items", "64", "--dim", "32")
+    assert re.search(r"\| build_index \(streamed\) \| [\d.]+ MB \| [\d.]+ \|", out)
+    assert re.search(r"\| load\(mmap=True\) \| [\d.]+ MB of [\d.]+ MB \|", out)

@@ -37,6 +37,7 @@ def write_shard(folder, number: int, embeddings: torch.Tensor, ids: list, metada
     if embeddings.dim() != 3 or embeddings.shape[0] != len(ids):
         raise ValueError(f"expected (N, k, D) embeddings for {len(ids)} ids, got shape {tuple(embeddings.shape)}")
     folder, stem = Path(folder), SHARD_NAME.format(number)
+    folder.mkdir(parents=True, exist_ok=True)
     ids_name, vectors_name = f"{stem}.ids.jsonl", f"{stem}.safetensors"
 
     def write_ids(tmp: Path) -> None:

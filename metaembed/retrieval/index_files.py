@@ -124,7 +124,7 @@ def read_ids(manifest: dict, folder: Path) -> list:
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 24), b""):
+        for chunk in iter(lambda: file.read(1 << 20), b""):  # 1 MB at a time: two are alive at once
             digest.update(chunk)
     return digest.hexdigest()
 
