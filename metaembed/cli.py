@@ -210,7 +210,7 @@ def run_convert(args) -> None:
 
 
 def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -> tuple:
-    """(embeddings, ids) of `path`: an embeddings file written by `metaembed encode` with this role, or, with
+    """(embeddings, ids) of `path`: an embeddings folder written by `metaembed encode` with this role, or, with
     --model, inputs (.jsonl, .txt, a folder of images) encoded here."""
     from .inputs import read_inputs
     from .retrieval.embeddings_file import load_embeddings
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    encode = commands.add_parser("encode", help="embed a .jsonl/.txt file or a folder of images into an embeddings file")
+    encode = commands.add_parser("encode", help="embed a .jsonl/.txt file or a folder of images into an embeddings folder")
     encode.add_argument("model", help="MetaEmbed checkpoint folder or Hub id")
     encode.add_argument("inputs", help=".jsonl ({'id','text','image'} per line), .txt (one text per line) or a folder of images")
     encode.add_argument("output", help="embeddings folder to write (shards + embeddings.json)")
@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.set_defaults(run=run_encode)
 
     score = commands.add_parser("score", help="MaxSim top-k of each query over the candidates, as JSON lines")
-    score.add_argument("queries", help="embeddings file written with --role query")
-    score.add_argument("candidates", help="embeddings file written with --role candidate")
+    score.add_argument("queries", help="embeddings folder written with --role query")
+    score.add_argument("candidates", help="embeddings folder written with --role candidate")
     score.add_argument("--budget", type=int, nargs=2, metavar=("R_Q", "R_C"), help="retrieval budget (default: all)")
     score.add_argument("--top-k", type=int, default=10)
     score.add_argument("--query-batch", type=int, default=256, help="queries scored at once")
@@ -376,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=run_convert)
 
     index = commands.add_parser("index", help="build (or --append to) a saved MetaEmbedIndex from candidates")
-    index.add_argument("source", help="candidate embeddings file (metaembed encode), or inputs to encode with --model")
-    index.add_argument("index", help="index folder to write (vectors.safetensors + index.json)")
+    index.add_argument("source", help="candidate embeddings folder (metaembed encode), or inputs to encode with --model")
+    index.add_argument("index", help="index folder to write (index.json + a segment folder)")
     index.add_argument("--model", default=None, help="encode SOURCE (.jsonl, .txt, images folder) with this checkpoint")
     index.add_argument("--num-vectors", type=int, default=None, help="R_c vectors kept per item (default: all given)")
     index.add_argument("--precision", choices=("bfloat16", "float16", "float32"), default="bfloat16")
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="top-k of each query in a saved index, as JSON lines")
     search.add_argument("index", help="index folder written by `metaembed index`")
-    search.add_argument("queries", help="query embeddings file (metaembed encode --role query), or inputs with --model")
+    search.add_argument("queries", help="query embeddings folder (metaembed encode --role query), or inputs with --model")
     search.add_argument("--model", default=None, help="encode QUERIES (.jsonl or .txt) with this checkpoint")
     search.add_argument("--budget", type=int, nargs=2, metavar=("R_Q", "R_C"), help="retrieval budget (default: all)")
     search.add_argument("--top-k", type=int, default=10)

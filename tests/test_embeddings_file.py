@@ -30,7 +30,7 @@ def test_ids_past_the_safetensors_header_limit_round_trip(tmp_path):
     assert report["finished"] and embeddings_info(tmp_path / "sharded")["count"] == COUNT
     chunks = list(iter_embeddings(tmp_path / "sharded"))
     assert [len(c[1]) for c in chunks] == [500_000, 500_000, 200_000]
-    assert sum((c[1] for c in chunks), []) == ids and torch.equal(torch.cat([c[0] for c in chunks]), embeddings)
+    assert [i for c in chunks for i in c[1]] == ids and torch.equal(torch.cat([c[0] for c in chunks]), embeddings)
 
     # Into the index, chunk by chunk, and through its files.
     index = MetaEmbedIndex(dim=2, num_vectors=1, dtype="float32")

