@@ -98,7 +98,8 @@ def main() -> None:
             print(f"| {name} | {added:.1f} MB | {seconds:.2f} |")
         size = sum(p.stat().st_size for p in (folder / "index").rglob("*.safetensors")) / 2**20
         print("\n| load | read | seconds |\n|---|---|---|")
-        for name, options in (("load(mmap=True)", {}), ("load(mmap=True, verify_checksum=True)", {"verify_checksum": True})):
+        loads = {"load(mmap=True)": {}, "load(mmap=True, verify_checksum=True)": {"verify_checksum": True}}
+        for name, options in loads.items():
             before, start = read_chars(), time.perf_counter()
             MetaEmbedIndex.load(folder / "index", mmap=True, **options)
             seconds = time.perf_counter() - start

@@ -229,35 +229,30 @@ def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -
 
 def run_index(args) -> None:
     from .retrieval.embeddings_file import embeddings_info, iter_embeddings
-    from .retrieval.index import DTYPES, MetaEmbedIndex
+    from .retrieval.index import MetaEmbedIndex
     from .retrieval.index_build import build_index
 
-    if args.model is None:  # an embeddings folder: added shard by shard, never all of it in memory
+    if args.model is None:  # an embeddings folder: written shard by shard, never all of it in memory
         info = embeddings_info(args.source)
         if info.get("role") != "candidate":
             raise ValueError(f"{args.source}: holds {info.get('role')} embeddings, expected candidate embeddings "
                              f"(or give --model to encode inputs)")  # fmt: skip
-        chunks, dim, stored = iter_embeddings(args.source), info["dim"], info["num_vectors"]
+        count, dim, stored = info["count"], info["dim"], info["num_vectors"]
+        chunks = lambda: iter_embeddings(args.source)  # noqa: E731  a binary index reads its first items twice
     else:
         embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
-        chunks, dim, stored = [(embeddings, ids)], embeddings.shape[-1], embeddings.shape[1]
-        info = {"count": len(ids)}
+        chunks, count, dim, stored = [(embeddings, ids)], len(ids), embeddings.shape[-1], embeddings.shape[1]
+    base = None
     if args.append:
-        index = MetaEmbedIndex.load(args.index, mmap=True)
+        base = MetaEmbedIndex.load(args.index, mmap=True)
+        dim, num_vectors = base.dim, base.num_vectors
     else:
         if Path(args.index, "index.json").exists():
             raise ValueError(f"{args.index}: an index is already there; pass --append to add to it")
-        index = MetaEmbedIndex(dim=dim, num_vectors=args.num_vectors or stored, dtype=args.precision)
-    if index.dtype_name in DTYPES:  # float storage: streamed into the new segment, one chunk in memory
-        build_index(args.index, chunks, info["count"], index.dim, index.num_vectors, index.dtype_name,
-                    base=index if args.append else None)  # fmt: skip
-        index = MetaEmbedIndex.load(args.index, mmap=True)
-    else:
-        for embeddings, ids in chunks:
-            index.add(embeddings, ids=ids)
-        index.save(args.index)
+        num_vectors = args.num_vectors or stored
+    build_index(args.index, chunks, count, dim, num_vectors, args.precision, base=base)
     if not args.quiet:
-        print(f"wrote {args.index}: {index}", file=sys.stderr)
+        print(f"wrote {args.index}: {MetaEmbedIndex.load(args.index, mmap=True)}", file=sys.stderr)
 
 
 def run_search(args) -> None:

@@ -23,21 +23,34 @@ def _chunks(count, vectors, dim, size, prefix, seed=0):
         yield torch.randn(n, vectors, dim, generator=generator), [f"{prefix}{start + i}" for i in range(n)]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_a_streamed_build_and_append_equal_adds(tmp_path, dtype):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8", "binary"])
+def test_a_streamed_build_and_append_equal_adds(tmp_path, dtype, monkeypatch):
+    import metaembed.retrieval.index as module
+
+    monkeypatch.setattr(module, "CENTER_SAMPLE", 300)  # binary: centres from the first 300 items, inside chunk 4
     reference = MetaEmbedIndex(dim=32, num_vectors=3, dtype=dtype)
     for embeddings, ids in [*_chunks(500, 4, 32, 64, "a"), *_chunks(130, 4, 32, 50, "b", seed=1)]:
         reference.add(embeddings, ids=ids)
-    build_index(tmp_path / "index", _chunks(500, 4, 32, 64, "a"), 500, 32, 3, dtype)
+    build_index(tmp_path / "index", lambda: _chunks(500, 4, 32, 64, "a"), 500, 32, 3, dtype)
     base = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
-    build_index(tmp_path / "index", _chunks(130, 4, 32, 50, "b", seed=1), 130, 32, 3, dtype, base=base)
+    build_index(tmp_path / "index", _chunks(130, 4, 32, 50, "b", seed=1), 130, 32, 3, base=base)
     built = MetaEmbedIndex.load(tmp_path / "index", verify_checksum=True)
     built.verify()
     assert built.ids == reference.ids and torch.equal(built.vectors, reference.vectors)
-    torch.testing.assert_close(built._max_norms, reference._max_norms, rtol=0, atol=0)
+    assert torch.equal(built.codes, reference.codes)
+    if dtype in ("int8", "binary"):
+        assert torch.equal(built.scales, reference.scales)
+    if dtype == "binary":
+        assert torch.equal(built._centers, reference._centers)
+        assert torch.equal(built._offsets, reference._offsets[:, :630])
+    else:
+        torch.testing.assert_close(built._max_norms, reference._max_norms, rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["index.json", "segment-000002"]
     queries = torch.randn(4, 2, 32)
     assert built.search(queries, k=5).ids == reference.search(queries, k=5).ids
+    if dtype == "binary":
+        with pytest.raises(ValueError, match="reads its first items twice"):
+            build_index(tmp_path / "other", _chunks(10, 4, 32, 10, "c"), 10, 32, 3, dtype)
 
     with pytest.raises(ValueError, match=r"chunk 0 \(items 0..\): id 'a0' \(position 0\) is already in the index"):
         build_index(tmp_path / "index", _chunks(10, 4, 32, 10, "a"), 10, 32, 3, dtype, base=built)

@@ -142,7 +142,8 @@ old = MetaEmbedIndex(dim=16, num_vectors=2, dtype="int8")
 old.add(torch.randn(30, 2, 16, generator=generator), ids=[f"old-{i}" for i in range(30)])
 more = torch.randn(12, 2, 16, generator=generator)
 steps = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
-         (tempfile, "mkdtemp"), (index_module, "save_file"), (index_module, "write_ids"), (files_module, "write_atomic")]
+         (tempfile, "mkdtemp"), (index_module, "save_file"), (index_module, "write_ids"),
+         (files_module, "write_atomic")]
 
 def save_new():
     if scenario == "append":  # what `metaembed index --append` does
