@@ -1,6 +1,7 @@
 """The embeddings folder: ids beside the vectors (no header limit), shard by shard, the encoder's chunks as shards."""
 
 import json
+import struct
 
 import pytest
 import torch
@@ -31,6 +32,17 @@ def test_ids_past_the_safetensors_header_limit_round_trip(tmp_path):
     chunks = list(iter_embeddings(tmp_path / "sharded"))
     assert [len(c[1]) for c in chunks] == [500_000, 500_000, 200_000]
     assert [i for c in chunks for i in c[1]] == ids and torch.equal(torch.cat([c[0] for c in chunks]), embeddings)
+
+    # A single file of the earlier format with these ids (as `merge_chunks` wrote it: safetensors refuses to read
+    # it) loads through our own header reader.
+    header = {"__metadata__": {"format": "metaembed-embeddings/1", "role": "candidate", "ids": json.dumps(ids),
+              "model": "tiny"}, "embeddings": {"dtype": "F32", "shape": [COUNT, 1, 2], "data_offsets": [0, COUNT * 8]}}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    (tmp_path / "old.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + embeddings.numpy().tobytes())
+    old, old_ids, _ = load_embeddings(tmp_path / "old.safetensors")
+    assert old_ids == ids and torch.equal(old, embeddings)
+    del old, old_ids, header, encoded
 
     # Into the index, chunk by chunk, and through its files.
     index = MetaEmbedIndex(dim=2, num_vectors=1, dtype="float32")

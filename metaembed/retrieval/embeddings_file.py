@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -24,12 +25,15 @@ from safetensors.torch import save_file
 from modeling_metaembed.folders import is_occupied, save_folder_atomically
 from modeling_metaembed.hub_metaembed import replace_atomically, write_atomic
 
+from .safetensors_header import read_header, tensor_span
+
 EMBEDDINGS_FORMAT = "metaembed-embeddings/2"
 SINGLE_FILE_FORMAT = "metaembed-embeddings/1"
 MANIFEST_NAME = "embeddings.json"
 SHARD_NAME = "chunk-{:06d}"
 SHARD_ROWS = 1 << 16  # items per shard written by `save_embeddings`
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NUMPY = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.int16, 2)}  # safetensors dtype: read as, width
 
 
 def write_shard(folder, number: int, embeddings: torch.Tensor, ids: list, metadata: dict | None = None) -> dict:
@@ -102,8 +106,7 @@ def embeddings_info(path) -> dict:
     single file of the earlier format), reading only its manifest (header)."""
     path = Path(path)
     if path.is_file():
-        metadata, shape = _single_file_header(path)
-        return {**metadata, "count": shape[0], "num_vectors": shape[1], "dim": shape[2]}
+        return _single_file_info(path)
     manifest = _read_manifest(path)
     return {key: value for key, value in manifest.items() if key != "shards"}
 
@@ -112,7 +115,7 @@ def iter_embeddings(path, dtype=torch.float32):
     """Yield (embeddings (n, k, D) in `dtype`, ids) shard by shard: one shard in memory at a time."""
     path = Path(path)
     if path.is_file():
-        embeddings, ids, _ = _load_single_file(path)
+        embeddings, ids = _load_single_file(path)
         yield embeddings.to(dtype), ids
         return
     manifest = _read_manifest(path)
@@ -145,31 +148,38 @@ def load_embeddings(path) -> tuple:
 
 
 def _single_file_header(path: Path) -> tuple:
-    """(metadata without the ids, shape) of a single embeddings file of the earlier format."""
-    try:
-        with safe_open(path, framework="pt") as file:
-            metadata = file.metadata() or {}
-            if metadata.get("format") != SINGLE_FILE_FORMAT or "embeddings" not in file.keys():
-                raise ValueError(f"{path}: not a MetaEmbed embeddings file (write one with `metaembed encode`)")
-            shape = file.get_slice("embeddings").get_shape()
-    except ValueError:
-        raise
-    except Exception as error:  # truncated, corrupt, or a header over safetensors' 100 MB limit
-        raise ValueError(f"{path}: cannot read embeddings: {error}") from error
-    return {"format": SINGLE_FILE_FORMAT, "role": metadata.get("role"), "model": metadata.get("model")}, shape
+    """(metadata, dtype, shape, offset, byte count) of a single embeddings file of the earlier format, read by our
+    own header reader: it has no size limit, so files whose ids passed safetensors' 100 MB still load."""
+    header, data_start, size = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != SINGLE_FILE_FORMAT or "embeddings" not in header:
+        raise ValueError(f"{path}: not a MetaEmbed embeddings file (write one with `metaembed encode`)")
+    dtype, shape, offset, nbytes = tensor_span(header, data_start, "embeddings", path)
+    expected = int(np.prod(shape)) * _NUMPY[dtype][1] if dtype in _NUMPY else -1
+    if len(shape) != 3 or nbytes != expected or offset + nbytes > size:
+        raise ValueError(f"{path}: tensor 'embeddings' ({dtype} {shape}) is unreadable or truncated")
+    return metadata, dtype, shape, offset, nbytes
+
+
+def _single_file_info(path: Path) -> dict:
+    metadata, _, shape, _, _ = _single_file_header(path)
+    return {"format": SINGLE_FILE_FORMAT, "role": metadata.get("role"), "model": metadata.get("model"),
+            "count": shape[0], "num_vectors": shape[1], "dim": shape[2]}  # fmt: skip
 
 
 def _load_single_file(path: Path) -> tuple:
-    metadata, _ = _single_file_header(path)
-    with safe_open(path, framework="pt") as file:
-        raw_ids, embeddings = (file.metadata() or {}).get("ids"), file.get_tensor("embeddings")
+    metadata, dtype, shape, offset, _ = _single_file_header(path)
     try:
-        ids = json.loads(raw_ids)
-    except (TypeError, json.JSONDecodeError):
+        ids = json.loads(metadata["ids"])
+    except (KeyError, TypeError, json.JSONDecodeError):
         raise ValueError(f"{path}: the ids in its metadata are missing or unreadable") from None
-    if embeddings.dim() != 3 or len(ids) != embeddings.shape[0]:
-        raise ValueError(f"{path}: {len(ids)} ids for embeddings of shape {tuple(embeddings.shape)}")
-    return embeddings, ids, metadata
+    if len(ids) != shape[0]:
+        raise ValueError(f"{path}: {len(ids)} ids for embeddings of shape {tuple(shape)}")
+    array = np.fromfile(path, dtype=_NUMPY[dtype][0], count=int(np.prod(shape)), offset=offset)
+    embeddings = torch.from_numpy(array)
+    if dtype == "BF16":
+        embeddings = embeddings.view(torch.bfloat16)
+    return embeddings.view(*shape), ids
 
 
 def relative_entry(entry: dict, shard_folder: Path, folder: Path) -> dict:
