@@ -150,7 +150,10 @@ def load_embeddings(path) -> tuple:
 def _single_file_header(path: Path) -> tuple:
     """(metadata, dtype, shape, offset, byte count) of a single embeddings file of the earlier format, read by our
     own header reader: it has no size limit, so files whose ids passed safetensors' 100 MB still load."""
-    header, data_start, size = read_header(path)
+    try:
+        header, data_start, size = read_header(path)
+    except ValueError as error:  # truncated, or not safetensors at all
+        raise ValueError(f"{path}: cannot read embeddings: {error}") from error
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != SINGLE_FILE_FORMAT or "embeddings" not in header:
         raise ValueError(f"{path}: not a MetaEmbed embeddings file (write one with `metaembed encode`)")
