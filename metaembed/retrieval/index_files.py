@@ -75,9 +75,12 @@ def save_segment(directory: Path, write, manifest: dict) -> None:
     for key, path in files.items():
         manifest[key] = sha256_file(directory / name / Path(path).name)
     write_atomic(directory / MANIFEST_NAME, json.dumps(manifest) + "\n")  # the switch: old index, then new
-    for entry in directory.iterdir():  # what the manifest no longer names
-        if _owned(entry) and entry.name != name:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for entry in directory.iterdir():  # what the manifest no longer names; best effort (a mapped file on Windows
+        if _owned(entry) and entry.name != name:  # cannot be removed: the next save removes it)
+            try:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            except OSError:
+                pass
     fsync_folder(directory)
 
 
