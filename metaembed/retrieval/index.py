@@ -16,10 +16,9 @@ memory.
 
 Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127). "binary" keeps,
 around a center c_j per vector tier (the mean of tier j over the first CENTER_SAMPLE items, fitted once that many
-are added or at the first search or save, whichever comes first: not by the size of the first add), the exact
-component of
-x - c_j along c_j and one bit per dimension for the rest (its signs, scaled by their mean magnitude): a vector reads
-back as c_j + delta * u_j + s * sign(r) with u_j = c_j / |c_j| (delta chosen so the component along u_j is exact).
+are in or at the first search or save: not by the size of the first add), the exact component of x - c_j along c_j
+and one bit per dimension for the rest (its signs, scaled by their mean magnitude): a vector reads back as
+c_j + delta * u_j + s * sign(r) with u_j = c_j / |c_j| (delta chosen so the component along u_j is exact).
 Trained embeddings share a strong common direction per tier (here: the mean vector has norm 0.98 of 1); raw sign
 bits would all agree, and a sign code's error along that direction, multiplied by the query's large component on
 it, would swamp the differences that rank items. Both are searched at any budget by the same scan
