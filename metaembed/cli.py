@@ -111,7 +111,7 @@ def _encode_with(encoder, settings: dict, args, ids: list, items: list, device) 
         report = encode_sharded(lambda chunk: encode(chunk, False), ids, items, args.output, role=args.role,
                                 model=args.model, settings=settings, chunk_size=args.chunk_size or 1024,
                                 shard_dir=args.shard_dir, precision=args.precision, quiet=args.quiet)  # fmt: skip
-        if report["merged"] and not args.quiet:
+        if report["finished"] and not args.quiet:
             print(f"[rank {report['rank']}/{report['world_size']}] wrote {len(ids)} {args.role} embeddings to "
                   f"{args.output}", file=sys.stderr)  # fmt: skip
         return
@@ -219,7 +219,7 @@ def run_convert(args) -> None:
 
 
 def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -> tuple:
-    """(embeddings, ids) of `path`: an embeddings file written by `metaembed encode` with this role, or, with
+    """(embeddings, ids) of `path`: an embeddings folder written by `metaembed encode` with this role, or, with
     --model, inputs (.jsonl, .txt, a folder of images) encoded here."""
     from .inputs import read_inputs
     from .retrieval.embeddings_file import load_embeddings
@@ -237,20 +237,31 @@ def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -
 
 
 def run_index(args) -> None:
+    from .retrieval.embeddings_file import embeddings_info, iter_embeddings
     from .retrieval.index import MetaEmbedIndex
+    from .retrieval.index_build import build_index
 
-    embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
+    if args.model is None:  # an embeddings folder: written shard by shard, never all of it in memory
+        info = embeddings_info(args.source)
+        if info.get("role") != "candidate":
+            raise ValueError(f"{args.source}: holds {info.get('role')} embeddings, expected candidate embeddings "
+                             f"(or give --model to encode inputs)")  # fmt: skip
+        count, dim, stored = info["count"], info["dim"], info["num_vectors"]
+        chunks = lambda: iter_embeddings(args.source)  # noqa: E731  a binary index reads its first items twice
+    else:
+        embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
+        chunks, count, dim, stored = [(embeddings, ids)], len(ids), embeddings.shape[-1], embeddings.shape[1]
+    base = None
     if args.append:
-        index = MetaEmbedIndex.load(args.index)
+        base = MetaEmbedIndex.load(args.index, mmap=True)
+        dim, num_vectors = base.dim, base.num_vectors
     else:
         if Path(args.index, "index.json").exists():
             raise ValueError(f"{args.index}: an index is already there; pass --append to add to it")
-        num_vectors = args.num_vectors or embeddings.shape[1]
-        index = MetaEmbedIndex(dim=embeddings.shape[-1], num_vectors=num_vectors, dtype=args.precision)
-    index.add(embeddings, ids=ids)
-    index.save(args.index)
+        num_vectors = args.num_vectors or stored
+    build_index(args.index, chunks, count, dim, num_vectors, args.precision, base=base)
     if not args.quiet:
-        print(f"wrote {args.index}: {index}", file=sys.stderr)
+        print(f"wrote {args.index}: {MetaEmbedIndex.load(args.index, mmap=True)}", file=sys.stderr)
 
 
 def run_search(args) -> None:
@@ -301,10 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    encode = commands.add_parser("encode", help="embed a .jsonl/.txt file or a folder of images into an embeddings file")
+    encode = commands.add_parser("encode", help="embed a .jsonl/.txt file or a folder of images into an embeddings folder")
     encode.add_argument("model", help="MetaEmbed checkpoint folder or Hub id")
     encode.add_argument("inputs", help=".jsonl ({'id','text','image'} per line), .txt (one text per line) or a folder of images")
-    encode.add_argument("output", help="embeddings file to write (.safetensors)")
+    encode.add_argument("output", help="embeddings folder to write (shards + embeddings.json)")
     encode.add_argument("--role", choices=("query", "candidate"), default="candidate")
     encode.add_argument("--num-vectors", type=int, default=None, help="keep the first K vectors (default: all)")
     encode.add_argument("--instruction", default=None, help="replace the role's default instruction")
@@ -321,13 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--server", default=None, metavar="URL", help="a running vLLM server with the metaembed plugin")
     encode.add_argument("--chunk-size", type=int, default=None, help="resumable: encode and write chunks of this many "
                         "inputs (default 1024 under torchrun / accelerate launch, where each process takes its share)")
-    encode.add_argument("--shard-dir", default=None, help="where chunks are written (default: OUTPUT.shards)")
+    encode.add_argument("--shard-dir", default=None, help="where chunks are written (default: OUTPUT itself)")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(run=run_encode)
 
     score = commands.add_parser("score", help="MaxSim top-k of each query over the candidates, as JSON lines")
-    score.add_argument("queries", help="embeddings file written with --role query")
-    score.add_argument("candidates", help="embeddings file written with --role candidate")
+    score.add_argument("queries", help="embeddings folder written with --role query")
+    score.add_argument("candidates", help="embeddings folder written with --role candidate")
     score.add_argument("--budget", type=int, nargs=2, metavar=("R_Q", "R_C"), help="retrieval budget (default: all)")
     score.add_argument("--top-k", type=int, default=10)
     score.add_argument("--query-batch", type=int, default=256, help="queries scored at once")
@@ -369,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=run_convert)
 
     index = commands.add_parser("index", help="build (or --append to) a saved MetaEmbedIndex from candidates")
-    index.add_argument("source", help="candidate embeddings file (metaembed encode), or inputs to encode with --model")
-    index.add_argument("index", help="index folder to write (vectors.safetensors + index.json)")
+    index.add_argument("source", help="candidate embeddings folder (metaembed encode), or inputs to encode with --model")
+    index.add_argument("index", help="index folder to write (index.json + a segment folder)")
     index.add_argument("--model", default=None, help="encode SOURCE (.jsonl, .txt, images folder) with this checkpoint")
     index.add_argument("--num-vectors", type=int, default=None, help="R_c vectors kept per item (default: all given)")
     index.add_argument("--precision", choices=("bfloat16", "float16", "float32"), default="bfloat16")
@@ -378,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="top-k of each query in a saved index, as JSON lines")
     search.add_argument("index", help="index folder written by `metaembed index`")
-    search.add_argument("queries", help="query embeddings file (metaembed encode --role query), or inputs with --model")
+    search.add_argument("queries", help="query embeddings folder (metaembed encode --role query), or inputs with --model")
     search.add_argument("--model", default=None, help="encode QUERIES (.jsonl or .txt) with this checkpoint")
     search.add_argument("--budget", type=int, nargs=2, metavar=("R_Q", "R_C"), help="retrieval budget (default: all)")
     search.add_argument("--top-k", type=int, default=10)

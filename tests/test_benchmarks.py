@@ -108,3 +108,9 @@ def test_serving_payload():
     for shape in ("quickstart (16 x 384)", "7B (64 x 3584)"):
         assert re.search(rf"\| {re.escape(shape)} \| JSON floats \| \d+ \| [\d,]+ \| 1\.0000 \|", out)
         assert re.search(rf"\| {re.escape(shape)} \| base64 bfloat16 \| 4 \| [\d,]+ \| 0\.0\d+ \|", out)
+
+
+def test_index_build_memory():
+    out = run("index_build_memory.py", "--items", "300", "--shard-items", "64", "--dim", "32")
+    assert re.search(r"\| build_index \(streamed\) \| [\d.]+ MB \| [\d.]+ \|", out)
+    assert re.search(r"\| load\(mmap=True\) \| [\d.]+ MB of [\d.]+ MB \|", out)

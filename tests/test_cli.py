@@ -147,7 +147,8 @@ def test_search_names_bad_input(tiny_checkpoint, inputs_file, tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", str(index_dir), str(tmp_path / "d.safetensors")]) == 2
     assert "holds candidate embeddings, expected query embeddings" in capsys.readouterr().err
-    (index_dir / "vectors.safetensors").write_bytes((index_dir / "vectors.safetensors").read_bytes()[:-8])
+    (tensors,) = index_dir.glob("segment-*/vectors.safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:-8])
     assert main(["search", str(index_dir), str(tmp_path / "d.safetensors")]) == 2
     assert "checksum" in capsys.readouterr().err
 

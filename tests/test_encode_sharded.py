@@ -1,4 +1,4 @@
-"""`metaembed encode` sharded over processes (torchrun) and resumable: the merged file equals a one-process run."""
+"""`metaembed encode` sharded over processes (torchrun) and resumable: the folder equals a one-process run's."""
 
 import contextlib
 import json
@@ -93,12 +93,12 @@ def test_two_processes_under_torchrun_equal_one_process(job):
     # Each process took its own chunks (0, 2, 4 and 1, 3) and said so; one of them merged.
     assert "[rank 0/2] 3 of 5 chunks" in result.stderr and "[rank 1/2] 2 of 5 chunks" in result.stderr
     _assert_same_file(output, job["reference"])
-    chunks = sorted(Path(f"{output}.shards").glob("chunk-*.safetensors"))
+    chunks = sorted(output.glob("chunk-*.safetensors"))  # the chunks are the output's shards: nothing merged
     assert [c.name for c in chunks] == [f"chunk-{i:06d}.safetensors" for i in range(5)]
 
     # A rerun with another number of processes reuses every chunk: nothing is encoded again.
     before = {c.name: c.stat().st_mtime_ns for c in chunks}
-    os.remove(output)
+    os.remove(output / "embeddings.json")
     assert main(["encode", job["checkpoint"], str(job["inputs"]), str(output), "--chunk-size", str(CHUNK)]) == 0
     assert {c.name: c.stat().st_mtime_ns for c in chunks} == before
     _assert_same_file(output, job["reference"])
@@ -122,10 +122,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(job, capsys):
                "--chunk-size", str(CHUNK), "--quiet"]  # fmt: skip
     result = subprocess.run(command, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-    shard_dir = Path(f"{output}.shards")
+    shard_dir = output
     written = sorted(shard_dir.glob("chunk-*.safetensors"))
     assert [c.name for c in written] == ["chunk-000000.safetensors", "chunk-000001.safetensors"]
-    assert not output.exists()
+    assert not (output / "embeddings.json").exists()  # not an embeddings folder until every chunk is in
     before = {c.name: c.stat().st_mtime_ns for c in written}
     (shard_dir / ".chunk-000002.safetensors.x.tmp").write_bytes(b"half a write")  # what a kill mid-write leaves
     (shard_dir / "chunk-000003.safetensors").write_bytes(b"\x00" * 5)  # a damaged chunk is encoded again

@@ -36,10 +36,8 @@ ROOMS["metaembed"] = set(ROOMS)
 #   saved again. The sentence module must build the model from the same module objects it was loaded with: loading
 #   it through AutoModel instead (tried) gives a second copy of the checkpoint's modules, and their classes differ
 #   (`EncodeItem` fails isinstance).
-# - training/export.py is being changed on another branch; its circle with train.py and dry_run.py is broken there.
 KNOWN_CIRCLES = [
     {"modeling_metaembed.modeling_metaembed", "modeling_metaembed.sentence_metaembed"},
-    {"training.train", "training.dry_run", "training.export"},
 ]
 
 # Old import paths kept for users: (old module, new module, names that must be the same objects).

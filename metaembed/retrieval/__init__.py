@@ -1,11 +1,14 @@
 """Retrieval: searching stored candidate embeddings at any budget (r_q, r_c).
 
 - `index`: `MetaEmbedIndex`, the exact nested-budget index (bf16 / fp16 / fp32, int8 and binary with an exact
-  re-score), its files (`save` / `load`, memory-mappable) and `SearchResult`.
+  re-score), `save` / `load` (memory-mappable) and `SearchResult`.
+- `index_files`: an index folder on disk: segments, the manifest naming one, the crash-safe switch between them.
+- `index_build`: a float index built or appended to from chunks, straight into a new segment (bounded memory).
 - `scan_kernel` with `csrc/maxsim_scan.cpp`: the compiled CPU MaxSim scan (AMX, AVX2) and the choice of kernel.
 - `qdrant`: `QdrantMetaEmbedIndex`, the same index stored in and searched by Qdrant (a server, local mode, or
   `Edge`, Qdrant's engine in this process).
-- `embeddings_file`: the embeddings-file format (`save_embeddings` / `load_embeddings`).
+- `embeddings_file`: the embeddings format, a folder of shards with ids beside them (`save_embeddings`,
+  `iter_embeddings`, `load_embeddings`).
 - `safetensors_header`: where a safetensors file's tensors lie, for memory maps and streamed copies.
 
 May import: torch, numpy, safetensors, and `modeling_metaembed` (the scoring functions, atomic writes); Qdrant's

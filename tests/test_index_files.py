@@ -1,0 +1,197 @@
+"""MetaEmbedIndex files at scale: a mapped load reads none of the vectors, values the scan trusts are checked."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from metaembed.retrieval import scan_kernel
+from metaembed.retrieval.index import IndexFileError, MetaEmbedIndex
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Characters this process read through read(2) (/proc/self/io "rchar") while loading: memory-mapped pages are not
+# counted, a checksum pass is. Imports and a first load of another index come before, so only the load is counted.
+READ_DURING_LOAD = """
+import json, sys
+import torch
+from metaembed.retrieval.index import MetaEmbedIndex
+
+def rchar():
+    return int(dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())["rchar"])
+
+MetaEmbedIndex.load(sys.argv[2], mmap=True)  # imports and first-use costs
+read = {}
+for name, options in (("default", {}), ("verified", {"verify_checksum": True})):
+    before = rchar()
+    index = MetaEmbedIndex.load(sys.argv[1], mmap=True, **options)
+    read[name] = rchar() - before
+print(json.dumps(read))
+"""
+
+
+def test_a_mapped_load_does_not_read_the_vectors(tmp_path):
+    index = MetaEmbedIndex(dim=64, num_vectors=2, dtype="float32")
+    index.add(torch.randn(100_000, 2, 64))  # 51 MB of vectors
+    index.save(tmp_path / "index")
+    small = MetaEmbedIndex(dim=8, num_vectors=1)
+    small.add(torch.randn(3, 1, 8))
+    small.save(tmp_path / "warm")
+    size = sum(p.stat().st_size for p in (tmp_path / "index").rglob("*.safetensors"))
+    assert size > 50e6
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", READ_DURING_LOAD, str(tmp_path / "index"), str(tmp_path / "warm")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = json.loads(result.stdout)
+    # Checking the checksums reads every byte (the measure sees reads); a mapped load reads its manifest (ids).
+    assert read["verified"] > size and read["default"] < size / 20, read
+
+
+def _rewrite_norms(folder: Path, max_norms: torch.Tensor) -> None:
+    """Store other tier norms and a matching checksum: a change the checksums cannot see."""
+    (path,) = list(folder.rglob("vectors.safetensors"))
+    tensors = load_file(path)
+    tensors["max_norms"] = max_norms
+    save_file(tensors, str(path), metadata={"format": "metaembed-index/1"})
+    manifest_path = folder / "index.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_wrong_stored_norm_is_caught_before_the_scan_trusts_it(tmp_path, monkeypatch):
+    embeddings = torch.nn.functional.normalize(torch.randn(2000, 2, 32), dim=-1) * 3
+    index = MetaEmbedIndex(dim=32, num_vectors=2)
+    index.add(embeddings)
+    index.save(tmp_path / "index")
+    MetaEmbedIndex.load(tmp_path / "index", mmap=True).verify()  # what was saved passes
+    _rewrite_norms(tmp_path / "index", index._max_norms / 2)  # too small: the two-part certificate would be void
+
+    with pytest.raises(IndexFileError, match="max_norms' is smaller than the stored vectors"):
+        MetaEmbedIndex.load(tmp_path / "index", mmap=True).verify()
+    loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
+    queries = torch.randn(8, 2, 32)  # 16 query rows: the AMX kernel's two-part scan, where the CPU has AMX
+    monkeypatch.setenv(scan_kernel.ENVIRONMENT, "amx")
+    if scan_kernel.choose(loaded._vectors, 2, rows=16) == "amx":
+        with pytest.raises(IndexFileError, match="max_norms"):
+            loaded.search(queries, k=3)
+    # Larger norms than the data's only make the certificate conservative: accepted.
+    _rewrite_norms(tmp_path / "index", index._max_norms * 2)
+    loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
+    loaded.verify()
+    assert loaded.search(queries, k=3).ids == index.search(queries, k=3).ids
+
+
+def test_verify_names_a_changed_file(tmp_path):
+    index = MetaEmbedIndex(dim=8, num_vectors=1, dtype="int8")
+    index.add(torch.randn(20, 1, 8))
+    index.save(tmp_path / "index")
+    loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)  # not verified: opens at once
+    (full,) = list((tmp_path / "index").rglob("full.safetensors"))
+    data = bytearray(full.read_bytes())
+    data[-1] ^= 0xFF
+    full.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="full.safetensors does not match the checksum"):
+        loaded.verify()
+
+
+@pytest.mark.parametrize("dtype", ["binary", "int8"])
+@pytest.mark.parametrize("sample", [None, 700])  # centres fitted at the first search, or once 700 items are in
+def test_streamed_adds_code_items_as_one_add_does(dtype, sample, monkeypatch):
+    import metaembed.retrieval.index as module
+
+    if sample is not None:
+        monkeypatch.setattr(module, "CENTER_SAMPLE", sample)
+    # Trained embeddings share a common direction per tier; the centres must come from more than the first item.
+    common = torch.nn.functional.normalize(torch.randn(2, 64), dim=-1)
+    embeddings = torch.nn.functional.normalize(common + 0.3 * torch.randn(3000, 2, 64), dim=-1)
+    queries = torch.nn.functional.normalize(common + 0.3 * torch.randn(20, 2, 64), dim=-1)
+    whole = MetaEmbedIndex(dim=64, num_vectors=2, dtype=dtype)
+    whole.add(embeddings)
+    streamed = MetaEmbedIndex(dim=64, num_vectors=2, dtype=dtype)
+    for start, stop in ((0, 1), (1, 1000), (1000, 3000)):  # one item first, then the rest
+        streamed.add(embeddings[start:stop])
+    found = streamed.search(queries, k=10, shortlist=20)
+    assert found.ids == whole.search(queries, k=10, shortlist=20).ids
+    assert torch.equal(streamed.codes, whole.codes) and torch.equal(streamed.scales, whole.scales)
+    if dtype == "binary":
+        assert torch.equal(streamed._centers, whole._centers) and torch.equal(streamed._offsets, whole._offsets)
+
+
+# In one process per scenario: fork a child that saves (or appends: load, add, save) over an index, killed with
+# SIGKILL just before its k-th file-system call (k = 1, 2, ... until it finishes); after each kill the parent loads
+# the folder, which must hold the old index or the new one, complete and verified.
+KILL_AT_EACH_STEP = """
+import json, os, shutil, signal, sys, tempfile
+import torch
+torch.set_num_threads(1)  # no thread pool to inherit across fork
+import metaembed.retrieval.index as index_module
+import metaembed.retrieval.index_files as files_module
+from metaembed.retrieval.index import MetaEmbedIndex
+
+folder, scenario = sys.argv[1], sys.argv[2]
+generator = torch.Generator().manual_seed(0)
+old = MetaEmbedIndex(dim=16, num_vectors=2, dtype="int8")
+old.add(torch.randn(30, 2, 16, generator=generator), ids=[f"old-{i}" for i in range(30)])
+more = torch.randn(12, 2, 16, generator=generator)
+steps = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
+         (tempfile, "mkdtemp"), (index_module, "save_file"), (index_module, "write_ids"),
+         (files_module, "write_atomic")]
+
+def save_new():
+    if scenario == "append":  # what `metaembed index --append` does
+        index = MetaEmbedIndex.load(folder)
+        index.add(more, ids=[f"new-{i}" for i in range(12)])
+    else:
+        index = MetaEmbedIndex(dim=16, num_vectors=2, dtype="float32")
+        index.add(more, ids=[f"new-{i}" for i in range(12)])
+    index.save(folder)
+
+seen, k = [], 0
+while True:
+    k += 1
+    shutil.rmtree(folder, ignore_errors=True)
+    old.save(folder)
+    pid = os.fork()
+    if pid == 0:
+        calls = [0]
+        def wrap(function):
+            def killing(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return function(*args, **kwargs)
+            return killing
+        for owner, name in steps:
+            if hasattr(owner, name):
+                setattr(owner, name, wrap(getattr(owner, name)))
+        save_new()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    loaded = MetaEmbedIndex.load(folder, verify_checksum=True)
+    loaded.verify()
+    seen.append([len(loaded), loaded.ids[-1], os.WIFSIGNALED(status)])
+    if not os.WIFSIGNALED(status):
+        break
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("scenario", ["save", "append"])
+def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_index(tmp_path, scenario):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", KILL_AT_EACH_STEP, str(tmp_path / "index"), scenario]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout)
+    new = [42, "new-11"] if scenario == "append" else [12, "new-11"]
+    assert all(found[:2] in ([30, "old-29"], new) for found in seen), seen
+    assert len(seen) > 10 and seen[0][:2] == [30, "old-29"] and seen[-1] == [*new, False]  # every step, then done
+    assert any(found == [*new, True] for found in seen)  # killed after the switch (while removing the old segment)
