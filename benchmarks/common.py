@@ -29,9 +29,15 @@ def timed(fn, repeats: int, reduce=statistics.median) -> float:
 def sized_model(hidden_size: int, layers: int, device: str = "cpu", **overrides) -> MetaEmbedModel:
     """A random MetaEmbed on a Qwen3 decoder of `layers` layers and width `hidden_size` (MLP 3x), on `device`;
     `overrides` go to `MetaEmbedModel.from_vlm` (e.g. keep_lm_head=True)."""
-    sizes = {"hidden_size": hidden_size, "intermediate_size": 3 * hidden_size, "num_hidden_layers": layers,
-             "num_attention_heads": 8, "num_key_value_heads": 4}  # fmt: skip
+    sizes = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 3 * hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    }
     with tempfile.TemporaryDirectory() as folder:
-        make_tiny_checkpoint(folder, family="qwen3", num_query_vectors=16, num_candidate_vectors=64,
-                             text_overrides=sizes, **overrides)  # fmt: skip
+        make_tiny_checkpoint(
+            folder, family="qwen3", num_query_vectors=16, num_candidate_vectors=64, text_overrides=sizes, **overrides
+        )
         return MetaEmbedModel.from_pretrained(folder).to(device)

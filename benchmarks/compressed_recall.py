@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from metaembed.retrieval.index import MetaEmbedIndex
 from metaembed.quickstart.twemoji import twemoji_pairs
+from metaembed.retrieval.index import MetaEmbedIndex
 
 
 def recall(found: list, exact: list, k: int) -> float:
@@ -27,8 +27,9 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", default="runs/quickstart/checkpoint")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--shortlists", type=int, nargs="+", default=[20, 50, 100])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 8, 32],
-                        help="r_q r_c pairs")
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 8, 32], help="r_q r_c pairs"
+    )
     parser.add_argument("--limit", type=int, default=None, help="use the first N image-caption pairs (a quick run)")
     parser.add_argument("--embeddings-cache", default=None, help="a .pt file: encode once, reuse in later runs")
     args = parser.parse_args(argv)
@@ -51,8 +52,10 @@ def main(argv=None) -> None:
     n = len(pairs)
     k = min(args.k, n)
     shortlists = [s for s in args.shortlists if k <= s <= n]
-    print(f"{n} images indexed, {n} caption queries, D = {config.output_dim}; recall@{k} against exact search "
-          f"(bf16 storage, exhaustive); compressed scans re-scored exactly from the full bf16 vectors")
+    print(
+        f"{n} images indexed, {n} caption queries, D = {config.output_dim}; recall@{k} against exact search "
+        f"(bf16 storage, exhaustive); compressed scans re-scored exactly from the full bf16 vectors"
+    )
     print()
     print(f"| budget | dtype | bytes/item | own top-{k} | " + " | ".join(f"shortlist {s}" for s in shortlists) + " |")
     print("|---|---|---|---|" + "---|" * len(shortlists))
@@ -64,8 +67,10 @@ def main(argv=None) -> None:
             if dtype == "bfloat16":
                 cells = ["1.000 (exact)"] + ["-"] * len(shortlists)
             else:
-                cells = [f"{recall(index.search(queries, budget=(r_q, r_c), k=k, shortlist=s).ids, exact, k):.3f}"
-                         for s in [k, *shortlists]]  # fmt: skip
+                cells = [
+                    f"{recall(index.search(queries, budget=(r_q, r_c), k=k, shortlist=s).ids, exact, k):.3f}"
+                    for s in [k, *shortlists]
+                ]
             print(f"| ({r_q}, {r_c}) | {dtype} | {index.bytes_per_item(r_c):,} | " + " | ".join(cells) + " |")
 
 

@@ -12,9 +12,9 @@ predict ((L + extra) / L, linear in length; attention makes the real cost slight
 import argparse
 
 import torch
+from common import sized_model, timed  # benchmarks/common.py (the script folder is on sys.path)
 
 from modeling_metaembed.processing_metaembed import parse_inputs
-from common import sized_model, timed  # benchmarks/common.py (the script folder is on sys.path)
 
 
 def main() -> None:
@@ -32,11 +32,15 @@ def main() -> None:
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     texts = [("lorem ipsum dolor sit amet " * 200)[: args.text_tokens - i] for i in range(args.batch_size)]
     items = parse_inputs(texts)
-    print(f"backbone: random qwen3, {parameters:.1f}M parameters, hidden {args.hidden_size}, {args.layers} layers, "
-          f"device {args.device}; batch {args.batch_size} x ~{args.text_tokens} text tokens; "
-          f"median of {args.repeats}")  # fmt: skip
-    print(f"{'role':>9} | {'tokens/row':>10} | {'+meta':>5} | {'backbone ms':>11} | {'MetaEmbed ms':>12} | "
-          f"{'measured ratio':>14} | {'token ratio':>11}")  # fmt: skip
+    print(
+        f"backbone: random qwen3, {parameters:.1f}M parameters, hidden {args.hidden_size}, {args.layers} layers, "
+        f"device {args.device}; batch {args.batch_size} x ~{args.text_tokens} text tokens; "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'role':>9} | {'tokens/row':>10} | {'+meta':>5} | {'backbone ms':>11} | {'MetaEmbed ms':>12} | "
+        f"{'measured ratio':>14} | {'token ratio':>11}"
+    )
     for role in ("query", "candidate"):
         prompts = [processor.build_prompt(item, role) for item in items]
         bare = processor.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(args.device)
@@ -47,8 +51,10 @@ def main() -> None:
             backbone_s = timed(lambda: model.vlm(**bare, use_cache=False), args.repeats)
             metaembed_s = timed(lambda: model(**full, role=role), args.repeats)
         length = bare["input_ids"].shape[1]
-        print(f"{role:>9} | {length:>10} | {extra:>5} | {backbone_s * 1e3:>11.1f} | {metaembed_s * 1e3:>12.1f} | "
-              f"{metaembed_s / backbone_s:>14.3f} | {(length + extra) / length:>11.3f}")  # fmt: skip
+        print(
+            f"{role:>9} | {length:>10} | {extra:>5} | {backbone_s * 1e3:>11.1f} | {metaembed_s * 1e3:>12.1f} | "
+            f"{metaembed_s / backbone_s:>14.3f} | {(length + extra) / length:>11.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -84,14 +84,17 @@ def main() -> None:
             build_index(folder / "index", renamed, count, args.dim, args.vectors, base=base)
 
         steps = {
-            "build_index (streamed)": lambda: build_index(folder / "index", iter_embeddings(source), count, args.dim,
-                                                          args.vectors),
+            "build_index (streamed)": lambda: build_index(
+                folder / "index", iter_embeddings(source), count, args.dim, args.vectors
+            ),
             f"build_index(base=mapped index): append {count:,} more": append,
             "add() of every shard, then save": in_memory,
-        }  # fmt: skip
+        }
         on_disk = sum(p.stat().st_size for p in source.glob("*")) / 2**20
-        print(f"CPU: {platform.processor() or platform.machine()}; {count:,} items, r_c = {args.vectors}, "
-              f"D = {args.dim}, {len(shards)} shards, {on_disk:.1f} MB of float32 embeddings; bf16 index\n")
+        print(
+            f"CPU: {platform.processor() or platform.machine()}; {count:,} items, r_c = {args.vectors}, "
+            f"D = {args.dim}, {len(shards)} shards, {on_disk:.1f} MB of float32 embeddings; bf16 index\n"
+        )
         print("| step | anonymous memory added | seconds |\n|---|---|---|")
         for name, step in steps.items():
             added, seconds = peak_added(step)

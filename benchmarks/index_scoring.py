@@ -42,8 +42,10 @@ def cpu_name() -> str:
         mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "all")
         usable = scan_kernel.features() if platform.machine() in ("x86_64", "AMD64") else {}
         kernels = ", ".join(kind for kind, ok in usable.items() if ok) or "none"
-        return (f"{name} (family 6 model {model}; {torch.get_num_threads()} threads; {isa}; torch CPU capability "
-                f"{capability}, MKL instructions {mkl}; kernels usable: {kernels})")  # fmt: skip
+        return (
+            f"{name} (family 6 model {model}; {torch.get_num_threads()} threads; {isa}; torch CPU capability "
+            f"{capability}, MKL instructions {mkl}; kernels usable: {kernels})"
+        )
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
 
@@ -84,7 +86,7 @@ def gemm_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float
 
 
 def agreement(positions: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-5) -> str:
-    """"yes" when each query's top ids are the reference's top ids (as sets), "ties" when they differ only by items
+    """ "yes" when each query's top ids are the reference's top ids (as sets), "ties" when they differ only by items
     whose reference scores are within `tolerance` of the reference's k-th score, "NO" otherwise."""
     k = positions.shape[1]
     verdict = "yes"
@@ -94,7 +96,7 @@ def agreement(positions: torch.Tensor, reference: torch.Tensor, tolerance: float
         if set(found.tolist()) == expected:
             continue
         kth = top.values[-1].item()
-        differing = (set(found.tolist()) ^ expected)
+        differing = set(found.tolist()) ^ expected
         if all(abs(scores[i].item() - kth) <= tolerance for i in differing):
             verdict = "ties"
         else:
@@ -116,10 +118,12 @@ def peer_scorers() -> dict:
 
         scorers["PyLate colbert_scores"] = lambda q, c: colbert_scores(q, c)
     except ImportError:
-        scorers["PyLate colbert_scores"] = ("not installed: pylate 1.6 pins sentence-transformers==5.3.0 and "
-                                            "transformers<=5.3.0 (this project needs >=6.2 / >=5.23); its pure-torch "
-                                            "scores module runs from `pip install --no-deps --target DIR pylate` on "
-                                            "PYTHONPATH")  # fmt: skip
+        scorers["PyLate colbert_scores"] = (
+            "not installed: pylate 1.6 pins sentence-transformers==5.3.0 and "
+            "transformers<=5.3.0 (this project needs >=6.2 / >=5.23); its pure-torch "
+            "scores module runs from `pip install --no-deps --target DIR pylate` on "
+            "PYTHONPATH"
+        )
     return scorers
 
 
@@ -127,19 +131,24 @@ def peers(args, index, queries, floor, kernel_for, device, flush, singles) -> No
     """The single-query table: ours (its best over the rounds where the rounds timed that budget, else timed
     here), then each peer on the same bf16 embeddings, as ratios to the floor."""
     print()
-    print("Single query, the same bf16 embeddings (item-major, bf16 queries for the peers, one timed run each; ours: "
-          "its best over the rounds, as above): ratio "
-          "to the floor")
+    print(
+        "Single query, the same bf16 embeddings (item-major, bf16 queries for the peers, one timed run each; ours: "
+        "its best over the rounds, as above): ratio "
+        "to the floor"
+    )
     print("| budget | scorer | ms | x floor |")
     print("|---|---|---|---|")
     item_major = index.vectors.transpose(0, 1).contiguous()  # [N, R_c, D] bf16, as the peers take it
     scorers = peer_scorers()
     for r_q, r_c in zip(args.peer_budgets[::2], args.peer_budgets[1::2]):
         f1 = floor(r_q, r_c, 1)
-        ours = singles.get((r_q, r_c)) or best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10),
-                                                     args.repeats, device, flush)  # fmt: skip
-        print(f"| ({r_q}, {r_c}) | MetaEmbedIndex.search (float32 query, {kernel_for(r_c, r_q)}) | {ours * 1e3:.2f} | "
-              f"{ours / f1:.2f} |")  # fmt: skip
+        ours = singles.get((r_q, r_c)) or best_time(
+            lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), args.repeats, device, flush
+        )
+        print(
+            f"| ({r_q}, {r_c}) | MetaEmbedIndex.search (float32 query, {kernel_for(r_c, r_q)}) | {ours * 1e3:.2f} | "
+            f"{ours / f1:.2f} |"
+        )
         q, c = queries[:1, :r_q].to(torch.bfloat16), item_major[:, :r_c]
         for name, scorer in scorers.items():
             if isinstance(scorer, str):
@@ -157,16 +166,28 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 1, 2, 4, 4, 8, 8, 16, 16, 64])
     parser.add_argument("--batch", type=int, default=32, help="queries per batch for the batched per-query time")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (floors and every search once each)")
-    parser.add_argument("--peer-budgets", type=int, nargs="*", default=[1, 1, 4, 8, 16, 64],
-                        help="budgets the peers run (none: no peer table)")
+    parser.add_argument(
+        "--peer-budgets",
+        type=int,
+        nargs="*",
+        default=[1, 1, 4, 8, 16, 64],
+        help="budgets the peers run (none: no peer table)",
+    )
     parser.add_argument("--flush-mb", type=int, default=1024, help="buffer read between timed runs (cold caches)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer the read bandwidth is measured on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (floors included)")
-    parser.add_argument("--kernel", choices=scan_kernel.CHOICES, default=None,
-                        help=f"set {scan_kernel.ENVIRONMENT} (default: as the environment says, else auto)")
-    parser.add_argument("--as-avx2-cpu", action="store_true",
-                        help="choose kernels as a CPU without AMX would (set MKL_ENABLE_INSTRUCTIONS=AVX2 and "
-                             "ATEN_CPU_CAPABILITY=avx2 too, so that torch, MKL and the floors use AVX2 alone)")
+    parser.add_argument(
+        "--kernel",
+        choices=scan_kernel.CHOICES,
+        default=None,
+        help=f"set {scan_kernel.ENVIRONMENT} (default: as the environment says, else auto)",
+    )
+    parser.add_argument(
+        "--as-avx2-cpu",
+        action="store_true",
+        help="choose kernels as a CPU without AMX would (set MKL_ENABLE_INSTRUCTIONS=AVX2 and "
+        "ATEN_CPU_CAPABILITY=avx2 too, so that torch, MKL and the floors use AVX2 alone)",
+    )
     args = parser.parse_args(argv)
     if args.as_avx2_cpu and scan_kernel.compiled() is not None:
         scan_kernel._state["features"]["amx"] = False  # what cpu_features() reports on an AVX2-only CPU
@@ -189,8 +210,10 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{where}")
-    print(f"N = {args.num_items:,}, D = {args.dim}, bf16 storage, float32 queries; batch of {args.batch}; "
-          f"load average {load_before[0]:.2f}")  # fmt: skip
+    print(
+        f"N = {args.num_items:,}, D = {args.dim}, bf16 storage, float32 queries; batch of {args.batch}; "
+        f"load average {load_before[0]:.2f}"
+    )
 
     def floor(r_q, r_c, q):
         nbytes = args.num_items * r_c * args.dim * 2
@@ -209,16 +232,17 @@ def main(argv=None) -> None:
         peaks.append(gemm_peak(device, repeats=2))
         for r_q, r_c in budgets:
             warm_up = round_number == 0  # the first call of each shape builds what later calls reuse
-            single = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), 1, device, flush,
-                               warm_up)  # fmt: skip
+            single = best_time(lambda: index.search(queries[:1], budget=(r_q, r_c), k=10), 1, device, flush, warm_up)
             batch = lambda: index.search(queries, budget=(r_q, r_c), k=10, query_batch_size=args.batch)  # noqa: E731
             batched = best_time(batch, 1, device, flush, warm_up) / args.batch
             singles[(r_q, r_c)] = min(singles.get((r_q, r_c), float("inf")), single)
             batches[(r_q, r_c)] = min(batches.get((r_q, r_c), float("inf")), batched)
     bandwidth, peak = max(bandwidths), max(peaks)
-    print(f"floors, the best of {args.repeats} rounds interleaved with the searches: read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s (rounds {min(bandwidths) / 1e9:.1f}-{bandwidth / 1e9:.1f}), float32 GEMM peak "
-          f"{peak / 1e9:.0f} GFLOP/s (rounds {min(peaks) / 1e9:.0f}-{peak / 1e9:.0f})")  # fmt: skip
+    print(
+        f"floors, the best of {args.repeats} rounds interleaved with the searches: read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s (rounds {min(bandwidths) / 1e9:.1f}-{bandwidth / 1e9:.1f}), float32 GEMM peak "
+        f"{peak / 1e9:.0f} GFLOP/s (rounds {min(peaks) / 1e9:.0f}-{peak / 1e9:.0f})"
+    )
 
     timings = []  # (budget, kernel, single seconds, batched seconds per query, exact)
     vectors = index.vectors  # [R_c, N, D] bf16
@@ -236,21 +260,27 @@ def main(argv=None) -> None:
         timings.append(((r_q, r_c), kernel, singles[(r_q, r_c)], batches[(r_q, r_c)], same))
 
     print()
-    print("| budget | kernel | bytes per scan | floor ms (1 query) | single query ms | x floor "
-          "| floor ms/query (batched) | batched ms/query | x floor | top-10 ids = fp32 reference |")  # fmt: skip
+    print(
+        "| budget | kernel | bytes per scan | floor ms (1 query) | single query ms | x floor "
+        "| floor ms/query (batched) | batched ms/query | x floor | top-10 ids = fp32 reference |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (r_q, r_c), kernel, single, batched, same in timings:
         f1, fb = floor(r_q, r_c, 1), floor(r_q, r_c, args.batch) / args.batch
-        print(f"| ({r_q}, {r_c}) | {kernel} | {args.num_items * r_c * args.dim * 2:,} | {f1 * 1e3:.2f} | "
-              f"{single * 1e3:.2f} | {single / f1:.2f} | {fb * 1e3:.2f} | {batched * 1e3:.2f} | {batched / fb:.2f} | "
-              f"{same} |")  # fmt: skip
+        print(
+            f"| ({r_q}, {r_c}) | {kernel} | {args.num_items * r_c * args.dim * 2:,} | {f1 * 1e3:.2f} | "
+            f"{single * 1e3:.2f} | {single / f1:.2f} | {fb * 1e3:.2f} | {batched * 1e3:.2f} | {batched / fb:.2f} | "
+            f"{same} |"
+        )
 
     if args.peer_budgets:
         peers(args, index, queries, floor, kernel_for, device, flush, singles)
     load_after = os.getloadavg()
     print()
-    print(f"load average (1, 5, 15 min): before {', '.join(f'{v:.2f}' for v in load_before)}; after "
-          f"{', '.join(f'{v:.2f}' for v in load_after)} ({os.cpu_count()} CPUs)")  # fmt: skip
+    print(
+        f"load average (1, 5, 15 min): before {', '.join(f'{v:.2f}' for v in load_before)}; after "
+        f"{', '.join(f'{v:.2f}' for v in load_after)} ({os.cpu_count()} CPUs)"
+    )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,11 @@ def measure(name: str, search, queries: torch.Tensor, exact_ids: list, k: int, b
     batched_seconds = time.perf_counter() - start
     recall = sum(len(set(a[:k]) & set(b[:k])) for a, b in zip(batched, exact_ids)) / (k * len(exact_ids))
     assert found == batched[: len(found)] or name.startswith("Qdrant")  # one query alone = in a batch
-    return (f"| {name} | {percentile(latencies, 0.5) * 1e3:.2f} | {percentile(latencies, 0.99) * 1e3:.2f} | "
-            f"{len(latencies) / sum(latencies):.1f} | {queries.shape[0] / batched_seconds:.1f} | "
-            f"{recall:.3f} |")  # fmt: skip
+    return (
+        f"| {name} | {percentile(latencies, 0.5) * 1e3:.2f} | {percentile(latencies, 0.99) * 1e3:.2f} | "
+        f"{len(latencies) / sum(latencies):.1f} | {queries.shape[0] / batched_seconds:.1f} | "
+        f"{recall:.3f} |"
+    )
 
 
 class Rows(list):
@@ -81,8 +83,12 @@ def main(argv=None) -> None:
     parser.add_argument("--shortlist", type=int, default=100, help="two-stage / compressed shortlist")
     parser.add_argument("--batch", type=int, default=64, help="queries per call in the batched run")
     parser.add_argument("--sequential", type=int, default=None, help="queries run one at a time (default: all)")
-    parser.add_argument("--qdrant-exhaustive-queries", type=int, default=None,
-                        help="queries for Qdrant's exhaustive MaxSim scan (default: all; it is the slowest row)")
+    parser.add_argument(
+        "--qdrant-exhaustive-queries",
+        type=int,
+        default=None,
+        help="queries for Qdrant's exhaustive MaxSim scan (default: all; it is the slowest row)",
+    )
     parser.add_argument("--no-qdrant", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (MetaEmbedIndex)")
     args = parser.parse_args(argv)
@@ -91,9 +97,11 @@ def main(argv=None) -> None:
     r_q, r_c = args.budget
     k, sequential = args.k, args.sequential or args.queries
     candidates, queries = synthetic(args.items, args.queries, r_c, r_q, args.dim)
-    print(f"{args.items:,} items x {r_c} vectors x {args.dim} dims, {args.queries:,} queries x {r_q} vectors; "
-          f"budget ({r_q}, {r_c}), top-{k}, shortlist {args.shortlist}; torch threads {torch.get_num_threads()}",
-          flush=True)  # fmt: skip
+    print(
+        f"{args.items:,} items x {r_c} vectors x {args.dim} dims, {args.queries:,} queries x {r_q} vectors; "
+        f"budget ({r_q}, {r_c}), top-{k}, shortlist {args.shortlist}; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     reference = MetaEmbedIndex(args.dim, r_c, dtype="float32")
     reference.add(candidates)
@@ -109,16 +117,35 @@ def main(argv=None) -> None:
         index = MetaEmbedIndex(args.dim, r_c, dtype=dtype)
         index.add(candidates)
         systems[dtype] = index
-        label = {"bfloat16": "exhaustive, bf16", "int8": f"int8 scan + exact re-score of {args.shortlist}",
-                 "binary": f"binary scan + exact re-score of {args.shortlist}"}[dtype]  # fmt: skip
+        label = {
+            "bfloat16": "exhaustive, bf16",
+            "int8": f"int8 scan + exact re-score of {args.shortlist}",
+            "binary": f"binary scan + exact re-score of {args.shortlist}",
+        }[dtype]
         kwargs = {} if dtype == "bfloat16" else {"shortlist": args.shortlist}
-        rows.append(measure(f"MetaEmbedIndex {label} ({index.bytes_per_item(r_c):,} B/item)",
-                            lambda q, i=index, kw=kwargs: i.search(q, budget=(r_q, r_c), k=k, **kw).ids,
-                            queries, exact_ids, k, args.batch, sequential))  # fmt: skip
+        rows.append(
+            measure(
+                f"MetaEmbedIndex {label} ({index.bytes_per_item(r_c):,} B/item)",
+                lambda q, i=index, kw=kwargs: i.search(q, budget=(r_q, r_c), k=k, **kw).ids,
+                queries,
+                exact_ids,
+                k,
+                args.batch,
+                sequential,
+            )
+        )
     bf16 = systems["bfloat16"]
-    rows.append(measure(f"MetaEmbedIndex two-stage, bf16 (shortlist {args.shortlist})",
-                        lambda q: bf16.search_two_stage(q, budget=(r_q, r_c), k=k, shortlist=args.shortlist).ids,
-                        queries, exact_ids, k, args.batch, sequential))  # fmt: skip
+    rows.append(
+        measure(
+            f"MetaEmbedIndex two-stage, bf16 (shortlist {args.shortlist})",
+            lambda q: bf16.search_two_stage(q, budget=(r_q, r_c), k=k, shortlist=args.shortlist).ids,
+            queries,
+            exact_ids,
+            k,
+            args.batch,
+            sequential,
+        )
+    )
 
     if not args.no_qdrant:
         from metaembed.retrieval.qdrant import Edge, QdrantMetaEmbedIndex
@@ -129,17 +156,35 @@ def main(argv=None) -> None:
             store = QdrantMetaEmbedIndex.create(edge, "load", args.dim, (r_c,))
             store.add(candidates, ids=list(range(args.items)), batch_size=1024)
             store.optimize()
-            print(f"(Qdrant embedded engine: {args.items:,} points upserted and optimized, HNSW on the coarse field, "
-                  f"in {time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"(Qdrant embedded engine: {args.items:,} points upserted and optimized, HNSW on the coarse field, "
+                f"in {time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
             many = args.qdrant_exhaustive_queries or args.queries
-            rows.append(measure(f"Qdrant (embedded engine) exhaustive MaxSim ({many} queries)",
-                                lambda q: store.search(q, budget=(r_q, r_c), k=k).ids,
-                                queries[:many], exact_ids[:many], k, args.batch, min(sequential, many)))  # fmt: skip
-            rows.append(measure(f"Qdrant (embedded engine) two-stage: HNSW prefetch {args.shortlist} + MaxSim",
-                                lambda q: store.search(q, budget=(r_q, r_c), k=k, shortlist=args.shortlist).ids,
-                                queries, exact_ids, k, args.batch, sequential))  # fmt: skip
+            rows.append(
+                measure(
+                    f"Qdrant (embedded engine) exhaustive MaxSim ({many} queries)",
+                    lambda q: store.search(q, budget=(r_q, r_c), k=k).ids,
+                    queries[:many],
+                    exact_ids[:many],
+                    k,
+                    args.batch,
+                    min(sequential, many),
+                )
+            )
+            rows.append(
+                measure(
+                    f"Qdrant (embedded engine) two-stage: HNSW prefetch {args.shortlist} + MaxSim",
+                    lambda q: store.search(q, budget=(r_q, r_c), k=k, shortlist=args.shortlist).ids,
+                    queries,
+                    exact_ids,
+                    k,
+                    args.batch,
+                    sequential,
+                )
+            )
             edge.close()
-
 
 
 if __name__ == "__main__":

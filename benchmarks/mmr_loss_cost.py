@@ -14,11 +14,11 @@ import statistics
 import time
 
 import torch
+from common import sized_model  # benchmarks/common.py (the script folder is on sys.path)
 
 from training.data import MetaEmbedCollator
 from training.loss import MatryoshkaContrastiveLoss
 from training.synthetic import synthetic_records
-from common import sized_model  # benchmarks/common.py (the script folder is on sys.path)
 
 PAPER_GROUPS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
 
@@ -53,7 +53,10 @@ def main() -> None:
     queries_in = {k: v.to(args.device) for k, v in batch["queries"][0]["inputs"].items()}
     candidates_in = {k: v.to(args.device) for k, v in batch["candidates"][0]["inputs"].items()}
     owners = batch["negative_owners"].to(args.device)
-    losses = {"MMR (5 groups)": MatryoshkaContrastiveLoss(PAPER_GROUPS), "single group (16,64)": MatryoshkaContrastiveLoss([(16, 64)])}
+    losses = {
+        "MMR (5 groups)": MatryoshkaContrastiveLoss(PAPER_GROUPS),
+        "single group (16,64)": MatryoshkaContrastiveLoss([(16, 64)]),
+    }
 
     def step(loss_fn):
         model.zero_grad(set_to_none=True)
@@ -72,9 +75,11 @@ def main() -> None:
         loss.backward()
 
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"backbone: random qwen3, {parameters:.1f}M parameters, {args.layers} layers, device {args.device}; "
-          f"batch {args.batch_size} queries + {args.batch_size} positives + {owners.numel()} hard negatives, "
-          f"R_q=16, R_c=64; median of {args.repeats}")  # fmt: skip
+    print(
+        f"backbone: random qwen3, {parameters:.1f}M parameters, {args.layers} layers, device {args.device}; "
+        f"batch {args.batch_size} queries + {args.batch_size} positives + {owners.numel()} hard negatives, "
+        f"R_q=16, R_c=64; median of {args.repeats}"
+    )
     print(f"{'':24} {'training step':>14} {'loss only':>12}")
     steps = interleaved_medians({name: (lambda f=f: step(f)) for name, f in losses.items()}, args.repeats)
     loss_times = interleaved_medians({name: (lambda f=f: loss_only(f)) for name, f in losses.items()}, args.repeats)
@@ -82,8 +87,10 @@ def main() -> None:
     for name, (step_time, loss_time) in results.items():
         print(f"{name:24} {step_time * 1e3:11.1f} ms {loss_time * 1e3:9.2f} ms")
     (mmr_step, mmr_loss), (one_step, one_loss) = results.values()
-    print(f"ratio MMR / single group: training step {mmr_step / one_step:.3f}, loss only {mmr_loss / one_loss:.3f}; "
-          f"MMR's extra work is {(mmr_loss - one_loss) / one_step * 100:.1f}% of a single-group training step")
+    print(
+        f"ratio MMR / single group: training step {mmr_step / one_step:.3f}, loss only {mmr_loss / one_loss:.3f}; "
+        f"MMR's extra work is {(mmr_loss - one_loss) / one_step * 100:.1f}% of a single-group training step"
+    )
 
 
 if __name__ == "__main__":

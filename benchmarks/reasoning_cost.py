@@ -26,12 +26,16 @@ def main() -> None:
     args = parser.parse_args()
 
     model = sized_model(args.hidden_size, args.layers, args.device, keep_lm_head=True).eval()
-    queries = [f"find the quarterly report page where revenue of product line {i} fell while costs rose"
-               for i in range(args.queries)]  # fmt: skip
+    queries = [
+        f"find the quarterly report page where revenue of product line {i} fell while costs rose"
+        for i in range(args.queries)
+    ]
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"random qwen3, {parameters:.1f}M parameters (hidden {args.hidden_size}, {args.layers} layers), device "
-          f"{args.device}; {args.queries} queries of ~{len(queries[0])} characters, batch {args.batch_size}; "
-          f"median of {args.repeats}")  # fmt: skip
+    print(
+        f"random qwen3, {parameters:.1f}M parameters (hidden {args.hidden_size}, {args.layers} layers), device "
+        f"{args.device}; {args.queries} queries of ~{len(queries[0])} characters, batch {args.batch_size}; "
+        f"median of {args.repeats}"
+    )
 
     def plain():
         model.encode(queries, role="query", batch_size=args.batch_size, show_progress_bar=False)
@@ -51,8 +55,10 @@ def main() -> None:
 
         embed_s = timed(embed, args.repeats) / args.queries
         total = generate + embed_s
-        print(f"| think, then embed | {tokens} | {generate * 1e3:.1f} | {embed_s * 1e3:.1f} | {total * 1e3:.1f} | "
-              f"{total / base:.2f} |")  # fmt: skip
+        print(
+            f"| think, then embed | {tokens} | {generate * 1e3:.1f} | {embed_s * 1e3:.1f} | {total * 1e3:.1f} | "
+            f"{total / base:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ SHAPES = {"quickstart": (16, 384, 64), "7B": (64, 3584, 16)}
 
 def body(vectors: torch.Tensor, encoding: str, dtype: str) -> bytes:
     """The response body the server writes (the fields around the embeddings included)."""
-    data = {"role": "candidate", "num_vectors": vectors.shape[1], "fingerprint": "0" * 16,
-            "embeddings": encode_tensor(vectors, encoding, dtype)}  # fmt: skip
+    data = {
+        "role": "candidate",
+        "num_vectors": vectors.shape[1],
+        "fingerprint": "0" * 16,
+        "embeddings": encode_tensor(vectors, encoding, dtype),
+    }
     return json.dumps({"request_id": "pooling-0" * 4, "created_at": 0, "data": data}).encode()
 
 
@@ -58,8 +62,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=None, help="items per request (default: per shape)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}; best of "
-          f"{args.repeats} after a warm-up")  # fmt: skip
+    print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}; best of {args.repeats} after a warm-up")
     print("| shape (R_c x D) | form | vectors | bytes / item | ratio to JSON, all | items / s (write + read) |")
     print("|---|---|---|---|---|---|")
     for name in args.shapes:
@@ -70,14 +73,19 @@ def main() -> None:
         forms = [("JSON floats", vectors_per_item, "float", "float32")]
         budget = min(args.budget, vectors_per_item)
         forms += [("JSON floats", budget, "float", "float32")]
-        forms += [(f"base64 {dtype}", k, "base64", dtype) for k in (vectors_per_item, budget)
-                  for dtype in ("float32", "float16", "bfloat16")]  # fmt: skip
+        forms += [
+            (f"base64 {dtype}", k, "base64", dtype)
+            for k in (vectors_per_item, budget)
+            for dtype in ("float32", "float16", "bfloat16")
+        ]
         reference = None
         for form, k, encoding, dtype in forms:
             size, rate = measure(vectors, k, encoding, dtype, args.repeats)
             reference = reference or size
-            print(f"| {name} ({vectors_per_item} x {dim}) | {form} | {k} | {size:,.0f} | {size / reference:.4f} | "
-                  f"{rate:,.1f} |")  # fmt: skip
+            print(
+                f"| {name} ({vectors_per_item} x {dim}) | {form} | {k} | {size:,.0f} | {size / reference:.4f} | "
+                f"{rate:,.1f} |"
+            )
 
 
 if __name__ == "__main__":

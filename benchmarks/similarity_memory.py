@@ -63,12 +63,25 @@ def main() -> None:
         return
 
     def run(method, batch):
-        command = [sys.executable, __file__, "--child", method, str(batch), "--dim", str(args.dim),
-                   "--device", args.device, "--block-mb", str(args.block_mb)]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            str(batch),
+            "--dim",
+            str(args.dim),
+            "--device",
+            args.device,
+            "--block-mb",
+            str(args.block_mb),
+        ]
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
-    print(f"device {args.device}, D={args.dim}, groups {GROUPS}, B queries x 2B candidates, block bound "
-          f"{args.block_mb} MiB; MiB above inputs and their gradients")  # fmt: skip
+    print(
+        f"device {args.device}, D={args.dim}, groups {GROUPS}, B queries x 2B candidates, block bound "
+        f"{args.block_mb} MiB; MiB above inputs and their gradients"
+    )
     print(f"{'B':>6} {'scores (G,B,2B)':>16} {'ours':>10} {'direct einsum':>14} {'direct / ours':>14}")
     for batch in args.batches:
         scores_mib = len(GROUPS) * batch * 2 * batch * 4 / 2**20

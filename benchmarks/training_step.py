@@ -130,10 +130,17 @@ def main() -> None:
     # The trainer builds a collator from the processor; these rows are already token ids, so a stand-in suffices.
     model.get_base_model().processor = types.SimpleNamespace(has_vision=False)
     training_args = MetaEmbedTrainingArguments(
-        output_dir="/tmp/metaembed-training-step", per_device_train_batch_size=args.batch_size,
-        gradcache_chunk_size=args.chunk, learning_rate=1e-4, bf16=device.type == "cuda" and not args.tiny,
-        use_cpu=device.type == "cpu", report_to=[], save_strategy="no", disable_tqdm=True, max_steps=args.steps + 1,
-    )  # fmt: skip
+        output_dir="/tmp/metaembed-training-step",
+        per_device_train_batch_size=args.batch_size,
+        gradcache_chunk_size=args.chunk,
+        learning_rate=1e-4,
+        bf16=device.type == "cuda" and not args.tiny,
+        use_cpu=device.type == "cpu",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        max_steps=args.steps + 1,
+    )
     trainer = MetaEmbedTrainer(model=model, args=training_args, data_collator=lambda records: records)
     trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 1)
     trainer.current_gradient_accumulation_steps = 1
@@ -166,20 +173,28 @@ def main() -> None:
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; backbone {'tiny qwen2_5_vl' if args.tiny else args.backbone}, "
-          f"{config.vlm_config.get_text_config().num_hidden_layers} layers, {parameters / 1e9:.2f}B parameters "
-          f"({trainable / 1e6:.1f}M trainable, LoRA r=32), attention {args.attn}, gradient checkpointing, "
-          f"GradCache chunks of {args.chunk}")  # fmt: skip
-    print(f"batch: {args.batch_size} queries x {query_length} tokens, {candidates} candidates x {candidate_length} "
-          f"tokens, 5 MMR groups; loss {float(loss):.3f}")  # fmt: skip
-    print("| step time | peak memory | model TFLOP / step | achieved TFLOP/s | MFU (measured GEMM peak) | MFU (datasheet) |")
+    print(
+        f"device: {name}; backbone {'tiny qwen2_5_vl' if args.tiny else args.backbone}, "
+        f"{config.vlm_config.get_text_config().num_hidden_layers} layers, {parameters / 1e9:.2f}B parameters "
+        f"({trainable / 1e6:.1f}M trainable, LoRA r=32), attention {args.attn}, gradient checkpointing, "
+        f"GradCache chunks of {args.chunk}"
+    )
+    print(
+        f"batch: {args.batch_size} queries x {query_length} tokens, {candidates} candidates x {candidate_length} "
+        f"tokens, 5 MMR groups; loss {float(loss):.3f}"
+    )
+    print(
+        "| step time | peak memory | model TFLOP / step | achieved TFLOP/s | MFU (measured GEMM peak) | MFU (datasheet) |"
+    )
     print("|---|---|---|---|---|---|")
     achieved = flops / seconds / 1e12
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     sheet = next((value for key, value in DATASHEET_BF16_TFLOPS.items() if key in name), None)
     sheet_mfu = f"{achieved / sheet:.1%} of {sheet:.0f}" if sheet else "n/a"
-    print(f"| {seconds:.3f} s | {peak:.1f} GiB | {flops / 1e12:.1f} | {achieved:.2f} | "
-          f"{achieved / gemm:.1%} of {gemm:.0f} | {sheet_mfu} |")  # fmt: skip
+    print(
+        f"| {seconds:.3f} s | {peak:.1f} GiB | {flops / 1e12:.1f} | {achieved:.2f} | "
+        f"{achieved / gemm:.1%} of {gemm:.0f} | {sheet_mfu} |"
+    )
 
 
 if __name__ == "__main__":

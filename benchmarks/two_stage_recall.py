@@ -12,8 +12,8 @@ import argparse
 import torch
 from transformers import AutoModel
 
-from metaembed.retrieval.index import MetaEmbedIndex
 from metaembed.quickstart.twemoji import twemoji_pairs
+from metaembed.retrieval.index import MetaEmbedIndex
 
 
 def main(argv=None) -> None:
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
 
     n, r_c_max = len(index), model.config.num_candidate_vectors
     print(f"{n} images indexed, {len(pairs)} caption queries, recall@{args.k} of two-stage against exhaustive search")
-    print(f"| budget | exhaustive bytes/query | " + " | ".join(f"shortlist {s}" for s in args.shortlists) + " |")
+    print("| budget | exhaustive bytes/query | " + " | ".join(f"shortlist {s}" for s in args.shortlists) + " |")
     print("|---|---|" + "---|" * len(args.shortlists))
     for r_q, r_c in budgets:
         if r_q > model.config.num_query_vectors or r_c > r_c_max:

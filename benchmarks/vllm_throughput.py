@@ -82,8 +82,13 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="model.encode's batch size")
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch thread counts model.encode is timed at (default: torch's default only)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts model.encode is timed at (default: torch's default only)",
+    )
     parser.add_argument("--engine-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_worker:
@@ -96,14 +101,21 @@ def main() -> None:
     from modeling_metaembed import MetaEmbedModel
     from modeling_metaembed.testing import make_tiny_checkpoint
 
-    sizes = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
-             "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
-             "head_dim": args.head_dim, "max_position_embeddings": 4096}  # fmt: skip
+    sizes = {
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "max_position_embeddings": 4096,
+    }
     inputs = texts(args.items, args.text_tokens)
     with tempfile.TemporaryDirectory(prefix="vllm-throughput-") as folder:
         folder = Path(folder)
-        checkpoint = make_tiny_checkpoint(folder / "checkpoint", family="qwen3", num_query_vectors=16,
-                                          num_candidate_vectors=64, text_overrides=sizes)  # fmt: skip
+        checkpoint = make_tiny_checkpoint(
+            folder / "checkpoint", family="qwen3", num_query_vectors=16, num_candidate_vectors=64, text_overrides=sizes
+        )
         model = MetaEmbedModel.from_pretrained(checkpoint).eval()
         parameters = sum(p.numel() for p in model.parameters())
         tokens = model.processor(inputs[:1], role="candidate")["input_ids"].shape[1]
@@ -116,13 +128,27 @@ def main() -> None:
             hf_seconds[threads] = time.perf_counter() - start
         del model
 
-        job = {"checkpoint": str(checkpoint), "inputs": inputs, "max_model_len": max(512, 2 * tokens),
-               "output": str(folder / "vllm.pt")}  # fmt: skip
+        job = {
+            "checkpoint": str(checkpoint),
+            "inputs": inputs,
+            "max_model_len": max(512, 2 * tokens),
+            "output": str(folder / "vllm.pt"),
+        }
         (folder / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ, TMPDIR=str(folder), VLLM_CACHE_ROOT=str(folder / "cache"), VLLM_CPU_KVCACHE_SPACE="2",
-                   HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))  # fmt: skip
-        result = subprocess.run([str(VLLM_PYTHON), __file__, "--engine-worker", str(folder / "job.json")], env=env,
-                                capture_output=True, text=True)  # fmt: skip
+        env = dict(
+            os.environ,
+            TMPDIR=str(folder),
+            VLLM_CACHE_ROOT=str(folder / "cache"),
+            VLLM_CPU_KVCACHE_SPACE="2",
+            HF_HUB_OFFLINE="1",
+            PYTHONPATH=str(ROOT),
+        )
+        result = subprocess.run(
+            [str(VLLM_PYTHON), __file__, "--engine-worker", str(folder / "job.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             sys.exit(f"the vLLM run failed:\n{result.stderr[-4000:]}")
         vllm = torch.load(folder / "vllm.pt")
@@ -131,22 +157,30 @@ def main() -> None:
 
     difference = (vllm["embeddings"] - reference).abs().max().item()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs)")
-    print(f"model: random Qwen3-shaped MetaEmbed, {args.layers} layers, hidden {args.hidden_size}, MLP "
-          f"{args.intermediate_size}, {args.heads} heads / {args.kv_heads} KV heads of {args.head_dim}; "
-          f"{parameters / 1e6:.1f} M parameters; float32")  # fmt: skip
+    print(
+        f"model: random Qwen3-shaped MetaEmbed, {args.layers} layers, hidden {args.hidden_size}, MLP "
+        f"{args.intermediate_size}, {args.heads} heads / {args.kv_heads} KV heads of {args.head_dim}; "
+        f"{parameters / 1e6:.1f} M parameters; float32"
+    )
     print(f"inputs: {args.items} candidates of {tokens} tokens each (R_c = 64 meta tokens included)")
     cores = binding.group(1) if binding else "not reported"
-    print(f"vLLM engine start-up: {vllm['startup']:.1f} s (not timed below); vLLM's CPU worker bound to core ids "
-          f"[{cores}] (its default: one core is kept for the engine's own process)")  # fmt: skip
+    print(
+        f"vLLM engine start-up: {vllm['startup']:.1f} s (not timed below); vLLM's CPU worker bound to core ids "
+        f"[{cores}] (its default: one core is kept for the engine's own process)"
+    )
     print()
     baseline = hf_seconds[next(iter(hf_seconds))]
     print(f"| engine | seconds | items / s | ratio to model.encode ({next(iter(hf_seconds))} threads) |")
     print("|---|---|---|---|")
     for threads, seconds in hf_seconds.items():
-        print(f"| model.encode (batch {args.batch_size}, {threads} torch threads) | {seconds:.2f} | "
-              f"{args.items / seconds:.1f} | {baseline / seconds:.2f} |")  # fmt: skip
-    print(f"| vLLM offline | {vllm['seconds']:.2f} | {args.items / vllm['seconds']:.1f} | "
-          f"{baseline / vllm['seconds']:.2f} |")  # fmt: skip
+        print(
+            f"| model.encode (batch {args.batch_size}, {threads} torch threads) | {seconds:.2f} | "
+            f"{args.items / seconds:.1f} | {baseline / seconds:.2f} |"
+        )
+    print(
+        f"| vLLM offline | {vllm['seconds']:.2f} | {args.items / vllm['seconds']:.1f} | "
+        f"{baseline / vllm['seconds']:.2f} |"
+    )
     print()
     print(f"max |vLLM - model.encode| over the embeddings: {difference:.2e}")
 

@@ -17,20 +17,23 @@ from metaembed.quickstart.frozen_features import ridge_map
 from metaembed.quickstart.pages import QUERY_KINDS, render_page
 from metaembed.quickstart.settings import QuickstartSettings
 
+
 @torch.no_grad()
 def frozen_features(pairs: list, image_size: int = 160, batch_size: int = 64) -> tuple:
     """(image features [N, 1280]: EfficientNet-Lite0's pooled ImageNet features, caption embeddings [N, 384]:
     all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length, as published)) of frozen pretrained models."""
     from transformers import AutoModel, AutoTokenizer
 
+    from metaembed.quickstart.backbones import minilm_path, pretrained_efficientnet_lite
     from modeling_metaembed.processing_litevl import LiteVLImageProcessor
     from modeling_metaembed.processing_metaembed import load_image
 
-    from metaembed.quickstart.backbones import minilm_path, pretrained_efficientnet_lite
-
     tower = pretrained_efficientnet_lite("lite0", image_size)
     images = LiteVLImageProcessor(image_size)
-    tokenizer, text_model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
+    tokenizer, text_model = (
+        AutoTokenizer.from_pretrained(minilm_path()),
+        AutoModel.from_pretrained(minilm_path()).eval(),
+    )
     image_features, text_features = [], []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
@@ -78,8 +81,9 @@ def ridge_reference(train_pairs: list, test_pairs: list, image_size: int = 160) 
 
 
 @torch.no_grad()
-def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: QuickstartSettings, train_rounds: int = 2,
-                          penalty: float = 1e3) -> dict:  # fmt: skip
+def pages_ridge_reference(
+    train_pairs: list, test_pairs: list, settings: QuickstartSettings, train_rounds: int = 2, penalty: float = 1e3
+) -> dict:
     """Closed-form references for the pages task, no training: ridge regression from the frozen tower's features
     of a page to the frozen all-MiniLM-L6-v2 embedding of the names on it, scored by cosine with the query's
     embedding, on the same held-out pages as the trained models.
@@ -91,11 +95,10 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
     from PIL import Image
     from transformers import AutoModel, AutoTokenizer
 
-    from modeling_metaembed.processing_litevl import LiteVLImageProcessor
-    from training.evaluation import positive_ranks
-
     from metaembed.quickstart.backbones import minilm_path, pretrained_efficientnet_lite
     from metaembed.quickstart.pages import layout_pages
+    from modeling_metaembed.processing_litevl import LiteVLImageProcessor
+    from training.evaluation import positive_ranks
 
     layout, grid = settings.layout, settings.page_grid
     tower = pretrained_efficientnet_lite("lite0", settings.image_size)
@@ -122,8 +125,10 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
     train_pages = layout_pages(train_pairs, layout, train_rounds, settings.seed)
     x_cells = cell_features([render_page([p["image"] for p in page], layout) for page in train_pages])
     y_cells = embed([p["caption"] for page in train_pages for p in page]).view(len(train_pages), grid * grid, -1)
-    maps = {"pooled": ridge_map(x_cells.mean(1), y_cells.mean(1), penalty),
-            "per cell": ridge_map(x_cells.flatten(0, 1), y_cells.flatten(0, 1), penalty)}  # fmt: skip
+    maps = {
+        "pooled": ridge_map(x_cells.mean(1), y_cells.mean(1), penalty),
+        "per cell": ridge_map(x_cells.flatten(0, 1), y_cells.flatten(0, 1), penalty),
+    }
     feature_mean = x_cells.flatten(0, 1).mean(0)
     ranks = {name: {kind: [] for kind in QUERY_KINDS} for name in maps}
     for round_ in held_out_pages(test_pairs, settings):
@@ -146,8 +151,10 @@ def pages_ridge_reference(train_pairs: list, test_pairs: list, settings: Quickst
             found = positive_ranks(scores, targets)
             for kind, chosen in masks.items():
                 ranks[name][kind].append(found[chosen])
-    return {name: {kind: rank_metrics(torch.cat(found)) for kind, found in per_kind.items()}
-            for name, per_kind in ranks.items()}  # fmt: skip
+    return {
+        name: {kind: rank_metrics(torch.cat(found)) for kind, found in per_kind.items()}
+        for name, per_kind in ranks.items()
+    }
 
 
 __all__ = ["ridge_reference", "pages_ridge_reference", "frozen_features"]

@@ -37,8 +37,10 @@ def main() -> None:
     start = time.perf_counter()
     query_vectors = model.encode_queries(queries)  # (2, 16, D)
     candidate_vectors = model.encode_candidates(candidates)  # (3, 64, D)
-    print(f"encoded {len(queries)} queries {tuple(query_vectors.shape)} and {len(candidates)} candidates "
-          f"{tuple(candidate_vectors.shape)} in {time.perf_counter() - start:.2f} s")  # fmt: skip
+    print(
+        f"encoded {len(queries)} queries {tuple(query_vectors.shape)} and {len(candidates)} candidates "
+        f"{tuple(candidate_vectors.shape)} in {time.perf_counter() - start:.2f} s"
+    )
 
     dim = model.config.output_dim
     print(f"\n{'budget':>9} | {'bytes/item (bf16)':>17} | scores of query 0 against the 3 candidates")

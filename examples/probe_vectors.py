@@ -20,11 +20,15 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
-from metaembed.quickstart.pages import layout_pages, render_page
 from metaembed.quickstart import QuickstartSettings, load_data
 from metaembed.quickstart.evaluation import (
-    TEST_PAGE_SEED, held_out_pages, query_inputs, query_kind_masks, rank_metrics,
+    TEST_PAGE_SEED,
+    held_out_pages,
+    query_inputs,
+    query_kind_masks,
+    rank_metrics,
 )
+from metaembed.quickstart.pages import layout_pages, render_page
 from training.evaluation import positive_ranks
 
 # The query kinds that name or show one item: the ones a page's best single item can answer.
@@ -65,10 +69,14 @@ def main(argv=None) -> None:
         queries = model.encode_queries(query_inputs(round_))
     targets = torch.tensor(round_["targets"])
     print(f"{checkpoint}: {len(round_['pages'])} held-out pages, {len(round_['queries'])} queries")
-    print(f"mean cosine between the vectors of one input: queries {within_input_cosine(queries):.3f}, "
-          f"pages {within_input_cosine(pages):.3f}")  # fmt: skip
-    print(f"mean cosine between the first vectors of different inputs: queries {across_inputs_cosine(queries):.3f}, "
-          f"pages {across_inputs_cosine(pages):.3f}")  # fmt: skip
+    print(
+        f"mean cosine between the vectors of one input: queries {within_input_cosine(queries):.3f}, "
+        f"pages {within_input_cosine(pages):.3f}"
+    )
+    print(
+        f"mean cosine between the first vectors of different inputs: queries {across_inputs_cosine(queries):.3f}, "
+        f"pages {across_inputs_cosine(pages):.3f}"
+    )
     centered_queries = torch.nn.functional.normalize(queries - queries.mean(0, keepdim=True), dim=-1)
     centered_pages = torch.nn.functional.normalize(pages - pages.mean(0, keepdim=True), dim=-1)
     print("| budget | Recall@1 | Recall@1, each side's mean vector removed |")
@@ -82,8 +90,10 @@ def main(argv=None) -> None:
     results = items_alone(model, settings, test_pairs, budgets)
     count = len(held_out_pages(test_pairs, settings)) * len(round_["pages"]) * settings.layout.items_per_page
     for kind in ALONE_KINDS:
-        print(f"\n{kind} queries, MRR over {settings.test_rounds} test round(s): the page encoded whole against each "
-              f"item encoded alone (the page scored by its best item; {count} single-item pages)")  # fmt: skip
+        print(
+            f"\n{kind} queries, MRR over {settings.test_rounds} test round(s): the page encoded whole against each "
+            f"item encoded alone (the page scored by its best item; {count} single-item pages)"
+        )
         print("| budget | page whole | items alone |")
         print("|---|---|---|")
         for budget, by_kind in results.items():
@@ -124,8 +134,10 @@ def items_alone(model, settings: QuickstartSettings, test_pairs: list, budgets: 
                 ranks[budget][kind][0].append(whole[masks[kind]])
                 ranks[budget][kind][1].append(apart[masks[kind]])
     mrr = lambda found: rank_metrics(torch.cat(found))["mrr"]  # noqa: E731
-    return {budget: {kind: (mrr(whole), mrr(apart)) for kind, (whole, apart) in by_kind.items()}
-            for budget, by_kind in ranks.items()}  # fmt: skip
+    return {
+        budget: {kind: (mrr(whole), mrr(apart)) for kind, (whole, apart) in by_kind.items()}
+        for budget, by_kind in ranks.items()
+    }
 
 
 if __name__ == "__main__":

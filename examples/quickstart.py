@@ -41,8 +41,10 @@ def main(argv=None) -> None:
     command = "./run quickstart " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     summary = run_quickstart(settings, command=command.strip())
     what = "pages of training emoji" if settings.task == "pages" else "training pairs"
-    print(f"\ntrained on {what} in {summary['train_seconds']:.0f} s (whole run {summary['total_seconds']:.0f} s); "
-          f"each query ranked against {candidate_count(summary)} held-out candidates\n")  # fmt: skip
+    print(
+        f"\ntrained on {what} in {summary['train_seconds']:.0f} s (whole run {summary['total_seconds']:.0f} s); "
+        f"each query ranked against {candidate_count(summary)} held-out candidates\n"
+    )
     print(budget_table(summary))
     print(f"\ncheckpoint: {summary.get('checkpoint', '(not saved)')}")
     print(f"plot: {settings.output_dir}/budget_quality.png   summary: {settings.output_dir}/summary.json")

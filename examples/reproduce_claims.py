@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from closed_form_references import pages_ridge_reference, ridge_reference  # examples/, beside this script
+
 from metaembed.quickstart import TASKS, QuickstartSettings, candidate_count, load_data, run_quickstart
 from metaembed.quickstart.report import GROUP_LABELS
 from modeling_metaembed.hub_metaembed import write_atomic
@@ -36,8 +37,13 @@ METRICS = ("recall@1", "mrr")
 
 
 def run_variant(base: QuickstartSettings, name: str, seed: int, output: Path) -> dict:
-    settings = replace(base, seed=seed, output_dir=str(output / f"{base.task}-{name}-seed{seed}"),
-                       save_checkpoint=False, **VARIANTS[name])  # fmt: skip
+    settings = replace(
+        base,
+        seed=seed,
+        output_dir=str(output / f"{base.task}-{name}-seed{seed}"),
+        save_checkpoint=False,
+        **VARIANTS[name],
+    )
     summary_path = Path(settings.output_dir) / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -73,10 +79,13 @@ def markdown(results: dict) -> str:
         f"Task: {results['task']}; {count} candidates per query; mean ± std over seeds {results['seeds']} "
         f"(each seed's value in results.json). Chance: Recall@1 {1 / count:.4f}, MRR {chance_mrr:.4f}.",
         "",
-        "| model | budget (r_q, r_c) | " + " | ".join(f"R@1 {x}" for x in labels) + " | "
-        + " | ".join(f"MRR {x}" for x in labels) + " |",
+        "| model | budget (r_q, r_c) | "
+        + " | ".join(f"R@1 {x}" for x in labels)
+        + " | "
+        + " | ".join(f"MRR {x}" for x in labels)
+        + " |",
         "|---|---|" + "---|" * (2 * len(groups)),
-    ]  # fmt: skip
+    ]
     for name, table in results["variants"].items():
         for key in table["recall@1"][groups[0]]:
             stats = [table[m][g][key] for m in METRICS for g in groups]
@@ -102,9 +111,14 @@ def main(argv=None) -> None:
     parser.add_argument("--test-pairs", type=int, default=None)
     args = parser.parse_args(argv)
     output = Path(args.output)
-    base = QuickstartSettings(task=args.task, epochs=args.epochs, train_rounds=args.train_rounds,
-                              train_pairs=args.train_pairs, test_pairs=args.test_pairs,
-                              show_progress_bar=False)  # fmt: skip
+    base = QuickstartSettings(
+        task=args.task,
+        epochs=args.epochs,
+        train_rounds=args.train_rounds,
+        train_pairs=args.train_pairs,
+        test_pairs=args.test_pairs,
+        show_progress_bar=False,
+    )
     variants, summaries = {}, {}
     for name in args.variants:
         summaries[name] = [run_variant(base, name, seed, output) for seed in args.seeds]
@@ -118,11 +132,15 @@ def main(argv=None) -> None:
     first = next(iter(summaries.values()))[0]
     results = {
         "command": "python examples/reproduce_claims.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "task": base.task, "seeds": args.seeds, "settings": asdict(base), "groups": list(base.groups),
+        "task": base.task,
+        "seeds": args.seeds,
+        "settings": asdict(base),
+        "groups": list(base.groups),
         "candidates": candidate_count(first),
         "train_seconds": {name: [s["train_seconds"] for s in runs] for name, runs in summaries.items()},
-        "variants": variants, "references": references,
-    }  # fmt: skip
+        "variants": variants,
+        "references": references,
+    }
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(output / f"results-{base.task}.json", json.dumps(results, indent=2) + "\n")
     write_atomic(output / f"results-{base.task}.md", markdown(results))

@@ -94,31 +94,59 @@ def _encode_with(encoder, settings: dict, args, ids: list, items: list, device) 
 
         options = {"max_new_tokens": args.max_new_tokens}
         reasoning["reasoner"] = (
-            encoder.as_reasoner(**options) if args.reasoner == "self"
+            encoder.as_reasoner(**options)
+            if args.reasoner == "self"
             else GenerativeReasoner.from_pretrained(args.reasoner, device=device, **options)
-        )  # fmt: skip
+        )
         reasoning["trace_cache"] = args.trace_cache
 
     def encode(chunk, progress):
-        return encoder.encode(chunk, num_vectors=args.num_vectors, role=args.role, instruction=args.instruction,
-                              batch_size=args.batch_size, show_progress_bar=progress, **reasoning)  # fmt: skip
+        return encoder.encode(
+            chunk,
+            num_vectors=args.num_vectors,
+            role=args.role,
+            instruction=args.instruction,
+            batch_size=args.batch_size,
+            show_progress_bar=progress,
+            **reasoning,
+        )
 
     if sharded:
         # The weights' fingerprint: a resume against a changed checkpoint (or a redeployed server) is refused.
-        settings.update(model=args.model, weights=encoder.fingerprint(), num_vectors=args.num_vectors,
-                        instruction=args.instruction, reasoner=args.reasoner,
-                        max_new_tokens=args.reasoner and args.max_new_tokens)  # fmt: skip
-        report = encode_sharded(lambda chunk: encode(chunk, False), ids, items, args.output, role=args.role,
-                                model=args.model, settings=settings, chunk_size=args.chunk_size or 1024,
-                                shard_dir=args.shard_dir, precision=args.precision, quiet=args.quiet)  # fmt: skip
+        settings.update(
+            model=args.model,
+            weights=encoder.fingerprint(),
+            num_vectors=args.num_vectors,
+            instruction=args.instruction,
+            reasoner=args.reasoner,
+            max_new_tokens=args.reasoner and args.max_new_tokens,
+        )
+        report = encode_sharded(
+            lambda chunk: encode(chunk, False),
+            ids,
+            items,
+            args.output,
+            role=args.role,
+            model=args.model,
+            settings=settings,
+            chunk_size=args.chunk_size or 1024,
+            shard_dir=args.shard_dir,
+            precision=args.precision,
+            quiet=args.quiet,
+        )
         if report["finished"] and not args.quiet:
-            print(f"[rank {report['rank']}/{report['world_size']}] wrote {len(ids)} {args.role} embeddings to "
-                  f"{args.output}", file=sys.stderr)  # fmt: skip
+            print(
+                f"[rank {report['rank']}/{report['world_size']}] wrote {len(ids)} {args.role} embeddings to "
+                f"{args.output}",
+                file=sys.stderr,
+            )
         return
     embeddings = encode(items, not args.quiet)
     save_embeddings(args.output, embeddings, ids, args.role, args.model, args.precision)
     if not args.quiet:
-        print(f"wrote {len(ids)} x {tuple(embeddings.shape[1:])} {args.role} embeddings to {args.output}", file=sys.stderr)
+        print(
+            f"wrote {len(ids)} x {tuple(embeddings.shape[1:])} {args.role} embeddings to {args.output}", file=sys.stderr
+        )
 
 
 def run_score(args) -> None:
@@ -133,7 +161,9 @@ def run_score(args) -> None:
     if query_meta.get("role") != "query":
         raise ValueError(f"{args.queries}: holds {query_meta.get('role')} embeddings; encode queries with --role query")
     if candidate_meta.get("role") != "candidate":
-        raise ValueError(f"{args.candidates}: holds {candidate_meta.get('role')} embeddings; encode with --role candidate")
+        raise ValueError(
+            f"{args.candidates}: holds {candidate_meta.get('role')} embeddings; encode with --role candidate"
+        )
     if queries.shape[-1] != candidates.shape[-1]:
         raise ValueError(f"dimension mismatch: queries have D={queries.shape[-1]}, candidates D={candidates.shape[-1]}")
     budget = tuple(args.budget) if args.budget else None
@@ -192,8 +222,15 @@ def run_publish(args) -> None:
     from .hub.publish import publish
 
     staged, commit = publish(
-        args.checkpoint, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-        commit_message=args.commit_message, dry_run_dir=args.dry_run, results=args.results, **_card_kwargs(args),
+        args.checkpoint,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        dry_run_dir=args.dry_run,
+        results=args.results,
+        **_card_kwargs(args),
     )
     if staged is not None:
         print(f"dry run: the folder that would be uploaded to {args.repo_id} is {staged}", file=sys.stderr)
@@ -206,8 +243,12 @@ def run_convert(args) -> None:
 
     try:
         difference = convert(
-            args.official, args.output, num_query_vectors=args.num_query_vectors,
-            num_candidate_vectors=args.num_candidate_vectors, base=args.base, verify=not args.no_verify,
+            args.official,
+            args.output,
+            num_query_vectors=args.num_query_vectors,
+            num_candidate_vectors=args.num_candidate_vectors,
+            base=args.base,
+            verify=not args.no_verify,
             tolerance=args.tolerance,
         )
     except ConversionError as error:
@@ -227,8 +268,10 @@ def _embeddings_or_encoded(path: str, model_path: str | None, role: str, args) -
     if model_path is None:
         embeddings, ids, metadata = load_embeddings(path)
         if metadata.get("role") != role:
-            raise ValueError(f"{path}: holds {metadata.get('role')} embeddings, expected {role} embeddings "
-                             f"(or give --model to encode inputs)")  # fmt: skip
+            raise ValueError(
+                f"{path}: holds {metadata.get('role')} embeddings, expected {role} embeddings "
+                f"(or give --model to encode inputs)"
+            )
         return embeddings, ids
     ids, items = read_inputs(path)
     model = _load_model(model_path, args.device, None)
@@ -244,8 +287,10 @@ def run_index(args) -> None:
     if args.model is None:  # an embeddings folder: written shard by shard, never all of it in memory
         info = embeddings_info(args.source)
         if info.get("role") != "candidate":
-            raise ValueError(f"{args.source}: holds {info.get('role')} embeddings, expected candidate embeddings "
-                             f"(or give --model to encode inputs)")  # fmt: skip
+            raise ValueError(
+                f"{args.source}: holds {info.get('role')} embeddings, expected candidate embeddings "
+                f"(or give --model to encode inputs)"
+            )
         count, dim, stored = info["count"], info["dim"], info["num_vectors"]
         chunks = lambda: iter_embeddings(args.source)  # noqa: E731  a binary index reads its first items twice
     else:
@@ -291,8 +336,14 @@ def run_evaluate(args) -> None:
     if budgets:
         options["budgets"] = budgets
     if args.benchmark == "mmeb":
-        results = mmeb.evaluate(model, tasks=args.tasks, source=args.data or mmeb.SOURCE, image_root=args.images,
-                                limit=args.limit, **options)  # fmt: skip
+        results = mmeb.evaluate(
+            model,
+            tasks=args.tasks,
+            source=args.data or mmeb.SOURCE,
+            image_root=args.images,
+            limit=args.limit,
+            **options,
+        )
         table = mmeb.markdown(results)
     else:
         datasets = args.tasks or args.data or "v2"  # data set sources, or the name of a whole benchmark
@@ -307,31 +358,51 @@ def run_evaluate(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="metaembed", description="MetaEmbed multi-vector retrieval: encode, score, publish, convert.",
+        prog="metaembed",
+        description="MetaEmbed multi-vector retrieval: encode, score, publish, convert.",
         epilog="Exit codes: 0 success, 1 the work failed, 2 bad arguments or input.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    encode = commands.add_parser("encode", help="embed a .jsonl/.txt file or a folder of images into an embeddings folder")
+    encode = commands.add_parser(
+        "encode", help="embed a .jsonl/.txt file or a folder of images into an embeddings folder"
+    )
     encode.add_argument("model", help="MetaEmbed checkpoint folder or Hub id")
-    encode.add_argument("inputs", help=".jsonl ({'id','text','image'} per line), .txt (one text per line) or a folder of images")
+    encode.add_argument(
+        "inputs", help=".jsonl ({'id','text','image'} per line), .txt (one text per line) or a folder of images"
+    )
     encode.add_argument("output", help="embeddings folder to write (shards + embeddings.json)")
     encode.add_argument("--role", choices=("query", "candidate"), default="candidate")
     encode.add_argument("--num-vectors", type=int, default=None, help="keep the first K vectors (default: all)")
     encode.add_argument("--instruction", default=None, help="replace the role's default instruction")
     encode.add_argument("--batch-size", type=int, default=8)
-    encode.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32", help="stored dtype")
+    encode.add_argument(
+        "--precision", choices=("float32", "bfloat16", "float16"), default="float32", help="stored dtype"
+    )
     encode.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
     encode.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="model dtype")
-    encode.add_argument("--reasoner", default=None, help="Think-Then-Embed: a generative checkpoint, or 'self' (the "
-                        "model's own backbone), writes a trace embedded with each input")
+    encode.add_argument(
+        "--reasoner",
+        default=None,
+        help="Think-Then-Embed: a generative checkpoint, or 'self' (the "
+        "model's own backbone), writes a trace embedded with each input",
+    )
     encode.add_argument("--trace-cache", default=None, help="folder keeping the reasoner's traces (reused across runs)")
     encode.add_argument("--max-new-tokens", type=int, default=128, help="trace length limit for --reasoner")
-    encode.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
-                        help="vllm: vLLM's offline engine (run in the vLLM environment; see docs/serving.md)")
+    encode.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="vllm: vLLM's offline engine (run in the vLLM environment; see docs/serving.md)",
+    )
     encode.add_argument("--server", default=None, metavar="URL", help="a running vLLM server with the metaembed plugin")
-    encode.add_argument("--chunk-size", type=int, default=None, help="resumable: encode and write chunks of this many "
-                        "inputs (default 1024 under torchrun / accelerate launch, where each process takes its share)")
+    encode.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="resumable: encode and write chunks of this many "
+        "inputs (default 1024 under torchrun / accelerate launch, where each process takes its share)",
+    )
     encode.add_argument("--shard-dir", default=None, help="where chunks are written (default: OUTPUT itself)")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(run=run_encode)
@@ -346,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(run=run_score)
 
     def card_options(command):
-        command.add_argument("--results", default=None, help="evaluation results file (default: the checkpoint's eval_results.json)")
+        command.add_argument(
+            "--results", default=None, help="evaluation results file (default: the checkpoint's eval_results.json)"
+        )
         command.add_argument("--license", default=None)
         command.add_argument("--base-model", default=None, help="Hub id of the backbone")
         command.add_argument("--dataset", action="append", help="Hub id of a training data set (repeatable)")
@@ -365,14 +438,20 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
     publish.add_argument("--create-pr", action="store_true")
     publish.add_argument("--commit-message", default=None)
-    publish.add_argument("--dry-run", metavar="DIR", default=None, help="write the exact upload folder to DIR, upload nothing")
+    publish.add_argument(
+        "--dry-run", metavar="DIR", default=None, help="write the exact upload folder to DIR, upload nothing"
+    )
     card_options(publish)
     publish.set_defaults(run=run_publish)
 
-    convert = commands.add_parser("convert", help="convert an official MetaEmbed checkpoint (or LoRA adapter) to this format")
+    convert = commands.add_parser(
+        "convert", help="convert an official MetaEmbed checkpoint (or LoRA adapter) to this format"
+    )
     convert.add_argument("official", help="official checkpoint folder, LoRA adapter folder, or Hub id")
     convert.add_argument("output", help="folder to write (must not exist or be empty)")
-    convert.add_argument("--base", default=None, help="base model of a LoRA adapter (default: its base_model_name_or_path)")
+    convert.add_argument(
+        "--base", default=None, help="base model of a LoRA adapter (default: its base_model_name_or_path)"
+    )
     convert.add_argument("--num-query-vectors", type=int, default=16, help="R_q the checkpoint was trained with")
     convert.add_argument("--num-candidate-vectors", type=int, default=64, help="R_c the checkpoint was trained with")
     convert.add_argument("--no-verify", action="store_true", help="skip comparing with the official forward")
@@ -380,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=run_convert)
 
     index = commands.add_parser("index", help="build (or --append to) a saved MetaEmbedIndex from candidates")
-    index.add_argument("source", help="candidate embeddings folder (metaembed encode), or inputs to encode with --model")
+    index.add_argument(
+        "source", help="candidate embeddings folder (metaembed encode), or inputs to encode with --model"
+    )
     index.add_argument("index", help="index folder to write (index.json + a segment folder)")
     index.add_argument("--model", default=None, help="encode SOURCE (.jsonl, .txt, images folder) with this checkpoint")
     index.add_argument("--num-vectors", type=int, default=None, help="R_c vectors kept per item (default: all given)")
@@ -389,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="top-k of each query in a saved index, as JSON lines")
     search.add_argument("index", help="index folder written by `metaembed index`")
-    search.add_argument("queries", help="query embeddings folder (metaembed encode --role query), or inputs with --model")
+    search.add_argument(
+        "queries", help="query embeddings folder (metaembed encode --role query), or inputs with --model"
+    )
     search.add_argument("--model", default=None, help="encode QUERIES (.jsonl or .txt) with this checkpoint")
     search.add_argument("--budget", type=int, nargs=2, metavar=("R_Q", "R_C"), help="retrieval budget (default: all)")
     search.add_argument("--top-k", type=int, default=10)
@@ -406,12 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="MMEB or ViDoRe at a sweep of budgets: results.json + results.md")
     evaluate.add_argument("benchmark", choices=("mmeb", "vidore"))
     evaluate.add_argument("model", help="MetaEmbed checkpoint folder or Hub id")
-    evaluate.add_argument("--data", default=None, help="MMEB: the data set repo or a local copy (default "
-                          "TIGER-Lab/MMEB-eval); ViDoRe: v1, v2 (default) or one data set's repo / local copy")
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        help="MMEB: the data set repo or a local copy (default "
+        "TIGER-Lab/MMEB-eval); ViDoRe: v1, v2 (default) or one data set's repo / local copy",
+    )
     evaluate.add_argument("--images", default=None, help="MMEB image folder (default: DATA/images)")
     evaluate.add_argument("--tasks", nargs="+", default=None, help="MMEB tasks, or ViDoRe data sets (default: all)")
-    evaluate.add_argument("--budgets", type=int, nargs="+", default=None, metavar="R",
-                          help="pairs R_Q R_C (default: 1 1 2 4 4 8 8 16 16 64, the paper's)")
+    evaluate.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="R",
+        help="pairs R_Q R_C (default: 1 1 2 4 4 8 8 16 16 64, the paper's)",
+    )
     evaluate.add_argument("--language", default=None, help="ViDoRe v2: keep the queries of this language")
     evaluate.add_argument("--limit", type=int, default=None, help="MMEB: first N queries per task (a quick look)")
     evaluate.add_argument("--output", required=True, help="folder for results.json and results.md")

@@ -9,5 +9,4 @@ from metaembed.retrieval.qdrant import (
     point_id,
 )
 
-__all__ = ["QdrantMetaEmbedIndex", "Edge", "point_id", "maxsim_field", "check_multivector_cap",
-           "MULTIVECTOR_FLOAT_CAP"]  # fmt: skip
+__all__ = ["QdrantMetaEmbedIndex", "Edge", "point_id", "maxsim_field", "check_multivector_cap", "MULTIVECTOR_FLOAT_CAP"]

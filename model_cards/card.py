@@ -44,10 +44,15 @@ def budget_rows(config: MetaEmbedConfig, results: dict | None) -> list:
         for benchmark in benchmarks:
             value = benchmark["scores"].get(budget_key((r_q, r_c)))
             values.append("–" if value is None else f"{value:.4f}".rstrip("0").rstrip("."))  # 0.5000 -> 0.5
-        rows.append({
-            "r_q": r_q, "r_c": r_c, "bytes": _human_bytes(r_c * dim * 2), "flops": _human_flops(2 * r_q * r_c * dim),
-            "scores": values,
-        })
+        rows.append(
+            {
+                "r_q": r_q,
+                "r_c": r_c,
+                "bytes": _human_bytes(r_c * dim * 2),
+                "flops": _human_flops(2 * r_q * r_c * dim),
+                "scores": values,
+            }
+        )
     return rows
 
 
@@ -58,10 +63,16 @@ def plot_quality(results: dict) -> bytes:
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
 
-    budgets = sorted({parse_budget(key) for b in results["benchmarks"] for key in b["scores"]}, key=lambda b: b[0] * b[1])
+    budgets = sorted(
+        {parse_budget(key) for b in results["benchmarks"] for key in b["scores"]}, key=lambda b: b[0] * b[1]
+    )
     figure, axes = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     for benchmark in results["benchmarks"]:
-        points = [(i, benchmark["scores"][budget_key(b)]) for i, b in enumerate(budgets) if budget_key(b) in benchmark["scores"]]
+        points = [
+            (i, benchmark["scores"][budget_key(b)])
+            for i, b in enumerate(budgets)
+            if budget_key(b) in benchmark["scores"]
+        ]
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=benchmark["name"])
     axes.set_xticks(range(len(budgets)), [f"({r_q},{r_c})" for r_q, r_c in budgets])
     axes.set_xlabel("retrieval budget (r_q, r_c)")
@@ -97,13 +108,18 @@ def render_model_card(
     for benchmark in (results or {}).get("benchmarks", []):
         for key, value in sorted(benchmark["scores"].items(), key=lambda item: parse_budget(item[0])):
             r_q, r_c = parse_budget(key)
-            eval_results.append(EvalResult(
-                task_type=benchmark["task"]["type"], task_name=benchmark["task"]["name"],
-                dataset_type=benchmark["dataset"]["type"], dataset_name=benchmark["dataset"]["name"],
-                dataset_split=benchmark["dataset"].get("split"),
-                metric_type=benchmark["metric"]["type"], metric_value=value,
-                metric_name=f"{benchmark['metric']['name']} at budget ({r_q}, {r_c})",
-            ))
+            eval_results.append(
+                EvalResult(
+                    task_type=benchmark["task"]["type"],
+                    task_name=benchmark["task"]["name"],
+                    dataset_type=benchmark["dataset"]["type"],
+                    dataset_name=benchmark["dataset"]["name"],
+                    dataset_split=benchmark["dataset"].get("split"),
+                    metric_type=benchmark["metric"]["type"],
+                    metric_value=value,
+                    metric_name=f"{benchmark['metric']['name']} at budget ({r_q}, {r_c})",
+                )
+            )
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="feature-extraction" if text_only else "visual-document-retrieval",

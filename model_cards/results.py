@@ -30,7 +30,7 @@ class ResultsError(ValueError):
 
 
 def parse_budget(key: str) -> tuple:
-    """"16x64" -> (16, 64)."""
+    """ "16x64" -> (16, 64)."""
     parts = key.split("x") if isinstance(key, str) else []
     if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
         raise ValueError(f"budget {key!r} is not of the form 'r_qxr_c' with positive integers, e.g. '16x64'")
@@ -51,7 +51,7 @@ def _require(mapping, key, kind, where):
 def check_results(data, source: str = "results") -> dict:
     """Validate a results document; returns it. Raises ResultsError naming the offending benchmark and field."""
     if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
-        raise ResultsError(f"{source}: not a results file (expected \"format\": \"{RESULTS_FORMAT}\")")
+        raise ResultsError(f'{source}: not a results file (expected "format": "{RESULTS_FORMAT}")')
     benchmarks = data.get("benchmarks")
     if not isinstance(benchmarks, list) or not benchmarks:
         raise ResultsError(f"{source}: 'benchmarks' must be a non-empty list")
@@ -98,4 +98,12 @@ def save_results(path, benchmarks: list, command: str | None = None) -> dict:
     return data
 
 
-__all__ = ["RESULTS_FORMAT", "ResultsError", "check_results", "load_results", "save_results", "parse_budget", "budget_key"]
+__all__ = [
+    "RESULTS_FORMAT",
+    "ResultsError",
+    "check_results",
+    "load_results",
+    "save_results",
+    "parse_budget",
+    "budget_key",
+]

@@ -23,5 +23,11 @@ from .scoring_metaembed import maxsim
 
 __version__ = "0.1.0"
 
-__all__ = ["MetaEmbedConfig", "MetaEmbedModel", "MetaEmbedOutput", "MetaEmbedPreTrainedModel",
-           "MetaEmbedProcessor", "maxsim"]
+__all__ = [
+    "MetaEmbedConfig",
+    "MetaEmbedModel",
+    "MetaEmbedOutput",
+    "MetaEmbedPreTrainedModel",
+    "MetaEmbedProcessor",
+    "maxsim",
+]

@@ -53,7 +53,9 @@ class EfficientNetLiteConfig(PreTrainedConfig):
     @classmethod
     def from_variant(cls, variant: str, **kwargs) -> "EfficientNetLiteConfig":
         if variant not in EFFICIENTNET_LITE_VARIANTS:
-            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {sorted(EFFICIENTNET_LITE_VARIANTS)}")
+            raise ValueError(
+                f"unknown EfficientNet-Lite variant {variant!r}; known: {sorted(EFFICIENTNET_LITE_VARIANTS)}"
+            )
         width, depth, size = EFFICIENTNET_LITE_VARIANTS[variant]
         return cls(**{"width_coefficient": width, "depth_coefficient": depth, "image_size": size, **kwargs})
 

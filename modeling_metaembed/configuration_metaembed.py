@@ -125,7 +125,9 @@ class MetaEmbedConfig(PreTrainedConfig):
         if self.meta_attention not in META_ATTENTIONS:
             raise ValueError(f"meta_attention must be one of {META_ATTENTIONS}, got {self.meta_attention!r}")
         if self.meta_attention == "segments" and family not in SEGMENT_MASK_FAMILIES:
-            raise ValueError(f"meta_attention='segments' needs a bidirectional encoder {SEGMENT_MASK_FAMILIES}, not {family}")
+            raise ValueError(
+                f"meta_attention='segments' needs a bidirectional encoder {SEGMENT_MASK_FAMILIES}, not {family}"
+            )
         if self.query_layout is None:
             # Segment masking makes M_c invisible to M_q, as causal attention does.
             bidirectional = family in BIDIRECTIONAL_FAMILIES and self.meta_attention == "backbone"

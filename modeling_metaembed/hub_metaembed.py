@@ -59,8 +59,13 @@ def write_atomic(path, data: str | bytes) -> None:
 
 
 def upload_folder_to_hub(
-    folder, repo_id: str, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
-    commit_message: str | None = None, token=None,
+    folder,
+    repo_id: str,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token=None,
 ):
     """Create the Hub repository if needed (and the branch `revision`), then upload `folder` as one commit."""
     from huggingface_hub import HfApi  # a dependency of transformers
@@ -78,5 +83,12 @@ def upload_folder_to_hub(
     )
 
 
-__all__ = ["HUB_KWARGS", "PROCESSOR_CONFIG_NAME", "replace_atomically", "write_atomic", "fsync_file", "fsync_folder",
-           "upload_folder_to_hub"]  # fmt: skip
+__all__ = [
+    "HUB_KWARGS",
+    "PROCESSOR_CONFIG_NAME",
+    "replace_atomically",
+    "write_atomic",
+    "fsync_file",
+    "fsync_folder",
+    "upload_folder_to_hub",
+]

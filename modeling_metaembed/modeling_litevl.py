@@ -125,7 +125,9 @@ class EfficientNetLite(LiteVLPreTrainedModel):
                 repeats = int(math.ceil(config.depth_coefficient * repeats))
             for repeat in range(repeats):
                 first = repeat == 0
-                blocks.append(MBConvBlock(c_in if first else c_out, c_out, kernel, stride if first else 1, expansion, eps))
+                blocks.append(
+                    MBConvBlock(c_in if first else c_out, c_out, kernel, stride if first else 1, expansion, eps)
+                )
         self.blocks = nn.ModuleList(blocks)
         self.conv_head = SameConv2d(c_out, config.hidden_size, 1, bias=False)
         self.bn1 = FrozenBatchNorm2d(config.hidden_size, eps)
@@ -188,8 +190,11 @@ class LiteVLModel(LiteVLPreTrainedModel):
             embeddings = embeddings.masked_scatter(is_image.unsqueeze(-1), features)
         kwargs.pop("use_cache", None)
         return self.language_model(
-            inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids,
-            token_type_ids=token_type_ids, **kwargs,
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            **kwargs,
         )
 
 

@@ -20,10 +20,10 @@ from transformers import AutoModel, AutoProcessor, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils.logging import get_logger, tqdm
 
-from .modeling_litevl import LiteVLModel
-from .processing_litevl import LiteVLProcessor
 from .configuration_metaembed import MetaEmbedConfig, check_role
 from .hub_metaembed import HUB_KWARGS, upload_folder_to_hub, write_atomic
+from .modeling_litevl import LiteVLModel
+from .processing_litevl import LiteVLProcessor
 from .processing_metaembed import MetaEmbedProcessor, parse_inputs, per_item_instructions
 from .reasoning_metaembed import (
     GenerativeReasoner,
@@ -104,7 +104,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             vlm = shipped[0](config.vlm_config) if shipped else AutoModel.from_config(config.vlm_config)
         self.vlm = vlm
         # Named so that a PEFT `modules_to_save` suffix match cannot also hit every q_proj/o_proj of the backbone.
-        self.output_projection = nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
+        self.output_projection = (
+            nn.Linear(config.backbone_hidden_size, config.embedding_dim) if config.embedding_dim else None
+        )
         # Think-Then-Embed's unified mode: the backbone's own head, kept when it is not tied to the embeddings.
         if config.keep_lm_head:
             vocab = config.get_text_config().vocab_size
@@ -135,7 +137,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
                 for rows, inputs in ((has_image, backbone_inputs), (~has_image, text_inputs)):
                     if not bool(rows.any()):
                         continue
-                    sliced = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+                    sliced = {
+                        k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()
+                    }
                     part = self.vlm(input_ids=input_ids[rows], attention_mask=attention_mask[rows], **sliced)
                     if hidden is None:
                         hidden = part.last_hidden_state.new_empty(input_ids.shape + part.last_hidden_state.shape[-1:])
@@ -201,9 +205,11 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         if self.config.vlm_config._attn_implementation == "sdpa":
             return visible.unsqueeze(1)  # boolean: True attends
         dtype = self.vlm.get_input_embeddings().weight.dtype  # eager adds the mask to the scores
-        return torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill(
-            ~visible, torch.finfo(dtype).min
-        ).unsqueeze(1)
+        return (
+            torch.zeros(visible.shape, dtype=dtype, device=input_ids.device)
+            .masked_fill(~visible, torch.finfo(dtype).min)
+            .unsqueeze(1)
+        )
 
     def _meta_states(self, hidden, input_ids, role: str) -> torch.Tensor:
         # Find each meta token of the role in each row: robust to padding on either side and to suffixes that
@@ -227,7 +233,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         j = torch.arange(segments, device=hidden.device)  # segment j holds ranks [start_j, end_j)
         start = (j * length) // segments  # [B, R]
         end = torch.maximum(((j + 1) * length) // segments, start + 1)  # never empty, even when L < R
-        member = mask.unsqueeze(-1) & (rank.unsqueeze(-1) >= start.unsqueeze(1)) & (rank.unsqueeze(-1) < end.unsqueeze(1))
+        member = (
+            mask.unsqueeze(-1) & (rank.unsqueeze(-1) >= start.unsqueeze(1)) & (rank.unsqueeze(-1) < end.unsqueeze(1))
+        )
         weights = member.to(hidden.dtype)  # [B, L, R]
         sums = torch.einsum("blr,blh->brh", weights, hidden)
         return sums / weights.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, R, H]
@@ -333,8 +341,9 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
                 kind = type(reasoner).__name__
                 raise ValueError(f"reasoner must be a callable (items) -> traces or 'self', got {kind}")
             plain = [{"text": item.text, "image": item.image} for item in items]
-            traces = generate_traces(reasoner, plain, cache=trace_cache, batch_size=batch_size,
-                                     show_progress_bar=show_progress_bar)  # fmt: skip
+            traces = generate_traces(
+                reasoner, plain, cache=trace_cache, batch_size=batch_size, show_progress_bar=show_progress_bar
+            )
         elif reasoner is not None:
             raise ValueError("give a reasoner or traces, not both")
         return self._require_processor().condition_on_traces(items, list(traces))
@@ -506,8 +515,16 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             write_atomic(folder / MODEL_CARD_NAME, self.model_card)
 
     def push_to_hub(
-        self, repo_id: str, *, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
-        commit_message: str | None = None, token=None, max_shard_size="50GB", **unused,
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        token=None,
+        max_shard_size="50GB",
+        **unused,
     ):
         """Upload exactly the folder `save_pretrained` writes (code, weights, processor, sentence-transformers
         files and `model.model_card` as README.md) to `repo_id`, as `metaembed publish` does."""

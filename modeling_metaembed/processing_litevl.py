@@ -47,8 +47,9 @@ class LiteVLProcessor:
 
     chat_template = None  # plain "[CLS] text [SEP]" prompts
 
-    def __init__(self, tokenizer, image_processor: LiteVLImageProcessor, image_token: str = "[IMG]",
-                 num_image_tokens: int = 49):  # fmt: skip
+    def __init__(
+        self, tokenizer, image_processor: LiteVLImageProcessor, image_token: str = "[IMG]", num_image_tokens: int = 49
+    ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token = image_token
@@ -59,7 +60,9 @@ class LiteVLProcessor:
         images = list(images or [])
         placeholders = sum(t.count(self.image_token) for t in texts)
         if placeholders != len(images):
-            raise ValueError(f"the texts hold {placeholders} {self.image_token} placeholder(s) for {len(images)} image(s)")
+            raise ValueError(
+                f"the texts hold {placeholders} {self.image_token} placeholder(s) for {len(images)} image(s)"
+            )
         expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
         batch = dict(self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs))
         if images:
@@ -70,8 +73,12 @@ class LiteVLProcessor:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
-        settings = {"processor_class": type(self).__name__, "image_token": self.image_token,
-                    "num_image_tokens": self.num_image_tokens, **self.image_processor.to_dict()}  # fmt: skip
+        settings = {
+            "processor_class": type(self).__name__,
+            "image_token": self.image_token,
+            "num_image_tokens": self.num_image_tokens,
+            **self.image_processor.to_dict(),
+        }
         write_atomic(folder / PROCESSOR_CONFIG_NAME, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -79,7 +86,9 @@ class LiteVLProcessor:
         """Load from a LiteVL or MetaEmbed folder (or Hub id); `config` (the LiteVL config) spares the tokenizer
         from reading config.json."""
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        with open(cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME, **hub_kwargs), encoding="utf-8") as f:
+        with open(
+            cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME, **hub_kwargs), encoding="utf-8"
+        ) as f:
             settings = json.load(f)
         text_config = getattr(config, "text_config", None)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, config=text_config, **hub_kwargs)

@@ -282,7 +282,9 @@ class MetaEmbedProcessor:
                 conditioned.append(item)
                 continue
             if not isinstance(trace, str) or not trace.strip():
-                raise ValueError(f"item {item.index}: its trace is {'empty' if isinstance(trace, str) else type(trace).__name__}")
+                raise ValueError(
+                    f"item {item.index}: its trace is {'empty' if isinstance(trace, str) else type(trace).__name__}"
+                )
             ids = self.tokenizer(trace, add_special_tokens=False)["input_ids"]
             if len(ids) > limit:
                 warnings.warn(
@@ -396,9 +398,7 @@ class MetaEmbedProcessor:
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         if config is None:
             config = MetaEmbedConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        config_file = transformers.utils.cached_file(
-            pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME, **hub_kwargs
-        )
+        config_file = transformers.utils.cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME, **hub_kwargs)
         with open(config_file, encoding="utf-8") as handle:
             class_name = json.load(handle).get("backbone_processor_class")
         backbone_class = getattr(transformers, class_name, None) if class_name else None

@@ -122,8 +122,9 @@ def generate_traces(
     num_batches = (len(unique) + batch_size - 1) // batch_size
     if show_progress_bar is None:
         show_progress_bar = num_batches > 1
-    for start in tqdm(range(0, len(unique), batch_size), desc="Reasoning", total=num_batches,
-                      disable=not show_progress_bar):  # fmt: skip
+    for start in tqdm(
+        range(0, len(unique), batch_size), desc="Reasoning", total=num_batches, disable=not show_progress_bar
+    ):
         batch = unique[start : start + batch_size]
         produced = reasoner([items[i] for i in batch])
         if not isinstance(produced, (list, tuple)) or len(produced) != len(batch):
@@ -157,9 +158,20 @@ class GenerativeReasoner:
         name: the model's name in `identity` (default: its `name_or_path`).
     """
 
-    def __init__(self, model, processor, prompt: str, max_new_tokens: int = 128, do_sample: bool = False,
-                 temperature: float | None = None, top_p: float | None = None, batch_size: int = 8,
-                 suppress_token_ids=None, name: str | None = None, min_new_tokens: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        processor,
+        prompt: str,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        batch_size: int = 8,
+        suppress_token_ids=None,
+        name: str | None = None,
+        min_new_tokens: int | None = None,
+    ):
         if "{query}" not in prompt:
             raise ValueError(f"prompt needs a {{query}} placeholder, got {prompt!r}")
         self.model, self.processor = model, processor
@@ -303,5 +315,13 @@ def _default_prompt() -> str:
     return DEFAULT_REASONING_PROMPT
 
 
-__all__ = ["GenerativeReasoner", "TraceCache", "generate_traces", "content_key", "reasoner_identity",
-           "load_generative_backbone", "generator_around", "ties_word_embeddings"]  # fmt: skip
+__all__ = [
+    "GenerativeReasoner",
+    "TraceCache",
+    "generate_traces",
+    "content_key",
+    "reasoner_identity",
+    "load_generative_backbone",
+    "generator_around",
+    "ties_word_embeddings",
+]

@@ -81,8 +81,16 @@ _TRANSPOSED_FROM_ROWS = 8
 _EXTRA_BYTES_PER_VALUE = 8
 
 
-def plan_scan(num_queries: int, r_q: int, r_c: int, dim: int, max_work_bytes: int, device=None,
-              tile_bytes: int | None = None, value_bytes: int = 4) -> tuple:  # fmt: skip
+def plan_scan(
+    num_queries: int,
+    r_q: int,
+    r_c: int,
+    dim: int,
+    max_work_bytes: int,
+    device=None,
+    tile_bytes: int | None = None,
+    value_bytes: int = 4,
+) -> tuple:
     """(queries per pass, candidates per tile, candidates per score chunk) whose temporaries fit `max_work_bytes`.
 
     The budget is split: a quarter for the widened queries, half for one tile (the widened candidates, their
@@ -189,9 +197,7 @@ def maxsim(
     _check_embeddings(queries, "queries")
     _check_embeddings(candidates, "candidates")
     if queries.shape[-1] != candidates.shape[-1]:
-        raise ValueError(
-            f"queries have dimension {queries.shape[-1]} but candidates have {candidates.shape[-1]}"
-        )
+        raise ValueError(f"queries have dimension {queries.shape[-1]} but candidates have {candidates.shape[-1]}")
     if queries.device != candidates.device:
         raise ValueError(f"queries are on {queries.device} but candidates are on {candidates.device}")
     r_q, r_c = check_budget(budget, (queries.shape[1], candidates.shape[1]))

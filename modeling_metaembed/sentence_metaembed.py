@@ -68,8 +68,12 @@ class MetaEmbedModule(InputModule):
     def budget(self, value) -> None:
         if value is not None:
             full = (self.model.config.num_query_vectors, self.model.config.num_candidate_vectors)
-            valid = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v, limit in zip(value, full)
+            valid = (
+                isinstance(value, (list, tuple))
+                and len(value) == 2
+                and all(
+                    isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v, limit in zip(value, full)
+                )
             )
             if not valid:
                 raise ValueError(f"budget must be (r_q, r_c) within (1..{full[0]}, 1..{full[1]}), got {value!r}")
@@ -139,12 +143,21 @@ class MetaEmbedModule(InputModule):
     ) -> "MetaEmbedModule":
         if backend != "torch":
             raise ValueError(f"MetaEmbed runs on the torch backend only, got backend={backend!r}")
-        hub_kwargs = {"token": token, "cache_dir": cache_folder, "revision": revision, "local_files_only": local_files_only}
+        hub_kwargs = {
+            "token": token,
+            "cache_dir": cache_folder,
+            "revision": revision,
+            "local_files_only": local_files_only,
+        }
         if subfolder:
             hub_kwargs["subfolder"] = subfolder
         model = MetaEmbedModel.from_pretrained(model_name_or_path, **hub_kwargs, **(model_kwargs or {}))
         module_config = cls.load_config(
-            model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
+            model_name_or_path,
+            subfolder=subfolder,
+            token=token,
+            cache_folder=cache_folder,
+            revision=revision,
             local_files_only=local_files_only,
         )
         return cls(model, **module_config)

@@ -39,10 +39,25 @@ _LLAMA_TEMPLATE = (
     "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
-_LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                   "<|eot_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>", "<|image|>"]  # fmt: skip
+_QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+_LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
 _GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
 
 
@@ -66,8 +81,14 @@ def _bert_tokenizer(folder: Path):
 
 
 # Sizes of the tiny text models; `make_tiny_backbone(text_overrides=...)` changes them (benchmarks use bigger ones).
-_TEXT_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "max_position_embeddings": 512}  # fmt: skip
+_TEXT_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 
 
 def _tiny_text(vocab_size: int, sizes: dict, **extra) -> dict:
@@ -78,62 +99,135 @@ def _tiny_text(vocab_size: int, sizes: dict, **extra) -> dict:
 
 def _special_ids(tokenizer) -> dict:
     """bos/eos/pad ids of the tokenizer, for the tiny configs (their defaults point into real vocabularies)."""
-    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _qwen_vl(family: str, sizes: dict):
     tokenizer = _byte_level_tokenizer(_QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     vocab = len(tokenizer)
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     if family == "qwen3_vl":
-        text = _tiny_text(vocab, sizes, **_special_ids(tokenizer), head_dim=16, rope_parameters={
-            "rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True})  # fmt: skip
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0])  # fmt: skip
+        text = _tiny_text(
+            vocab,
+            sizes,
+            **_special_ids(tokenizer),
+            head_dim=16,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+        )
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=64,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        )
         config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
         model_class, processor_class, patch = (
-            transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLProcessor, 16)
+            transformers.Qwen3VLForConditionalGeneration,
+            transformers.Qwen3VLProcessor,
+            16,
+        )
         video_processor = transformers.Qwen3VLVideoProcessor(patch_size=16)
     else:
-        text = _tiny_text(vocab, sizes, **_special_ids(tokenizer),
-                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+        text = _tiny_text(
+            vocab,
+            sizes,
+            **_special_ids(tokenizer),
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        )
         if family == "qwen2_5_vl":
-            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=64,
-                          fullatt_block_indexes=[1])  # fmt: skip
+            vision = dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=112,
+                out_hidden_size=64,
+                fullatt_block_indexes=[1],
+            )
             config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-            model_class, processor_class = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLProcessor
+            model_class, processor_class = (
+                transformers.Qwen2_5_VLForConditionalGeneration,
+                transformers.Qwen2_5_VLProcessor,
+            )
         else:
-            vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+            vision = dict(
+                depth=2,
+                embed_dim=32,
+                hidden_size=64,
+                mlp_ratio=2,
+                num_heads=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            )
             config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
             model_class, processor_class = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor
         patch = 14
         video_processor = transformers.Qwen2VLVideoProcessor()
     pixels_per_token = (2 * patch) ** 2
     image_processor = transformers.Qwen2VLImageProcessor(
-        patch_size=patch, merge_size=2, size={"shortest_edge": 4 * pixels_per_token, "longest_edge": 16 * pixels_per_token}
+        patch_size=patch,
+        merge_size=2,
+        size={"shortest_edge": 4 * pixels_per_token, "longest_edge": 16 * pixels_per_token},
     )
-    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                                video_processor=video_processor, chat_template=_QWEN_TEMPLATE)  # fmt: skip
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=_QWEN_TEMPLATE,
+    )
     return model_class(config), processor
 
 
 def _paligemma(sizes: dict):
-    tokenizer = _byte_level_tokenizer(_GEMMA_SPECIALS, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                      unk_token="<unk>")  # fmt: skip
+    tokenizer = _byte_level_tokenizer(
+        _GEMMA_SPECIALS, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
     image_size, patch = 28, 14  # 4 image tokens
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch, projection_dim=64)  # fmt: skip
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=64,
+    )
     text = _tiny_text(len(tokenizer), sizes, **_special_ids(tokenizer), head_dim=16, model_type="gemma")
     config = transformers.PaliGemmaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projection_dim=64, hidden_size=64, vocab_size=len(tokenizer),
-    )  # fmt: skip
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projection_dim=64,
+        hidden_size=64,
+        vocab_size=len(tokenizer),
+    )
     image_processor = transformers.SiglipImageProcessor(size={"height": image_size, "width": image_size})
     image_processor.image_seq_length = (image_size // patch) ** 2
     processor = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -141,19 +235,37 @@ def _paligemma(sizes: dict):
 
 
 def _mllama(sizes: dict):
-    tokenizer = _byte_level_tokenizer(_LLAMA_SPECIALS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                      pad_token="<|finetune_right_pad_id|>")  # fmt: skip
+    tokenizer = _byte_level_tokenizer(
+        _LLAMA_SPECIALS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
+    )
     vocab = len(tokenizer)
     image_token = tokenizer.convert_tokens_to_ids("<|image|>")
-    text = _tiny_text(vocab + 8, sizes, **_special_ids(tokenizer), num_hidden_layers=3, cross_attention_layers=[1],
-                      rope_parameters={"rope_type": "default", "rope_theta": 5e5})  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
-                  image_size=28, patch_size=14, max_num_tiles=2, vision_output_dim=64,
-                  intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])  # fmt: skip
+    text = _tiny_text(
+        vocab + 8,
+        sizes,
+        **_special_ids(tokenizer),
+        num_hidden_layers=3,
+        cross_attention_layers=[1],
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        max_num_tiles=2,
+        vision_output_dim=64,
+        intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+    )
     config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_token)
     image_processor = transformers.MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=2)
-    processor = transformers.MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                             chat_template=_LLAMA_TEMPLATE)  # fmt: skip
+    processor = transformers.MllamaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_LLAMA_TEMPLATE
+    )
     return transformers.MllamaForConditionalGeneration(config), processor
 
 
@@ -166,8 +278,14 @@ def _qwen3(sizes: dict):
 
 def _bert(folder: Path):
     tokenizer = _bert_tokenizer(folder)
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)  # fmt: skip
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     return transformers.BertModel(config, add_pooling_layer=False), tokenizer
 
 
@@ -180,10 +298,18 @@ def _litevl(folder: Path):
 
     tokenizer = _bert_tokenizer(folder)
     tokenizer.add_special_tokens({"additional_special_tokens": ["[IMG]"]}, replace_extra_special_tokens=False)
-    text = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)  # fmt: skip
+    text = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     vision = EfficientNetLiteConfig(width_coefficient=0.25, image_size=64, hidden_size=64)
-    config = LiteVLConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("[IMG]"))
+    config = LiteVLConfig(
+        text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("[IMG]")
+    )
     model = LiteVLModel(config)
     with torch.no_grad():  # non-trivial batch-norm statistics, so the frozen norms are exercised
         for name, buffer in model.named_buffers():

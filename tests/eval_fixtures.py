@@ -13,10 +13,14 @@ def _write(rows: dict, features: Features, folder: Path) -> None:
     Dataset.from_dict(rows, features=features).to_parquet(str(folder / "test-00000-of-00001.parquet"))
 
 
-MMEB_FEATURES = Features({
-    "qry_text": Value("string"), "qry_img_path": Value("string"),
-    "tgt_text": Sequence(Value("string")), "tgt_img_path": Sequence(Value("string")),
-})  # fmt: skip
+MMEB_FEATURES = Features(
+    {
+        "qry_text": Value("string"),
+        "qry_img_path": Value("string"),
+        "tgt_text": Sequence(Value("string")),
+        "tgt_img_path": Sequence(Value("string")),
+    }
+)
 
 
 def make_mmeb(root: Path) -> Path:
@@ -61,13 +65,31 @@ def make_mmeb(root: Path) -> Path:
 
 def make_vidore_v1(root: Path) -> Path:
     """A vidore/docvqa_test_subsampled-like data set: one row per page, some without a query, one query twice."""
-    features = Features({"query": Value("string"), "image": Image(), "image_filename": Value("string"),
-                         "answer": Value("string"), "page": Value("string")})  # fmt: skip
-    queries = ["what is the total?", None, "who signed the letter?", "what is the total?", "when was it issued?",
-               None, "which table lists costs?"]  # fmt: skip
-    rows = {"query": queries, "image": [random_image(50, 64, seed=300 + i) for i in range(len(queries))],
-            "image_filename": [f"page_{i}.png" for i in range(len(queries))],
-            "answer": ["x"] * len(queries), "page": [str(i) for i in range(len(queries))]}  # fmt: skip
+    features = Features(
+        {
+            "query": Value("string"),
+            "image": Image(),
+            "image_filename": Value("string"),
+            "answer": Value("string"),
+            "page": Value("string"),
+        }
+    )
+    queries = [
+        "what is the total?",
+        None,
+        "who signed the letter?",
+        "what is the total?",
+        "when was it issued?",
+        None,
+        "which table lists costs?",
+    ]
+    rows = {
+        "query": queries,
+        "image": [random_image(50, 64, seed=300 + i) for i in range(len(queries))],
+        "image_filename": [f"page_{i}.png" for i in range(len(queries))],
+        "answer": ["x"] * len(queries),
+        "page": [str(i) for i in range(len(queries))],
+    }
     _write(rows, features, root / "data")
     return root
 
@@ -75,13 +97,29 @@ def make_vidore_v1(root: Path) -> Path:
 def make_vidore_v2(root: Path) -> Path:
     """A vidore/esg_reports_v2-like BEIR data set: corpus, queries (with languages) and graded qrels."""
     corpus = Features({"corpus-id": Value("int64"), "image": Image(), "doc-id": Value("string")})
-    _write({"corpus-id": list(range(9)), "image": [random_image(48, 60, seed=400 + i) for i in range(9)],
-            "doc-id": ["report"] * 9}, corpus, root / "corpus")  # fmt: skip
+    _write(
+        {
+            "corpus-id": list(range(9)),
+            "image": [random_image(48, 60, seed=400 + i) for i in range(9)],
+            "doc-id": ["report"] * 9,
+        },
+        corpus,
+        root / "corpus",
+    )
     queries = Features({"query-id": Value("int64"), "query": Value("string"), "language": Value("string")})
-    _write({"query-id": [0, 1, 2, 3, 4], "language": ["english", "english", "french", "english", "english"],
-            "query": ["emissions in 2022", "board diversity", "émissions de 2022", "water use", "no judged pages"]},
-           queries, root / "queries")  # fmt: skip
+    _write(
+        {
+            "query-id": [0, 1, 2, 3, 4],
+            "language": ["english", "english", "french", "english", "english"],
+            "query": ["emissions in 2022", "board diversity", "émissions de 2022", "water use", "no judged pages"],
+        },
+        queries,
+        root / "queries",
+    )
     qrels = Features({"query-id": Value("int64"), "corpus-id": Value("int64"), "score": Value("int64")})
-    _write({"query-id": [0, 0, 1, 2, 2, 3], "corpus-id": [1, 4, 2, 1, 4, 7], "score": [2, 1, 1, 2, 1, 1]},
-           qrels, root / "qrels")  # fmt: skip
+    _write(
+        {"query-id": [0, 0, 1, 2, 2, 3], "corpus-id": [1, 4, 2, 1, 4, 7], "score": [2, 1, 1, 2, 1, 1]},
+        qrels,
+        root / "qrels",
+    )
     return root

@@ -39,21 +39,29 @@ def launch_environment(
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     argv = [
-        "--config_file", str(config),
-        "--num_processes", str(num_processes),
-        "--mixed_precision", "no",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        str(num_processes),
+        "--mixed_precision",
+        "no",
         *(["--fsdp_transformer_layer_cls_to_wrap", layer_classes] if layer_classes is not None else []),
-        "--main_process_port", str(port),
-        "-m", "training.train",
-    ]  # fmt: skip
+        "--main_process_port",
+        str(port),
+        "-m",
+        "training.train",
+    ]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     if not args.use_fsdp:
         raise ValueError(f"{config} is not an FSDP config")
     full = prepare_multi_gpu_env(args)
     environment = {k: v for k, v in full.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
     environment.update(
-        ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.main_process_port),
-        WORLD_SIZE=str(num_processes), LOCAL_WORLD_SIZE=str(num_processes),
+        ACCELERATE_USE_CPU="true",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(args.main_process_port),
+        WORLD_SIZE=str(num_processes),
+        LOCAL_WORLD_SIZE=str(num_processes),
     )
     return environment
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tests.conftest import random_image
 from PIL import Image
 
 from modeling_metaembed import maxsim
+from tests.conftest import random_image
 
 
 @pytest.fixture(scope="module")
@@ -15,14 +15,22 @@ def model(tiny_model):
 
 @pytest.mark.parametrize(
     "bad, message",
-    [("", "item 1: text is empty"), ("   \n", "item 1: text is empty"), (None, "item 1: is None"),
-     ({}, "item 1: a dict needs a 'text' or an 'image'"), ({"text": None, "image": None}, "item 1: a dict needs"),
-     ({"txt": "x"}, "item 1: unknown keys"), ({"text": ""}, "item 1: text is empty"), (3.5, "item 1: expected a str"),
-     ({"image": 7}, "item 1: image must be a PIL"), ("missing.png", "item 1: no image file"),
-     (Image.new("RGB", (0, 0)), "item 1: image is zero-sized"),
-     ({"text": "caption", "image": Image.new("RGB", (5, 0))}, "item 1: image is zero-sized"),
-     ("text with <|meta_query_0|> inside", "item 1: text contains a MetaEmbed meta token")],
-)  # fmt: skip
+    [
+        ("", "item 1: text is empty"),
+        ("   \n", "item 1: text is empty"),
+        (None, "item 1: is None"),
+        ({}, "item 1: a dict needs a 'text' or an 'image'"),
+        ({"text": None, "image": None}, "item 1: a dict needs"),
+        ({"txt": "x"}, "item 1: unknown keys"),
+        ({"text": ""}, "item 1: text is empty"),
+        (3.5, "item 1: expected a str"),
+        ({"image": 7}, "item 1: image must be a PIL"),
+        ("missing.png", "item 1: no image file"),
+        (Image.new("RGB", (0, 0)), "item 1: image is zero-sized"),
+        ({"text": "caption", "image": Image.new("RGB", (5, 0))}, "item 1: image is zero-sized"),
+        ("text with <|meta_query_0|> inside", "item 1: text contains a MetaEmbed meta token"),
+    ],
+)
 def test_bad_items_name_their_index(model, bad, message):
     with pytest.raises(ValueError, match=message):
         model.encode(["fine text", bad])
@@ -98,9 +106,11 @@ def test_budget_larger_than_tensors(model):
 
 @pytest.mark.parametrize(
     "family, bad, message",
-    [("qwen2_5_vl", "", "item 40: text is empty"),
-     ("qwen2_5_vl", "<|meta_candidate_3|>", "item 40: text contains a MetaEmbed meta token")],
-)  # fmt: skip
+    [
+        ("qwen2_5_vl", "", "item 40: text is empty"),
+        ("qwen2_5_vl", "<|meta_candidate_3|>", "item 40: text contains a MetaEmbed meta token"),
+    ],
+)
 def test_nothing_is_encoded_before_a_late_bad_item(tiny_model, monkeypatch, family, bad, message):
     model = tiny_model(family)
     calls = []

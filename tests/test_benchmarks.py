@@ -15,38 +15,107 @@ RATIO = re.compile(r"\d+\.\d+")
 
 
 def run(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                            text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_index_scoring():
-    out = run("index_scoring.py", "--num-items", "300", "--dim", "16", "--budgets", "1", "1", "2", "4",
-              "--peer-budgets", "2", "4", "--repeats", "1", "--batch", "4", "--flush-mb", "8",
-              "--bandwidth-mb", "64")  # fmt: skip
+    out = run(
+        "index_scoring.py",
+        "--num-items",
+        "300",
+        "--dim",
+        "16",
+        "--budgets",
+        "1",
+        "1",
+        "2",
+        "4",
+        "--peer-budgets",
+        "2",
+        "4",
+        "--repeats",
+        "1",
+        "--batch",
+        "4",
+        "--flush-mb",
+        "8",
+        "--bandwidth-mb",
+        "64",
+    )
     assert "read bandwidth" in out and "GEMM peak" in out
     assert re.search(r"\| \(2, 4\) \| torch \| [\d,]+ \|.* \| yes \|", out)  # top-10 equal to the fp32 reference
     assert re.search(r"\| \(2, 4\) \| naive einsum \| [\d.]+ \| [\d.]+ \|", out)
     # The compiled kernel forced on the same small run (AVX2 runs on every x86-64 CPU this package targets).
-    out = run("index_scoring.py", "--num-items", "300", "--dim", "32", "--budgets", "2", "4", "--peer-budgets", "2",
-              "4", "--repeats", "1", "--batch", "4", "--flush-mb", "8", "--bandwidth-mb", "64",
-              "--kernel", "avx2")  # fmt: skip
+    out = run(
+        "index_scoring.py",
+        "--num-items",
+        "300",
+        "--dim",
+        "32",
+        "--budgets",
+        "2",
+        "4",
+        "--peer-budgets",
+        "2",
+        "4",
+        "--repeats",
+        "1",
+        "--batch",
+        "4",
+        "--flush-mb",
+        "8",
+        "--bandwidth-mb",
+        "64",
+        "--kernel",
+        "avx2",
+    )
     if platform.machine() in ("x86_64", "AMD64") and shutil.which("c++"):
         assert re.search(r"\| \(2, 4\) \| avx2 \| [\d,]+ \|.* \| yes \|", out)
 
 
 def test_two_stage_recall(tiny_checkpoint):
-    out = run("two_stage_recall.py", "--checkpoint", str(tiny_checkpoint("qwen2_5_vl")), "--limit", "40",
-              "--shortlists", "10", "20", "--budgets", "2", "4", "--k", "5")  # fmt: skip
+    out = run(
+        "two_stage_recall.py",
+        "--checkpoint",
+        str(tiny_checkpoint("qwen2_5_vl")),
+        "--limit",
+        "40",
+        "--shortlists",
+        "10",
+        "20",
+        "--budgets",
+        "2",
+        "4",
+        "--k",
+        "5",
+    )
     row = next(line for line in out.splitlines() if line.startswith("| (2, 4)"))
     recalls = [float(v) for v in re.findall(r"(\d\.\d{3}) \(reads", row)]
     assert len(recalls) == 2 and all(0.0 <= r <= 1.0 for r in recalls)
 
 
 def test_encode_overhead():
-    out = run("encode_overhead.py", "--text-tokens", "16", "--batch-size", "2", "--hidden-size", "64", "--layers",
-              "1", "--repeats", "1")  # fmt: skip
+    out = run(
+        "encode_overhead.py",
+        "--text-tokens",
+        "16",
+        "--batch-size",
+        "2",
+        "--hidden-size",
+        "64",
+        "--layers",
+        "1",
+        "--repeats",
+        "1",
+    )
     assert "measured ratio" in out and len(RATIO.findall(out)) >= 4
 
 
@@ -61,15 +130,43 @@ def test_similarity_memory():
 
 
 def test_reasoning_cost():
-    out = run("reasoning_cost.py", "--queries", "2", "--batch-size", "2", "--trace-tokens", "4", "--hidden-size",
-              "64", "--layers", "1", "--repeats", "1")  # fmt: skip
+    out = run(
+        "reasoning_cost.py",
+        "--queries",
+        "2",
+        "--batch-size",
+        "2",
+        "--trace-tokens",
+        "4",
+        "--hidden-size",
+        "64",
+        "--layers",
+        "1",
+        "--repeats",
+        "1",
+    )
     row = next(line for line in out.splitlines() if line.startswith("| think, then embed | 4 |"))
     assert float(row.split("|")[-2]) > 0
 
 
 def test_compressed_recall(tiny_checkpoint):
-    out = run("compressed_recall.py", "--checkpoint", str(tiny_checkpoint("qwen2_5_vl")), "--limit", "40",
-              "--shortlists", "10", "20", "--budgets", "1", "1", "2", "4", "--k", "5")  # fmt: skip
+    out = run(
+        "compressed_recall.py",
+        "--checkpoint",
+        str(tiny_checkpoint("qwen2_5_vl")),
+        "--limit",
+        "40",
+        "--shortlists",
+        "10",
+        "20",
+        "--budgets",
+        "1",
+        "1",
+        "2",
+        "4",
+        "--k",
+        "5",
+    )
     rows = [line for line in out.splitlines() if line.startswith(("| (2, 4) | int8", "| (2, 4) | binary"))]
     assert len(rows) == 2
     for row in rows:
@@ -94,8 +191,25 @@ def test_training_step():
 
 def test_vllm_throughput():
     # Runs vLLM's offline engine in .venv-vllm (built by ./run test); fails, not skips, without it.
-    out = run("vllm_throughput.py", "--items", "4", "--text-tokens", "20", "--layers", "1", "--hidden-size", "64",
-              "--intermediate-size", "128", "--heads", "2", "--kv-heads", "1", "--head-dim", "32")  # fmt: skip
+    out = run(
+        "vllm_throughput.py",
+        "--items",
+        "4",
+        "--text-tokens",
+        "20",
+        "--layers",
+        "1",
+        "--hidden-size",
+        "64",
+        "--intermediate-size",
+        "128",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "32",
+    )
     row = next(line for line in out.splitlines() if line.startswith("| vLLM offline |"))
     assert float(row.split("|")[-2]) > 0
     difference = float(out.rsplit("max |vLLM - model.encode| over the embeddings:", 1)[1])

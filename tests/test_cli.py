@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from tests.conftest import random_image
 
 from metaembed.cli import main
 from metaembed.retrieval.embeddings_file import load_embeddings
 from modeling_metaembed import MetaEmbedModel, maxsim
+from tests.conftest import random_image
 
 
 @pytest.fixture()
@@ -32,21 +32,54 @@ def test_encode_and_score_match_the_python_api(tiny_checkpoint, inputs_file, tmp
     queries = tmp_path / "queries.txt"
     queries.write_text("bicycle\n\ncat photo\n")  # blank lines are skipped
     assert main(["encode", checkpoint, str(inputs_file), str(tmp_path / "docs.safetensors"), "--quiet"]) == 0
-    assert main(["encode", checkpoint, str(queries), str(tmp_path / "q.safetensors"), "--role", "query",
-                 "--num-vectors", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                checkpoint,
+                str(queries),
+                str(tmp_path / "q.safetensors"),
+                "--role",
+                "query",
+                "--num-vectors",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     docs, doc_ids, meta = load_embeddings(tmp_path / "docs.safetensors")
     assert doc_ids == ["doc-a", "doc-b", "doc-c", "4"] and meta["role"] == "candidate"
     model = MetaEmbedModel.from_pretrained(checkpoint)
     image = tmp_path / "cat.png"
-    expected = model.encode(["a red bicycle leaning on a wall", image, {"text": "a caption", "image": image},
-                             "no id: the line number is the id"])
+    expected = model.encode(
+        [
+            "a red bicycle leaning on a wall",
+            image,
+            {"text": "a caption", "image": image},
+            "no id: the line number is the id",
+        ]
+    )
     torch.testing.assert_close(docs, expected, atol=1e-6, rtol=0)
     q, q_ids, _ = load_embeddings(tmp_path / "q.safetensors")
     assert q_ids == ["1", "3"] and q.shape[1] == 2
 
     capsys.readouterr()
-    assert main(["score", str(tmp_path / "q.safetensors"), str(tmp_path / "docs.safetensors"),
-                 "--budget", "2", "4", "--top-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(tmp_path / "q.safetensors"),
+                str(tmp_path / "docs.safetensors"),
+                "--budget",
+                "2",
+                "4",
+                "--top-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     scores = maxsim(q, docs, budget=(2, 4))
     for row, line in enumerate(lines):
@@ -105,26 +138,50 @@ def test_index_and_search_commands_match_the_python_index(tiny_checkpoint, input
     queries = tmp_path / "queries.txt"
     queries.write_text("bicycle\ncat photo\n")
     index_dir = tmp_path / "docs.index"
-    assert main(["index", str(inputs_file), str(index_dir), "--model", checkpoint, "--precision", "float32",
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(["index", str(inputs_file), str(index_dir), "--model", checkpoint, "--precision", "float32", "--quiet"])
+        == 0
+    )
     index = MetaEmbedIndex.load(index_dir)
     assert index.ids == ["doc-a", "doc-b", "doc-c", "4"] and index.dtype_name == "float32"
-    assert main(["encode", checkpoint, str(queries), str(tmp_path / "q.safetensors"), "--role", "query",
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(["encode", checkpoint, str(queries), str(tmp_path / "q.safetensors"), "--role", "query", "--quiet"]) == 0
+    )
     q, q_ids, _ = load_embeddings(tmp_path / "q.safetensors")
 
     capsys.readouterr()
-    assert main(["search", str(index_dir), str(tmp_path / "q.safetensors"), "--budget", "2", "4", "--top-k", "2",
-                 "--mmap"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["search", str(index_dir), str(tmp_path / "q.safetensors"), "--budget", "2", "4", "--top-k", "2", "--mmap"]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = index.search(q, budget=(2, 4), k=2)
     assert [line["query_id"] for line in lines] == q_ids
     assert [[hit["id"] for hit in line["results"]] for line in lines] == expected.ids
     # Queries encoded by the command itself give the same hits.
-    assert main(["search", str(index_dir), str(queries), "--model", checkpoint, "--budget", "2", "4",
-                 "--top-k", "2", "--quiet"]) == 0  # fmt: skip
-    assert [[hit["id"] for hit in json.loads(line)["results"]] for line in capsys.readouterr().out.splitlines()] \
-        == expected.ids
+    assert (
+        main(
+            [
+                "search",
+                str(index_dir),
+                str(queries),
+                "--model",
+                checkpoint,
+                "--budget",
+                "2",
+                "4",
+                "--top-k",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert [
+        [hit["id"] for hit in json.loads(line)["results"]] for line in capsys.readouterr().out.splitlines()
+    ] == expected.ids
 
     # An existing index is not overwritten without --append; appending keeps the old items; a duplicate id fails
     # and leaves the saved index as it was.
@@ -153,8 +210,9 @@ def test_search_names_bad_input(tiny_checkpoint, inputs_file, tmp_path, capsys):
     assert "checksum" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["encode"], ["score"], ["publish"], ["convert"], ["card"], ["index"],
-                                     ["search"], ["evaluate"]])
+@pytest.mark.parametrize(
+    "command", [[], ["encode"], ["score"], ["publish"], ["convert"], ["card"], ["index"], ["search"], ["evaluate"]]
+)
 def test_help_everywhere_and_usage_errors_exit_2(command):
     run = [sys.executable, "-m", "metaembed", *command]
     assert subprocess.run([*run, "--help"], capture_output=True, text=True).returncode == 0

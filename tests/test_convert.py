@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
-from tests.conftest import random_image
 
 from metaembed.hub.convert import ConversionError, convert, official_embeddings, probe_prompts
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import make_tiny_backbone
+from tests.conftest import random_image
 
 R_Q, R_C, DIM = 4, 16, 32
 
@@ -42,7 +42,9 @@ def reference(backbone, extra, inputs, role, converted):
     vlm, processor = AutoModel.from_pretrained(backbone).eval(), AutoProcessor.from_pretrained(backbone)
     prompts, images = probe_prompts(converted, inputs, role)
     projection = {"weight": extra["custom_text_proj.weight"], "bias": extra["custom_text_proj.bias"]}
-    return official_embeddings(vlm, processor, prompts, images, extra["prompt_embed_tokens.weight"], projection, R_Q, R_C, role)
+    return official_embeddings(
+        vlm, processor, prompts, images, extra["prompt_embed_tokens.weight"], projection, R_Q, R_C, role
+    )
 
 
 def test_converted_checkpoint_gives_the_official_embeddings(official, tmp_path):
@@ -62,7 +64,10 @@ def test_lora_adapter_over_a_base_converts_like_the_merged_checkpoint(official, 
     base_state = load_file(folder / "model.safetensors")
     base = tmp_path / "colqwen-base"
     shutil.copytree(folder, base)
-    save_file({k: v for k, v in base_state.items() if not k.startswith(("prompt_embed", "custom_text"))}, base / "model.safetensors")
+    save_file(
+        {k: v for k, v in base_state.items() if not k.startswith(("prompt_embed", "custom_text"))},
+        base / "model.safetensors",
+    )
     # A PEFT adapter in the official run's shape: LoRA on q/v projections, meta rows and projection fully trained.
     generator = torch.Generator().manual_seed(11)
     rank, alpha = 4, 8
@@ -81,10 +86,18 @@ def test_lora_adapter_over_a_base_converts_like_the_merged_checkpoint(official, 
     adapter_folder = tmp_path / "adapter"
     adapter_folder.mkdir()
     save_file(adapter, adapter_folder / "adapter_model.safetensors")
-    (adapter_folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "base_model_name_or_path": str(base),
-        "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["prompt_embed_tokens", "custom_text_proj"],
-    }))
+    (adapter_folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": alpha,
+                "base_model_name_or_path": str(base),
+                "target_modules": ["q_proj", "v_proj"],
+                "modules_to_save": ["prompt_embed_tokens", "custom_text_proj"],
+            }
+        )
+    )
     merged_folder = tmp_path / "merged"
     shutil.copytree(folder, merged_folder)
     save_file(merged, merged_folder / "model.safetensors")
@@ -96,7 +109,9 @@ def test_lora_adapter_over_a_base_converts_like_the_merged_checkpoint(official, 
     convert(folder, tmp_path / "plain", num_query_vectors=R_Q, num_candidate_vectors=R_C)
     plain = MetaEmbedModel.from_pretrained(tmp_path / "plain")  # the same checkpoint without the LoRA deltas
     texts = ["a query", "another, longer query text"]
-    torch.testing.assert_close(from_adapter.encode(texts, role="query"), from_merged.encode(texts, role="query"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        from_adapter.encode(texts, role="query"), from_merged.encode(texts, role="query"), atol=1e-5, rtol=0
+    )
     assert not torch.allclose(from_adapter.encode(texts, role="query"), plain.encode(texts, role="query"), atol=1e-3)
 
 

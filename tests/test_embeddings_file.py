@@ -25,9 +25,17 @@ def test_ids_past_the_safetensors_header_limit_round_trip(tmp_path):
     assert loaded_ids == ids and torch.equal(loaded, embeddings) and meta["role"] == "candidate"
 
     # The sharded encoder: its chunks are the folder's shards, listed by a manifest; nothing is merged.
-    report = encode_sharded(lambda chunk: embeddings[chunk[0]["row"] : chunk[-1]["row"] + 1], ids,
-                            [{"row": i} for i in range(COUNT)], tmp_path / "sharded", role="candidate", model="tiny",
-                            settings={}, chunk_size=500_000, quiet=True)  # fmt: skip
+    report = encode_sharded(
+        lambda chunk: embeddings[chunk[0]["row"] : chunk[-1]["row"] + 1],
+        ids,
+        [{"row": i} for i in range(COUNT)],
+        tmp_path / "sharded",
+        role="candidate",
+        model="tiny",
+        settings={},
+        chunk_size=500_000,
+        quiet=True,
+    )
     assert report["finished"] and embeddings_info(tmp_path / "sharded")["count"] == COUNT
     chunks = list(iter_embeddings(tmp_path / "sharded"))
     assert [len(c[1]) for c in chunks] == [500_000, 500_000, 200_000]
@@ -35,8 +43,15 @@ def test_ids_past_the_safetensors_header_limit_round_trip(tmp_path):
 
     # A single file of the earlier format with these ids (as `merge_chunks` wrote it: safetensors refuses to read
     # it) loads through our own header reader.
-    header = {"__metadata__": {"format": "metaembed-embeddings/1", "role": "candidate", "ids": json.dumps(ids),
-              "model": "tiny"}, "embeddings": {"dtype": "F32", "shape": [COUNT, 1, 2], "data_offsets": [0, COUNT * 8]}}
+    header = {
+        "__metadata__": {
+            "format": "metaembed-embeddings/1",
+            "role": "candidate",
+            "ids": json.dumps(ids),
+            "model": "tiny",
+        },
+        "embeddings": {"dtype": "F32", "shape": [COUNT, 1, 2], "data_offsets": [0, COUNT * 8]},
+    }
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     (tmp_path / "old.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + embeddings.numpy().tobytes())

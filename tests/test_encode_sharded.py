@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tests.conftest import random_image
 
 from metaembed.cli import main
 from metaembed.retrieval.embeddings_file import load_embeddings
 from modeling_metaembed import MetaEmbedModel
+from tests.conftest import random_image
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 3
@@ -77,17 +77,31 @@ def test_one_process_chunked_equals_plain_encode(job):
     embeddings, ids, meta = load_embeddings(job["reference"])
     assert ids == [line["id"] for line in job["lines"]] and meta["role"] == "candidate"
     model = MetaEmbedModel.from_pretrained(job["checkpoint"])
-    items = [{k: (job["folder"] / v if k == "image" else v) for k, v in line.items() if k != "id"}
-             for line in job["lines"]]
+    items = [
+        {k: (job["folder"] / v if k == "image" else v) for k, v in line.items() if k != "id"} for line in job["lines"]
+    ]
     # Chunks are batched apart from each other, so only float rounding may differ from one model.encode call.
     torch.testing.assert_close(embeddings, model.encode(items), atol=1e-5, rtol=0)
 
 
 def test_two_processes_under_torchrun_equal_one_process(job):
     output = job["folder"] / "two-processes.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "metaembed", "encode", job["checkpoint"], str(job["inputs"]), str(output),
-               "--chunk-size", str(CHUNK)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "metaembed",
+        "encode",
+        job["checkpoint"],
+        str(job["inputs"]),
+        str(output),
+        "--chunk-size",
+        str(CHUNK),
+    ]
     result = subprocess.run(command, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # Each process took its own chunks (0, 2, 4 and 1, 3) and said so; one of them merged.
@@ -118,8 +132,18 @@ def test_an_interrupted_run_resumes_where_it_stopped(job, capsys):
         "sharded._write_chunk = killing_write\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    command = [sys.executable, "-c", script, "encode", job["checkpoint"], str(job["inputs"]), str(output),
-               "--chunk-size", str(CHUNK), "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        script,
+        "encode",
+        job["checkpoint"],
+        str(job["inputs"]),
+        str(output),
+        "--chunk-size",
+        str(CHUNK),
+        "--quiet",
+    ]
     result = subprocess.run(command, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     shard_dir = output
@@ -141,8 +165,23 @@ def test_an_interrupted_run_resumes_where_it_stopped(job, capsys):
 
     # The same shard folder for another job (another instruction) is refused, naming the folder.
     capsys.readouterr()
-    assert main(["encode", job["checkpoint"], str(job["inputs"]), str(output), "--chunk-size", str(CHUNK),
-                 "--instruction", "Represent: ", "--shard-dir", str(shard_dir)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "encode",
+                job["checkpoint"],
+                str(job["inputs"]),
+                str(output),
+                "--chunk-size",
+                str(CHUNK),
+                "--instruction",
+                "Represent: ",
+                "--shard-dir",
+                str(shard_dir),
+            ]
+        )
+        == 2
+    )
     assert "belongs to another encoding job" in capsys.readouterr().err
 
 

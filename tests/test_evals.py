@@ -62,8 +62,13 @@ def _reference_precision(model, queries, candidates, budget) -> float:
 
 def test_mmeb_precision_at_1_equals_a_per_row_computation(tiny_model, data):
     model = tiny_model("qwen2_5_vl")
-    results = mmeb.evaluate(model, tasks=["ImageNet-1K", "MSCOCO_t2i", "RefCOCO"], source=data["mmeb"],
-                            budgets=BUDGETS, show_progress_bar=False)  # fmt: skip
+    results = mmeb.evaluate(
+        model,
+        tasks=["ImageNet-1K", "MSCOCO_t2i", "RefCOCO"],
+        source=data["mmeb"],
+        budgets=BUDGETS,
+        show_progress_bar=False,
+    )
     for task in ("ImageNet-1K", "MSCOCO_t2i", "RefCOCO"):
         queries, candidates = mmeb.load_task(task, data["mmeb"])
         for budget in BUDGETS:
@@ -85,12 +90,16 @@ def test_mmeb_precision_at_1_equals_a_per_row_computation(tiny_model, data):
 
 def test_mmeb_reads_the_schema_as_published(data):
     queries, candidates = mmeb.load_task("MSCOCO_t2i", data["mmeb"], limit=2)
-    assert queries == ["Find me an everyday image that matches the given caption: picture 0",
-                       "Find me an everyday image that matches the given caption: picture 1"]  # fmt: skip
+    assert queries == [
+        "Find me an everyday image that matches the given caption: picture 0",
+        "Find me an everyday image that matches the given caption: picture 1",
+    ]
     assert candidates[1][0] == {"text": "Represent the given image.", "image": data["mmeb"] / "images/MSCOCO_t2i/1.jpg"}
     queries, candidates = mmeb.load_task("ImageNet-1K", data["mmeb"])
-    assert queries[0] == {"text": "Represent the given image for classification",
-                          "image": data["mmeb"] / "images/ImageNet-1K/0.jpg"}  # fmt: skip
+    assert queries[0] == {
+        "text": "Represent the given image for classification",
+        "image": data["mmeb"] / "images/ImageNet-1K/0.jpg",
+    }
     assert candidates[0] == ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
 
 
@@ -127,8 +136,9 @@ def test_vidore_v2_reads_beir_with_graded_relevance_and_languages(data):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_vidore_ndcg_equals_an_independent_computation(tiny_model, data, version):
     model = tiny_model("qwen2_5_vl")
-    results = vidore.evaluate_dataset(model, data[version], budgets=BUDGETS, show_progress_bar=False,
-                                      index_dtype="float32")  # fmt: skip
+    results = vidore.evaluate_dataset(
+        model, data[version], budgets=BUDGETS, show_progress_bar=False, index_dtype="float32"
+    )
     texts, query_ids, images, pages, qrels = vidore.load_dataset(data[version])
     q = torch.cat([model.encode([t], role="query", show_progress_bar=False) for t in texts])
     c = torch.cat([model.encode([image], role="candidate", show_progress_bar=False) for image in images])
@@ -145,8 +155,26 @@ def test_vidore_ndcg_equals_an_independent_computation(tiny_model, data, version
 def test_report_and_evaluate_command(tiny_checkpoint, data, tmp_path, capsys):
     checkpoint = tiny_checkpoint("qwen2_5_vl")
     out = tmp_path / "mmeb"
-    code = main(["evaluate", "mmeb", str(checkpoint), "--data", str(data["mmeb"]), "--tasks", "RefCOCO",
-                 "MSCOCO_t2i", "--budgets", "1", "1", "4", "8", "--output", str(out), "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "mmeb",
+            str(checkpoint),
+            "--data",
+            str(data["mmeb"]),
+            "--tasks",
+            "RefCOCO",
+            "MSCOCO_t2i",
+            "--budgets",
+            "1",
+            "1",
+            "4",
+            "8",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["budgets"] == [[1, 1], [4, 8]] and set(results["tasks"]) == {"RefCOCO", "MSCOCO_t2i"}
@@ -154,14 +182,43 @@ def test_report_and_evaluate_command(tiny_checkpoint, data, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # no temporary files left
 
     out = tmp_path / "vidore"
-    code = main(["evaluate", "vidore", str(checkpoint), "--tasks", str(data["v1"]), str(data["v2"]),
-                 "--budgets", "2", "4", "--output", str(out), "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "vidore",
+            str(checkpoint),
+            "--tasks",
+            str(data["v1"]),
+            str(data["v2"]),
+            "--budgets",
+            "2",
+            "4",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["averages"]) == ["(2,4)"] and len(results["datasets"]) == 2
 
-    assert main(["evaluate", "mmeb", str(checkpoint), "--data", str(data["mmeb"]), "--tasks", "Nope",
-                 "--output", str(tmp_path / "x"), "--quiet"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "mmeb",
+                str(checkpoint),
+                "--data",
+                str(data["mmeb"]),
+                "--tasks",
+                "Nope",
+                "--output",
+                str(tmp_path / "x"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "unknown MMEB tasks ['Nope']" in capsys.readouterr().err
     assert main(["evaluate", "vidore", str(checkpoint), "--budgets", "1", "--output", str(tmp_path / "x")]) == 2
     assert "pairs" in capsys.readouterr().err

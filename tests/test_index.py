@@ -26,8 +26,9 @@ def assert_same_top_k(positions, reference_scores, k):
     """`positions` [Q, k] rank like the top-k of `reference_scores` [Q, N] but for near ties: the search computes
     its scores in another float32 order (tiles, query batches, bmm), which may swap items whose scores are a few
     ulps apart, so each rank's reference score must match the reference top-k's within float32 rounding."""
-    torch.testing.assert_close(reference_scores.gather(1, positions), reference_scores.topk(k, dim=1).values,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        reference_scores.gather(1, positions), reference_scores.topk(k, dim=1).values, rtol=0, atol=1e-5
+    )
     assert all(len(set(row)) == k for row in positions.tolist())
 
 
@@ -198,8 +199,12 @@ def test_tampered_truncated_or_inconsistent_files_are_refused(tmp_path):
     tensor_file.write_bytes(original)
 
     manifest = json.loads(manifest_file.read_text())
-    for key, value, message in [("count", 11, "ids must be a list of 11"), ("dim", 4, r"manifest says .*\[2, 10, 4\]"),
-                                ("dtype", "int4", "dtype"), ("format", "other/1", "format")]:  # fmt: skip
+    for key, value, message in [
+        ("count", 11, "ids must be a list of 11"),
+        ("dim", 4, r"manifest says .*\[2, 10, 4\]"),
+        ("dtype", "int4", "dtype"),
+        ("format", "other/1", "format"),
+    ]:
         manifest_file.write_text(json.dumps({**manifest, key: value}))
         with pytest.raises(IndexFileError, match=message):
             MetaEmbedIndex.load(folder)
@@ -342,7 +347,10 @@ def test_compressed_index_files_round_trip_and_are_checked(tmp_path, dtype):
     index.save(tmp_path / "index")
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["index.json", "segment-000001"]
     assert sorted(p.name for p in (tmp_path / "index" / "segment-000001").iterdir()) == [
-        "full.safetensors", "ids.jsonl", "vectors.safetensors"]  # fmt: skip
+        "full.safetensors",
+        "ids.jsonl",
+        "vectors.safetensors",
+    ]
     queries = unit(3, 2, 16, seed=1)
     for mmap in (False, True):
         loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=mmap)

@@ -106,8 +106,10 @@ print(json.dumps(added))
 def test_build_and_append_stay_within_a_memory_budget_on_data_several_times_larger(tmp_path):
     budget = 32 << 20
     count, vectors, dim, rows = 24_000, 4, 512, 512  # 197 MB of float32 embeddings, shards of 4 MB
-    shards = [write_shard(tmp_path / "source", number, embeddings, ids)
-              for number, (embeddings, ids) in enumerate(_chunks(count, vectors, dim, rows, ""))]  # fmt: skip
+    shards = [
+        write_shard(tmp_path / "source", number, embeddings, ids)
+        for number, (embeddings, ids) in enumerate(_chunks(count, vectors, dim, rows, ""))
+    ]
     write_manifest(tmp_path / "source", shards, "candidate", "m", "float32", (vectors, dim))
     source_bytes = sum(p.stat().st_size for p in (tmp_path / "source").glob("*.safetensors"))
     assert source_bytes > 5 * budget

@@ -77,7 +77,9 @@ def imported_modules(name: str, path: Path) -> set:
             else:
                 module = node.module
             # `from package import module` imports the module; `from module import name` the module itself
-            targets = [f"{module}.{alias.name}" if f"{module}.{alias.name}" in MODULES else module for alias in node.names]
+            targets = [
+                f"{module}.{alias.name}" if f"{module}.{alias.name}" in MODULES else module for alias in node.names
+            ]
         else:
             continue
         for target in targets:

@@ -79,7 +79,9 @@ def test_real_weights_backbone_loads_through_the_metaembed_path(real_metaembed, 
     reloaded = AutoModel.from_pretrained(tmp_path / "checkpoint", trust_remote_code=True)
     assert type(reloaded).__module__.startswith("transformers_modules")
     for role in ("query", "candidate"):
-        torch.testing.assert_close(model.encode(inputs, role=role), reloaded.encode(inputs, role=role), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.encode(inputs, role=role), reloaded.encode(inputs, role=role), atol=1e-5, rtol=0
+        )
 
 
 def test_image_token_count_must_match_the_images(real_metaembed):

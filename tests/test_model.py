@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
-from tests.conftest import random_image
 from transformers import AutoModel
 
 from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel
 from modeling_metaembed.testing import FAMILIES, VISION_FAMILIES, make_tiny_backbone
+from tests.conftest import random_image
 
 TOL = 1e-5  # fp32 max abs difference allowed between an input alone and inside a mixed, padded batch
 
@@ -140,10 +140,14 @@ def test_default_config_matches_the_paper():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"matryoshka_groups": [[1, 1], [32, 64]]}, "outside"), ({"num_query_vectors": 0}, "positive integer"),
-     ({"query_layout": "sideways"}, "query_layout"), ({"padding_side": "middle"}, "padding_side"),
-     ({"default_instructions": {"query": ""}}, "no entry for role")],
-)  # fmt: skip
+    [
+        ({"matryoshka_groups": [[1, 1], [32, 64]]}, "outside"),
+        ({"num_query_vectors": 0}, "positive integer"),
+        ({"query_layout": "sideways"}, "query_layout"),
+        ({"padding_side": "middle"}, "padding_side"),
+        ({"default_instructions": {"query": ""}}, "no entry for role"),
+    ],
+)
 def test_config_rejects_inconsistent_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MetaEmbedConfig(**kwargs)
@@ -182,14 +186,25 @@ def test_a_model_fresh_from_from_vlm_embeds_as_its_saved_checkpoint(tmp_path, fa
     reloaded = MetaEmbedModel.from_pretrained(tmp_path / "saved")
     inputs = ["a short text", "a longer text with several more words in it"]
     for role in ("query", "candidate"):
-        torch.testing.assert_close(model.encode(inputs, role=role), reloaded.encode(inputs, role=role), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.encode(inputs, role=role), reloaded.encode(inputs, role=role), atol=1e-5, rtol=0
+        )
 
 
 def test_save_pretrained_writes_a_self_contained_hub_folder(tiny_checkpoint):
     folder = tiny_checkpoint("qwen2_5_vl")
     files = {path.name for path in folder.iterdir()}
-    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py", "hub_metaembed.py",
-            "configuration_litevl.py", "modeling_litevl.py", "processing_litevl.py", "sentence_metaembed.py"}
+    code = {
+        "configuration_metaembed.py",
+        "modeling_metaembed.py",
+        "processing_metaembed.py",
+        "scoring_metaembed.py",
+        "hub_metaembed.py",
+        "configuration_litevl.py",
+        "modeling_litevl.py",
+        "processing_litevl.py",
+        "sentence_metaembed.py",
+    }
     assert code <= files and "model.safetensors" in files and "tokenizer.json" in files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {

@@ -7,11 +7,18 @@ import pytest
 import torch
 from torch import nn
 
+from metaembed.quickstart import QuickstartSettings, build_model, load_data
 from metaembed.quickstart.frozen_features import MemoizedTower, memoized_tower, ridge_map, set_mlp_to_linear_map
 from metaembed.quickstart.pages import (
-    QUERY_KINDS, PageLayout, evaluation_set, layout_pages, picture_png, render_alone, render_page, training_records,
+    QUERY_KINDS,
+    PageLayout,
+    evaluation_set,
+    layout_pages,
+    picture_png,
+    render_alone,
+    render_page,
+    training_records,
 )
-from metaembed.quickstart import QuickstartSettings, build_model, load_data
 from metaembed.quickstart.twemoji import split_pairs, twemoji_pairs
 
 
@@ -79,8 +86,10 @@ def test_every_query_has_exactly_one_right_page_built_from_held_out_emoji(split)
             # Another page shows it too only where two held-out emoji render identically (the Australia and Heard &
             # McDonald Islands flags in this Twemoji version): that page then competes, as it should.
             others = [i for i, on in enumerate(pictures_on) if i != target and query in on]
-            assert all(len({p["caption"] for p in pages[i] + pages[target] if picture_png(p["image"], layout) == query})
-                       == 2 for i in others), query  # fmt: skip
+            assert all(
+                len({p["caption"] for p in pages[i] + pages[target] if picture_png(p["image"], layout) == query}) == 2
+                for i in others
+            ), query
             continue
         names = query.split(" and ") if kind == "two items" else [query]
         if kind == "two items" and len(names) != 2:  # a name holding " and " itself: match on the whole query
@@ -153,8 +162,15 @@ def test_items_alone_probe_equals_the_page_whole_when_a_page_holds_one_item(tmp_
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from probe_vectors import items_alone
 
-    settings = QuickstartSettings(page_grid=1, image_size=96, num_query_vectors=1, num_candidate_vectors=2,
-                                  test_pairs=12, test_rounds=2, show_progress_bar=False)  # fmt: skip
+    settings = QuickstartSettings(
+        page_grid=1,
+        image_size=96,
+        num_query_vectors=1,
+        num_candidate_vectors=2,
+        test_pairs=12,
+        test_rounds=2,
+        show_progress_bar=False,
+    )
     model = build_model(settings, tmp_path).eval()
     _, test_pairs = load_data(settings)
     results = items_alone(model, settings, test_pairs, [(1, 1), (1, 2)])

@@ -58,8 +58,15 @@ def test_pooling_baselines_train(tiny_checkpoint, tmp_path):
     model = AutoModel.from_pretrained(
         tiny_checkpoint("qwen3", pooling="mean", num_query_vectors=1, num_candidate_vectors=1), trust_remote_code=True
     )
-    args = MetaEmbedTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2,
-                                      report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip
+    args = MetaEmbedTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     trainer = MetaEmbedTrainer(model=model, args=args, train_dataset=ContrastiveDataset(synthetic_records(16)))
     trainer.train()
     assert trainer.loss_fn.groups == [(1, 1)]

@@ -8,13 +8,13 @@ import subprocess
 import sys
 import textwrap
 
+import huggingface_hub
 import pytest
 import torch
 from PIL import Image
 
-import huggingface_hub
-from model_cards import RESULTS_NAME, ResultsError, load_results, render_model_card, save_results
 from metaembed.hub.publish import PublishError, check_publishable, publish, stage_checkpoint
+from model_cards import RESULTS_NAME, ResultsError, load_results, render_model_card, save_results
 from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel
 
 BENCHMARKS = [
@@ -48,7 +48,9 @@ def checkpoint(tiny_checkpoint, tmp_path):
 def test_card_numbers_come_from_the_results_file(checkpoint):
     config = MetaEmbedConfig.from_pretrained(checkpoint)
     results = load_results(checkpoint / RESULTS_NAME)
-    card = render_model_card(config, results, repo_id="org/metaembed-tiny", license="apache-2.0", base_model="org/backbone")
+    card = render_model_card(
+        config, results, repo_id="org/metaembed-tiny", license="apache-2.0", base_model="org/backbone"
+    )
     metadata = huggingface_hub.ModelCard(card).data.to_dict()
     assert metadata["library_name"] == "transformers" and metadata["base_model"] == "org/backbone"
     assert "metaembed" in metadata["tags"] and metadata["license"] == "apache-2.0"
@@ -90,11 +92,26 @@ def test_dry_run_writes_the_exact_upload_folder(checkpoint, tmp_path):
     staged, commit = publish(checkpoint, "org/metaembed-tiny", dry_run_dir=tmp_path / "upload", license="apache-2.0")
     assert commit is None
     files = set(os.listdir(staged))
-    code = {"configuration_metaembed.py", "modeling_metaembed.py", "processing_metaembed.py", "scoring_metaembed.py", "hub_metaembed.py",
-            "sentence_metaembed.py"}
+    code = {
+        "configuration_metaembed.py",
+        "modeling_metaembed.py",
+        "processing_metaembed.py",
+        "scoring_metaembed.py",
+        "hub_metaembed.py",
+        "sentence_metaembed.py",
+    }
     assert code <= files
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "modules.json",
-            "config_sentence_transformers.json", "README.md", "budget_quality.png", RESULTS_NAME} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "modules.json",
+        "config_sentence_transformers.json",
+        "README.md",
+        "budget_quality.png",
+        RESULTS_NAME,
+    } <= files
     assert not {"optimizer.pt", "trainer_state.json"} & files  # training leftovers stay home
     config = json.loads((staged / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_metaembed.MetaEmbedModel"
@@ -151,7 +168,11 @@ class RecordingHub:
             hub.calls.append(("upload_folder", repo_id, revision, create_pr))
             return "commit-url"
 
-        for name, method in (("create_repo", create_repo), ("create_branch", create_branch), ("upload_folder", upload_folder)):
+        for name, method in (
+            ("create_repo", create_repo),
+            ("create_branch", create_branch),
+            ("upload_folder", upload_folder),
+        ):
             monkeypatch.setattr(huggingface_hub.HfApi, name, method)
 
 
@@ -228,7 +249,11 @@ def test_users_load_a_published_checkpoint_by_repo_id_from_the_hub_cache_offline
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, "-c", USER_MACHINE, "org/metaembed-7b", str(tmp_path / "out.pt")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")

@@ -26,8 +26,11 @@ def engine(request, tmp_path):
     made = []
 
     def make(folder=None):
-        client = QdrantClient(":memory:") if request.param == "local" else Edge(folder or tmp_path / f"edge{len(made)}",
-                                                                                 indexing_threshold_kb=1)  # fmt: skip
+        client = (
+            QdrantClient(":memory:")
+            if request.param == "local"
+            else Edge(folder or tmp_path / f"edge{len(made)}", indexing_threshold_kb=1)
+        )
         made.append(client)
         return client
 
@@ -92,8 +95,11 @@ def test_model_embeddings_give_the_same_results(tiny_model, engine):
 
 def test_a_collection_on_disk_reopens_with_the_same_results(tmp_path, engine):
     candidates, queries = unit(40, 4, 8), unit(3, 2, 8, seed=3)
-    reach = (lambda: QdrantClient(path=str(tmp_path / "qdrant"))) if engine.name == "local" else (
-        lambda: Edge(tmp_path / "edge"))  # fmt: skip
+    reach = (
+        (lambda: QdrantClient(path=str(tmp_path / "qdrant")))
+        if engine.name == "local"
+        else (lambda: Edge(tmp_path / "edge"))
+    )
     client = reach()
     store = QdrantMetaEmbedIndex.create(client, "items", dim=8, candidate_budgets=(2, 4))
     store.add(candidates, ids=list(range(40)))
@@ -194,8 +200,10 @@ def test_bad_input_is_named(engine):
     if isinstance(client, Edge):  # a shard made directly with the engine, without our metadata
         import qdrant_edge as qe
 
-        qe.EdgeShard.create(str(client.folder / "other"), qe.EdgeConfig(
-            vectors={"v": qe.EdgeVectorParams(size=8, distance=qe.Distance.Dot)})).close()  # fmt: skip
+        qe.EdgeShard.create(
+            str(client.folder / "other"),
+            qe.EdgeConfig(vectors={"v": qe.EdgeVectorParams(size=8, distance=qe.Distance.Dot)}),
+        ).close()
     else:
         client.create_collection("other", vectors_config={})
     with pytest.raises(ValueError, match="not written by QdrantMetaEmbedIndex"):

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
-from metaembed.quickstart.backbones import minilm_path
 from metaembed.quickstart import RANKS_NAME, QuickstartSettings, candidate_count, load_data
+from metaembed.quickstart.backbones import minilm_path
 from metaembed.quickstart.evaluation import held_out_pages, query_inputs, query_kind_masks
 from training.evaluation import positive_ranks
 
@@ -39,8 +39,11 @@ def main_job(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("quickstart")
     result = subprocess.run(
         [sys.executable, "examples/quickstart.py", "--output-dir", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=2400,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "one R@1" in result.stdout and "(4,16)" in result.stdout
     return output
@@ -49,8 +52,10 @@ def main_job(tmp_path_factory) -> Path:
 def reciprocal_ranks(main_job: Path) -> dict:
     """{kind: {budget: [Q] float64}}: each held-out query's reciprocal rank, queries in one order for every budget."""
     ranks = json.loads((main_job / RANKS_NAME).read_text())
-    return {kind: {key: 1.0 / torch.tensor(r, dtype=torch.float64) for key, r in by_budget.items()}
-            for kind, by_budget in ranks.items()}  # fmt: skip
+    return {
+        kind: {key: 1.0 / torch.tensor(r, dtype=torch.float64) for key, r in by_budget.items()}
+        for kind, by_budget in ranks.items()
+    }
 
 
 def test_ranks_file_holds_the_reported_evaluation(main_job):
@@ -120,12 +125,20 @@ def test_the_probe_reads_the_main_jobs_checkpoint(main_job):
     # Its "page whole" column is the reported MRR again, its "items alone" column the per-item encoding of the same
     # pages. The first table is for queries naming one item.
     summary = json.loads((main_job / "summary.json").read_text())
-    probe = subprocess.run([sys.executable, "examples/probe_vectors.py", str(main_job / "checkpoint")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "examples/probe_vectors.py", str(main_job / "checkpoint")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     table = probe.stdout.split("| budget | page whole | items alone |")[1]
-    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:4]]
-            for line in table.splitlines() if line.startswith("| (")}  # fmt: skip
+    rows = {
+        line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:4]]
+        for line in table.splitlines()
+        if line.startswith("| (")
+    }
     assert set(rows) == {"(1, 1)", "(4, 16)"}, probe.stdout
     assert abs(rows["(4, 16)"][0] - summary["quality"]["one item"]["mrr"][FULL]) < 1e-3
     pages = candidate_count(summary)

@@ -13,7 +13,8 @@ from modeling_metaembed.reasoning_metaembed import GenerativeReasoner, TraceCach
 from modeling_metaembed.testing import make_tiny_backbone
 from tests.conftest import random_image
 from training.data import ContrastiveDataset, MetaEmbedCollator, RecordError
-from training.reasoning import add_reasoning, main as reasoning_main
+from training.reasoning import add_reasoning
+from training.reasoning import main as reasoning_main
 
 
 class CountingReasoner:
@@ -63,9 +64,13 @@ def test_a_trace_changes_the_query_embedding_exactly_as_its_text_would(tiny_mode
     thought = model.encode(queries, role="query", traces=traces)
     assert (plain - thought).abs().amax(dim=(1, 2)).min() > 1e-3  # every query moved
     template = model.config.reasoning_template
-    by_hand = model.encode([template.format(text=queries[0], trace=traces[0]),
-                            {"text": template.format(text=queries[1]["text"], trace=traces[1]), "image": image}],
-                           role="query")  # fmt: skip
+    by_hand = model.encode(
+        [
+            template.format(text=queries[0], trace=traces[0]),
+            {"text": template.format(text=queries[1]["text"], trace=traces[1]), "image": image},
+        ],
+        role="query",
+    )
     torch.testing.assert_close(thought, by_hand, atol=1e-6, rtol=0)
     # A None trace leaves its query alone.
     mixed = model.encode(queries, role="query", traces=[None, traces[1]])
@@ -156,8 +161,12 @@ def test_the_unified_model_thinks_and_embeds_with_one_set_of_weights(sharp_backb
     assert remote.as_reasoner(max_new_tokens=6)(items) == reasoner(items)
     texts = [item["text"] for item in items[:2]]
     traces = reasoner(items[:2])
-    torch.testing.assert_close(reloaded.encode(texts, role="query", reasoner=reloaded.as_reasoner(max_new_tokens=6)),
-                               reloaded.encode(texts, role="query", traces=traces), atol=1e-6, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        reloaded.encode(texts, role="query", reasoner=reloaded.as_reasoner(max_new_tokens=6)),
+        reloaded.encode(texts, role="query", traces=traces),
+        atol=1e-6,
+        rtol=0,
+    )
     assert reloaded.encode(texts, role="query", reasoner="self").shape == (2, 4, model.config.output_dim)
 
 
@@ -211,12 +220,15 @@ def test_a_long_trace_is_cut_with_a_warning_never_dropped(tiny_checkpoint):
 # ------------------------------------------------------------------------------------------------ training
 def test_training_records_are_conditioned_like_inference(tiny_model):
     model = tiny_model("qwen2_5_vl")
-    records = [{"query": {"text": "a dog", "reasoning": "a dog, probably on a sofa"}, "positive": {"text": "dog"}},
-               {"query": {"text": "a cat"}, "positive": {"text": "cat"}}]  # fmt: skip
+    records = [
+        {"query": {"text": "a dog", "reasoning": "a dog, probably on a sofa"}, "positive": {"text": "dog"}},
+        {"query": {"text": "a cat"}, "positive": {"text": "cat"}},
+    ]
     batch = MetaEmbedCollator(model.processor)(records)
     inputs = batch["queries"][0]["inputs"]
-    expected = model.processor([model.config.reasoning_template.format(text="a dog", trace="a dog, probably on a sofa"),
-                                "a cat"], role="query")  # fmt: skip
+    expected = model.processor(
+        [model.config.reasoning_template.format(text="a dog", trace="a dog, probably on a sofa"), "a cat"], role="query"
+    )
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
     bad = [{"query": {"text": "q"}, "positive": {"text": "p", "reasoning": "not for candidates"}}]
     with pytest.raises(RecordError, match="positive carries reasoning"):
@@ -228,8 +240,9 @@ def test_training_records_are_conditioned_like_inference(tiny_model):
 def test_traces_are_generated_ahead_of_training(tmp_path):
     records = [{"id": f"r{i}", "query": {"text": f"query {i}"}, "positive": {"text": f"doc {i}"}} for i in range(3)]
     records[1]["query"]["reasoning"] = "written by hand"
-    reasoned = add_reasoning(ContrastiveDataset(records), CountingReasoner(), cache=tmp_path / "cache",
-                             show_progress_bar=False)  # fmt: skip
+    reasoned = add_reasoning(
+        ContrastiveDataset(records), CountingReasoner(), cache=tmp_path / "cache", show_progress_bar=False
+    )
     assert [reasoned[i]["query"]["reasoning"] for i in range(3)] == [
         "it is about query 0; look for its main object",
         "written by hand",
@@ -247,15 +260,36 @@ def test_reasoning_command_and_recipe(sharp_backbones, tmp_path):
     records = [{"query": {"text": f"find item {i}"}, "positive": {"text": f"item {i}"}} for i in range(4)]
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "reasoned.jsonl"
-    assert reasoning_main(["--records", str(tmp_path / "data" / "train.jsonl"), "--output", str(out),
-                           "--checkpoint", str(checkpoint), "--cache", str(tmp_path / "cache"),
-                           "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert (
+        reasoning_main(
+            [
+                "--records",
+                str(tmp_path / "data" / "train.jsonl"),
+                "--output",
+                str(out),
+                "--checkpoint",
+                str(checkpoint),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     written = [json.loads(line) for line in out.read_text().splitlines()]
     expected = model.as_reasoner(max_new_tokens=4)([{"text": r["query"]["text"], "image": None} for r in records])
     assert [r["query"]["reasoning"] for r in written] == expected
 
-    code = train_main(["--config", "training/recipes/think-then-embed-tiny.yaml", f"training.output_dir={tmp_path}/run",
-                       f"reasoning.cache={tmp_path}/traces", "data.synthetic.count=32"])  # fmt: skip
+    code = train_main(
+        [
+            "--config",
+            "training/recipes/think-then-embed-tiny.yaml",
+            f"training.output_dir={tmp_path}/run",
+            f"reasoning.cache={tmp_path}/traces",
+            "data.synthetic.count=32",
+        ]
+    )
     assert code == 0 and (tmp_path / "run" / "final" / "config.json").is_file()
     identity = json.loads((tmp_path / "traces" / "reasoner.json").read_text())["reasoner"]
     assert len(TraceCache(tmp_path / "traces", identity)) == 32
@@ -268,9 +302,21 @@ def test_encode_command_with_a_reasoner(sharp_backbones, tmp_path):
     _, model = sharp_backbones("qwen3")
     model.save_pretrained(tmp_path / "checkpoint")
     (tmp_path / "queries.txt").write_text("a dog on a red sofa\nthe chart of sales\n")
-    arguments = ["encode", str(tmp_path / "checkpoint"), str(tmp_path / "queries.txt"), str(tmp_path / "q.safetensors"),
-                 "--role", "query", "--reasoner", "self", "--max-new-tokens", "5",
-                 "--trace-cache", str(tmp_path / "tc"), "--quiet"]  # fmt: skip
+    arguments = [
+        "encode",
+        str(tmp_path / "checkpoint"),
+        str(tmp_path / "queries.txt"),
+        str(tmp_path / "q.safetensors"),
+        "--role",
+        "query",
+        "--reasoner",
+        "self",
+        "--max-new-tokens",
+        "5",
+        "--trace-cache",
+        str(tmp_path / "tc"),
+        "--quiet",
+    ]
     assert main(arguments) == 0
     embedded, ids, _ = load_embeddings(tmp_path / "q.safetensors")
     texts = ["a dog on a red sofa", "the chart of sales"]

@@ -7,10 +7,10 @@ import textwrap
 
 import pytest
 import torch
-from tests.conftest import random_image
 
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import VISION_FAMILIES
+from tests.conftest import random_image
 
 FRESH_PROCESS = textwrap.dedent(
     """
@@ -55,8 +55,12 @@ def test_fresh_process_loads_with_trust_remote_code_and_embeds_bit_identically(t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run(
         [sys.executable, str(script), str(folder), image_path, str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(out)
     local = MetaEmbedModel.from_pretrained(folder)

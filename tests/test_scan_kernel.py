@@ -22,8 +22,10 @@ from metaembed.retrieval import scan_kernel
 from metaembed.retrieval.index import MetaEmbedIndex
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                    reason="no C++ compiler: the kernel cannot be built here")  # fmt: skip
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler: the kernel cannot be built here",
+)
 
 
 def cpu_flags() -> set:
@@ -70,8 +72,9 @@ def assert_same_top(found, expected) -> None:
     rounding alone may come in either order)."""
     order, expected_order = found.positions.sort(dim=1), expected.positions.sort(dim=1)
     assert torch.equal(order.values, expected_order.values)
-    torch.testing.assert_close(found.scores.gather(1, order.indices), expected.scores.gather(1, expected_order.indices),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        found.scores.gather(1, order.indices), expected.scores.gather(1, expected_order.indices), rtol=1e-5, atol=1e-5
+    )
     assert torch.all(found.scores[:, 1:] <= found.scores[:, :-1])
 
 
@@ -192,12 +195,27 @@ def test_certificate_on_given_scores():
     score, the lower item first among equals, where its k-th score beats the K-th two-part score plus the bound
     (strictly); else the query is left to a three-part scan."""
     module = scan_kernel.compiled() if kernels() else None
-    two_part = torch.tensor([[1.0, 0.9, 0.5, 0.2], [1.0, 0.9, 0.85, 0.8], [1.0, 0.9, 0.85, 0.8],
-                             [0.7, 0.7, 0.6, 0.1], [1.0, 0.9, 0.85, 0.75]])  # fmt: skip
-    candidates = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33], [43, 42, 41, 40],
-                               [50, 51, 52, 53]])  # fmt: skip
-    three_part = torch.tensor([[1.0, 0.91, 0.49, 0.21], [0.95, 0.84, 0.86, 0.80], [0.95, 0.80, 0.84, 0.81],
-                               [0.7, 0.7, 0.6, 0.1], [0.95, 0.875, 0.8, 0.7]])  # fmt: skip
+    two_part = torch.tensor(
+        [
+            [1.0, 0.9, 0.5, 0.2],
+            [1.0, 0.9, 0.85, 0.8],
+            [1.0, 0.9, 0.85, 0.8],
+            [0.7, 0.7, 0.6, 0.1],
+            [1.0, 0.9, 0.85, 0.75],
+        ]
+    )
+    candidates = torch.tensor(
+        [[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33], [43, 42, 41, 40], [50, 51, 52, 53]]
+    )
+    three_part = torch.tensor(
+        [
+            [1.0, 0.91, 0.49, 0.21],
+            [0.95, 0.84, 0.86, 0.80],
+            [0.95, 0.80, 0.84, 0.81],
+            [0.7, 0.7, 0.6, 0.1],
+            [0.95, 0.875, 0.8, 0.7],
+        ]
+    )
     bounds = torch.tensor([0.1, 0.05, 0.05, 0.01, 0.125], dtype=torch.float64)
     scores, positions, uncertain = module.certify_top_k(two_part, candidates, three_part, bounds, 2)
     # 0: certified as scanned; 1: re-ordered by the three-part scores (0.86 > 0.80 + 0.05); 2: its 2nd best, 0.84,
@@ -221,14 +239,17 @@ def test_choice_of_kernel(monkeypatch):
         scan_kernel.choose(index.codes, 2)
 
 
-@pytest.mark.parametrize("features, dim, wanted, chosen", [
-    ({"avx2": True, "amx": True}, 1024, "auto", "amx"),  # Sapphire Rapids and later
-    ({"avx2": True, "amx": True}, 48, "auto", "avx2"),  # AMX tiles take 32 dimensions at a time
-    ({"avx2": True, "amx": False}, 1024, "auto", "avx2"),  # AVX2-only CPUs (Zen 3, Haswell ... Ice Lake)
-    ({"avx2": True, "amx": False}, 1024, "amx", "avx2"),  # a forced kernel the CPU lacks: the next one
-    ({"avx2": False, "amx": False}, 1024, "auto", "torch"),  # neither (or not x86-64)
-    ({"avx2": True, "amx": True}, 40, "auto", "torch"),  # D not a multiple of 16
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "features, dim, wanted, chosen",
+    [
+        ({"avx2": True, "amx": True}, 1024, "auto", "amx"),  # Sapphire Rapids and later
+        ({"avx2": True, "amx": True}, 48, "auto", "avx2"),  # AMX tiles take 32 dimensions at a time
+        ({"avx2": True, "amx": False}, 1024, "auto", "avx2"),  # AVX2-only CPUs (Zen 3, Haswell ... Ice Lake)
+        ({"avx2": True, "amx": False}, 1024, "amx", "avx2"),  # a forced kernel the CPU lacks: the next one
+        ({"avx2": False, "amx": False}, 1024, "auto", "torch"),  # neither (or not x86-64)
+        ({"avx2": True, "amx": True}, 40, "auto", "torch"),  # D not a multiple of 16
+    ],
+)
 def test_kernel_chosen_by_what_the_cpu_reports(monkeypatch, features, dim, wanted, chosen):
     monkeypatch.setattr(scan_kernel, "_state", {"module": object(), "features": features})  # as cpu_features() says
     monkeypatch.setenv(scan_kernel.ENVIRONMENT, wanted)
@@ -331,10 +352,19 @@ def test_two_processes_build_the_kernel_at_once_without_system_ninja_or_amx(tmp_
             if program.name != "ninja" and not (tools / program.name).exists():
                 (tools / program.name).symlink_to(program)
     assert shutil.which("ninja", path=str(tools)) is None and shutil.which("c++", path=str(tools))
-    env = {**os.environ, "PATH": str(tools), scan_kernel.KERNEL_DIR_ENVIRONMENT: str(tmp_path / "kernels"),
-           scan_kernel.AMX_BUILD_ENVIRONMENT: "0", "PYTHONPATH": str(ROOT)}  # fmt: skip
-    runs = [subprocess.Popen([sys.executable, "-c", BUILD_AND_SEARCH], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": str(tools),
+        scan_kernel.KERNEL_DIR_ENVIRONMENT: str(tmp_path / "kernels"),
+        scan_kernel.AMX_BUILD_ENVIRONMENT: "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_AND_SEARCH], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=900) for run in runs]
     for run, (out, err) in zip(runs, outputs):
         assert run.returncode == 0, err[-3000:]

@@ -59,9 +59,15 @@ def test_empty_inputs_give_empty_scores():
 
 @pytest.mark.parametrize(
     "budget, message",
-    [((5, 1), "r_q=5 is outside 1..4"), ((1, 9), "r_c=9 is outside 1..8"), ((0, 1), "r_q=0"),
-     ((1.5, 2), "must be an integer"), ((1,), "pair"), ("full", "pair")],
-)  # fmt: skip
+    [
+        ((5, 1), "r_q=5 is outside 1..4"),
+        ((1, 9), "r_c=9 is outside 1..8"),
+        ((0, 1), "r_q=0"),
+        ((1.5, 2), "must be an integer"),
+        ((1,), "pair"),
+        ("full", "pair"),
+    ],
+)
 def test_budget_validated_against_tensors(budget, message):
     with pytest.raises(ValueError, match=message):
         maxsim(unit(2, 4, 8), unit(3, 8, 8), budget=budget)

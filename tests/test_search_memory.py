@@ -28,9 +28,13 @@ def write_index(folder: Path, count: int = COUNT) -> int:
     largest vector norm of each tier as `MetaEmbedIndex.add` keeps it (so AMX batches take the two-part scan)."""
     folder.mkdir()
     nbytes = VECTORS * count * DIM * 2
-    header = json.dumps({"__metadata__": {"format": FORMAT}, "vectors": {
-        "dtype": "BF16", "shape": [VECTORS, count, DIM], "data_offsets": [0, nbytes]}, "max_norms": {
-        "dtype": "F32", "shape": [VECTORS], "data_offsets": [nbytes, nbytes + 4 * VECTORS]}}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "__metadata__": {"format": FORMAT},
+            "vectors": {"dtype": "BF16", "shape": [VECTORS, count, DIM], "data_offsets": [0, nbytes]},
+            "max_norms": {"dtype": "F32", "shape": [VECTORS], "data_offsets": [nbytes, nbytes + 4 * VECTORS]},
+        }
+    ).encode()
     header += b" " * (-len(header) % 8)
     digest = hashlib.sha256()
     generator = torch.Generator().manual_seed(0)
@@ -49,8 +53,16 @@ def write_index(folder: Path, count: int = COUNT) -> int:
         data = max_norms.numpy().tobytes()
         file.write(data)
         digest.update(data)
-    manifest = {"format": FORMAT, "count": count, "num_vectors": VECTORS, "dim": DIM, "dtype": "bfloat16",
-                "layout": "vector-major", "sha256": digest.hexdigest(), "ids": list(range(count))}  # fmt: skip
+    manifest = {
+        "format": FORMAT,
+        "count": count,
+        "num_vectors": VECTORS,
+        "dim": DIM,
+        "dtype": "bfloat16",
+        "layout": "vector-major",
+        "sha256": digest.hexdigest(),
+        "ids": list(range(count)),
+    }
     (folder / "index.json").write_text(json.dumps(manifest))
     return nbytes
 

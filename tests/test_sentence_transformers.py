@@ -9,9 +9,9 @@ from datasets import Dataset
 from sentence_transformers import MultiVectorEncoder, MultiVectorEncoderTrainer
 from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainingArguments
 from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
-from tests.conftest import random_image
 
 from modeling_metaembed import MetaEmbedModel, maxsim
+from tests.conftest import random_image
 from training.loss import MatryoshkaContrastiveLoss
 from training.multi_vector_encoder import MatryoshkaMultiVectorLoss
 from training.synthetic import synthetic_records
@@ -26,7 +26,12 @@ def encoder_and_model(tiny_checkpoint):
 def mixed_inputs(tmp_path):
     image_path = tmp_path / "photo.png"
     random_image(seed=3).save(image_path)
-    return ["a red bicycle", random_image(seed=1), {"text": "a caption", "image": random_image(seed=2)}, str(image_path)]
+    return [
+        "a red bicycle",
+        random_image(seed=1),
+        {"text": "a caption", "image": random_image(seed=2)},
+        str(image_path),
+    ]
 
 
 def test_checkpoint_holds_the_module_file_and_names_it(tiny_checkpoint):
@@ -57,7 +62,9 @@ def test_encode_query_and_document_match_model_encode(encoder_and_model, tmp_pat
     torch.testing.assert_close(torch.stack(queries), expected_q, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack(documents), expected_d, atol=1e-5, rtol=0)
     # Scores: sentence-transformers' MaxSim over the lists equals ours over the tensors.
-    torch.testing.assert_close(encoder.similarity(queries, documents), maxsim(expected_q, expected_d), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        encoder.similarity(queries, documents), maxsim(expected_q, expected_d), atol=1e-5, rtol=0
+    )
 
 
 def test_prompt_replaces_the_default_instruction(encoder_and_model):
@@ -136,11 +143,20 @@ def test_trainer_trains_with_the_matryoshka_loss_and_the_evaluator_runs(tiny_che
     )
     before = evaluator(encoder)["heldout_maxsim_accuracy@1"]
     args = MultiVectorEncoderTrainingArguments(
-        output_dir=str(tmp_path / "out"), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=2e-3,
-        logging_steps=2, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
     )
     trainer = MultiVectorEncoderTrainer(
-        model=encoder, args=args, train_dataset=Dataset.from_dict(_pairs(synthetic_records(64, seed=0))),
+        model=encoder,
+        args=args,
+        train_dataset=Dataset.from_dict(_pairs(synthetic_records(64, seed=0))),
         loss=MatryoshkaMultiVectorLoss(encoder),
     )
     trainer.train()

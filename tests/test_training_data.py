@@ -31,7 +31,7 @@ def mmeb_fixture(tmp_path):
         random_image(seed=10 + i).save(root / "MSCOCO_t2i" / f"{i}.jpg")
     classification = datasets.Dataset.from_dict(
         {
-            "qry": [f"<|image_1|>\nRepresent the given image for classification" for _ in range(3)],
+            "qry": ["<|image_1|>\nRepresent the given image for classification" for _ in range(3)],
             "qry_image_path": [f"ImageNet_1K/{i}.jpg" for i in range(3)],
             "pos_text": ["tench", "goldfish", "shark"],
             "pos_image_path": ["", "", ""],
@@ -64,7 +64,8 @@ def test_mmeb_train_loader_reads_the_schema(mmeb_fixture):
     first, fourth = data[0], data[3]
     # Subsets are read lazily from their parquet files; image paths resolve against the image root on access.
     assert first["query"] == {
-        "text": "Represent the given image for classification", "image": str(root / "ImageNet_1K/0.jpg")
+        "text": "Represent the given image for classification",
+        "image": str(root / "ImageNet_1K/0.jpg"),
     }
     assert first["positive"] == {"text": "tench", "image": None} and "negatives" not in first
     assert fourth["positive"]["image"] == str(root / "MSCOCO_t2i/0.jpg")
@@ -118,8 +119,12 @@ def test_colpali_train_loader_reads_the_schema(tmp_path):
 def test_jsonl_records_and_holdout(tmp_path):
     random_image(seed=1).save(tmp_path / "cat.png")
     lines = [
-        {"id": f"r{i}", "source": "a" if i < 6 else "b", "query": {"text": f"q{i}"},
-         "positive": {"text": f"p{i}", "image": "cat.png"}}
+        {
+            "id": f"r{i}",
+            "source": "a" if i < 6 else "b",
+            "query": {"text": f"q{i}"},
+            "positive": {"text": f"p{i}", "image": "cat.png"},
+        }
         for i in range(10)
     ]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -138,8 +143,10 @@ def test_jsonl_records_and_holdout(tmp_path):
     [
         ({"id": "x1", "query": {"text": "q"}}, r"record 0 \(id 'x1'\): has no positive"),
         ({"query": {"text": "  "}, "positive": {"text": "p"}}, "record 0: query has an empty text and no image"),
-        ({"query": {"text": "q"}, "positive": {"text": "p"}, "negatives": [{"text": ""}]},
-         "record 0: negative 0 has an empty text and no image"),
+        (
+            {"query": {"text": "q"}, "positive": {"text": "p"}, "negatives": [{"text": ""}]},
+            "record 0: negative 0 has an empty text and no image",
+        ),
         ({"query": {"text": "q", "colour": 1}, "positive": {"text": "p"}}, r"unknown field\(s\) \['colour'\]"),
         ({"query": {"text": 3}, "positive": {"text": "p"}}, "text must be a string"),
         ("not a dict", "must be a dict"),

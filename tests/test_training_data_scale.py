@@ -43,8 +43,11 @@ def recipe_data(tmp_path_factory):
     random_image(seed=3).save(folder / "cat.png")
     lines = [{"query": {"text": f"q{i}"}, "positive": {"image": "cat.png"}, "source": "cats"} for i in range(32)]
     (folder / "cats.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return {"colpali_train": str(folder / "pages.parquet"), "jsonl": [str(folder / "cats.jsonl")],
-            "holdout_fraction": 0.1}
+    return {
+        "colpali_train": str(folder / "pages.parquet"),
+        "jsonl": [str(folder / "cats.jsonl")],
+        "holdout_fraction": 0.1,
+    }
 
 
 MEASURE = """

@@ -141,9 +141,14 @@ def mixed_records():
 
 
 def _train_one_step(
-    checkpoint, output_dir, per_device_batch, gradcache_chunk_size=None, records=None, freeze_vision=False,
+    checkpoint,
+    output_dir,
+    per_device_batch,
+    gradcache_chunk_size=None,
+    records=None,
+    freeze_vision=False,
     **distributed,
-):  # fmt: skip
+):
     from modeling_metaembed import MetaEmbedModel
     from training.data import ContrastiveDataset
     from training.synthetic import synthetic_records
@@ -172,9 +177,21 @@ def _train_one_step(
             parameter.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = MetaEmbedTrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=per_device_batch, max_steps=1, optim="sgd",
-        learning_rate=1.0, max_grad_norm=0.0, logging_steps=1, lr_scheduler_type="constant", weight_decay=0.0, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, gradcache_chunk_size=gradcache_chunk_size,
+        output_dir=output_dir,
+        per_device_train_batch_size=per_device_batch,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        gradcache_chunk_size=gradcache_chunk_size,
         **distributed,
     )
     data = ContrastiveDataset(records if records is not None else synthetic_records(8, seed=12))
@@ -200,9 +217,13 @@ def _trainer_worker(rank, world, port, checkpoint, vision_checkpoint, output_dir
             queue.put((chunk, loss, {n: t.numpy() for n, t in update.items()}, reductions, retrieval))  # by value
     for frozen in (True, False):  # an image chunk on one rank, text only on the other
         loss, update, _, _, placeholder = _train_one_step(
-            vision_checkpoint, f"{output_dir}-vision-{frozen}", per_device_batch=4, records=mixed_records(),
-            freeze_vision=frozen, ddp_backend="gloo",
-        )  # fmt: skip
+            vision_checkpoint,
+            f"{output_dir}-vision-{frozen}",
+            per_device_batch=4,
+            records=mixed_records(),
+            freeze_vision=frozen,
+            ddp_backend="gloo",
+        )
         if rank == 0:
             queue.put((f"vision-frozen-{frozen}", loss, {n: t.numpy() for n, t in update.items()}, placeholder, None))
     dist.barrier()
@@ -255,9 +276,12 @@ def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_p
     for frozen in (True, False):
         loss, update, placeholder, _ = results[f"vision-frozen-{frozen}"]
         one_loss, one_update, _, _, _ = _train_one_step(
-            vision_checkpoint, str(tmp_path / f"single-vision-{frozen}"), per_device_batch=8,
-            records=mixed_records(), freeze_vision=frozen,
-        )  # fmt: skip
+            vision_checkpoint,
+            str(tmp_path / f"single-vision-{frozen}"),
+            per_device_batch=8,
+            records=mixed_records(),
+            freeze_vision=frozen,
+        )
         assert placeholder is (not frozen)
         assert loss == pytest.approx(one_loss, abs=1e-5), frozen
         vision_moved = [n for n in one_update if n.startswith("vlm.visual") and one_update[n].abs().max() > 0]

@@ -44,7 +44,11 @@ def test_7b_dry_run_offline_at_full_size(tmp_path):
     recipe_path = RECIPES / "metaembed-7b.yaml"
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, "--config", str(recipe_path), "--dry-run", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "optimizer steps" in result.stdout and "<- this recipe" in result.stdout
@@ -134,8 +138,11 @@ def test_standin_records_are_made_on_access():
 
 
 def test_loaders_ignore_the_dry_run_keys():
-    data = {"synthetic": {"count": 40, "sources": 2}, "holdout_fraction": 0.1,
-            "expected_sizes": {"other": {"records": 10, "query_image": None, "positive_image": [64, 64]}}}
+    data = {
+        "synthetic": {"count": 40, "sources": 2},
+        "holdout_fraction": 0.1,
+        "expected_sizes": {"other": {"records": 10, "query_image": None, "positive_image": [64, 64]}},
+    }
     train, held = build_data(data)
     assert len(train) + len(held) == 40
     assert Counter(train.sources) == Counter({"source-0": 18, "source-1": 18})

@@ -16,8 +16,11 @@ def test_tiny_recipe_trains_evaluates_and_exports_a_loadable_checkpoint(tmp_path
     output = tmp_path / "run"
     status = main(
         [
-            "--config", "training/recipes/tiny-synthetic.yaml",
-            f"training.output_dir={output}", "training.num_train_epochs=1", "data.synthetic.count=64",
+            "--config",
+            "training/recipes/tiny-synthetic.yaml",
+            f"training.output_dir={output}",
+            "training.num_train_epochs=1",
+            "data.synthetic.count=64",
         ]
     )
     assert status == 0

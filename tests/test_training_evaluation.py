@@ -98,8 +98,17 @@ def test_a_collapsed_model_scores_at_most_chance(tiny_model):
 
 def make_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-2, max_steps=2,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, optim="sgd",
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        optim="sgd",
     )
     settings.update(overrides)
     return MetaEmbedTrainingArguments(**settings)

@@ -10,10 +10,10 @@ the other's is text only (placeholder images keep the vision tower's collectives
 """
 
 import os
-from pathlib import Path
 import queue as queue_module
 import socket
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,13 +39,28 @@ def write_recipe(path, checkpoint, output_dir, per_device_batch, lora=False, mer
     """A recipe two runs can be compared on: plain SGD at a constant rate, no clipping, one seed (the synthetic task
     unless `data` names other data)."""
     settings = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=per_device_batch, max_steps=STEPS, optim="sgd",
-        learning_rate=0.02, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, save_strategy="no",
-        logging_steps=1, use_cpu=True, ddp_timeout=90, report_to=[], disable_tqdm=True, seed=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device_batch,
+        max_steps=STEPS,
+        optim="sgd",
+        learning_rate=0.02,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        ddp_timeout=90,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
     )
     settings.update(training)
-    recipe = {"model": {"checkpoint": str(checkpoint)}, "data": data or {"synthetic": {"count": 16, "seed": 12}},
-              "training": settings}  # fmt: skip
+    recipe = {
+        "model": {"checkpoint": str(checkpoint)},
+        "data": data or {"synthetic": {"count": 16, "seed": 12}},
+        "training": settings,
+    }
     if lora:
         recipe["lora"] = {"r": 4, "alpha": 8}
         recipe["export"] = {"merged": merged}
@@ -54,7 +69,13 @@ def write_recipe(path, checkpoint, output_dir, per_device_batch, lora=False, mer
 
 
 SCENARIO_NAMES = (
-    "full", "full-resumed", "gradcache", "lora", "lora-adapter-resumed", "ddp-lora-adapter", "export-refused"
+    "full",
+    "full-resumed",
+    "gradcache",
+    "lora",
+    "lora-adapter-resumed",
+    "ddp-lora-adapter",
+    "export-refused",
 )
 FSDP_SCENARIOS = ("full", "full-resumed", "gradcache", "lora", "lora-adapter-resumed")
 EXPECTED_TO_RAISE = ("export-refused",)
@@ -62,6 +83,7 @@ EXPECTED_TO_RAISE = ("export-refused",)
 
 def scenarios(checkpoint, root):
     """(name, argv of training.train) in the order the pair runs them; resumes read an earlier run's checkpoint."""
+
     def recipe(name, **kwargs):
         return ["--config", write_recipe(root / f"{name}.yaml", checkpoint, root / name, PER_DEVICE_BATCH, **kwargs)]
 
@@ -71,11 +93,13 @@ def scenarios(checkpoint, root):
         ("full-resumed", recipe("full-resumed") + ["--resume", str(root / "full" / "checkpoint-1")]),
         ("gradcache", recipe("gradcache", gradcache_chunk_size=2)),
         ("lora", recipe("lora", lora=True, **saving)),
-        ("lora-adapter-resumed", recipe("lora-adapter-resumed", lora=True, merged=False)
-         + ["--resume", str(root / "lora" / "checkpoint-1")]),
+        (
+            "lora-adapter-resumed",
+            recipe("lora-adapter-resumed", lora=True, merged=False) + ["--resume", str(root / "lora" / "checkpoint-1")],
+        ),
         ("ddp-lora-adapter", recipe("ddp-lora-adapter", lora=True, merged=False)),  # FSDP off: plain DDP
         ("export-refused", recipe("export-refused", max_steps=1)),  # its final folder appears: rank 0 refuses
-    ]  # fmt: skip
+    ]
     assert [name for name, _ in runs] == list(SCENARIO_NAMES)
     return runs
 
@@ -97,6 +121,7 @@ def _observe():
     for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
         original = getattr(dist, name, None)
         if original is not None:
+
             def counted(*args, _original=original, **kwargs):
                 counter["calls"] += 1
                 return _original(*args, **kwargs)
@@ -398,8 +423,9 @@ def unequal_negatives_data(root) -> dict:
     from training.synthetic import synthetic_records
 
     records = synthetic_records(16, seed=12)
-    sampler = SourceBatchSampler([r["source"] for r in records], PER_DEVICE_BATCH, world_size=2, rank=0, seed=0,
-                                 drop_last=False)  # fmt: skip
+    sampler = SourceBatchSampler(
+        [r["source"] for r in records], PER_DEVICE_BATCH, world_size=2, rank=0, seed=0, drop_last=False
+    )
     on_rank_0 = {index for batch in sampler for index in batch}
     for index, record in enumerate(records):
         others = [records[(index + shift) % len(records)]["positive"] for shift in (1, 2)]
@@ -413,10 +439,22 @@ UNEVEN_DATA = {"short-last-batch": short_last_batch_data, "unequal-negatives": u
 def uneven_runs(checkpoint, root):
     """The GradCache runs under FSDP2 where the ranks' chunk counts differ in a step, one per kind of data."""
     return [
-        (name, ["--config", write_recipe(root / f"{name}.yaml", checkpoint, root / name, PER_DEVICE_BATCH,
-                                         data=make_data(root), gradcache_chunk_size=CHUNK_SIZE)])
+        (
+            name,
+            [
+                "--config",
+                write_recipe(
+                    root / f"{name}.yaml",
+                    checkpoint,
+                    root / name,
+                    PER_DEVICE_BATCH,
+                    data=make_data(root),
+                    gradcache_chunk_size=CHUNK_SIZE,
+                ),
+            ],
+        )
         for name, make_data in UNEVEN_DATA.items()
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -444,8 +482,9 @@ def test_fsdp2_gradcache_with_unequal_chunk_counts_finishes_and_matches_one_proc
     assert all(record["status"] == 0 and record["distributed_type"] == "FSDP" for record in ranks)
     assert ranks[0]["forwards"] == ranks[1]["forwards"], [record["forwards"] for record in ranks]
     assert any(padding_chunks(record) for record in ranks), "the data should give the ranks unequal chunk counts"
-    single = run_one_process(checkpoint, root, f"single-{name}", data=UNEVEN_DATA[name](root),
-                             gradcache_chunk_size=CHUNK_SIZE)  # fmt: skip
+    single = run_one_process(
+        checkpoint, root, f"single-{name}", data=UNEVEN_DATA[name](root), gradcache_chunk_size=CHUNK_SIZE
+    )
     expected = weights(single)
     assert any((expected[k] - v).abs().max() > 1e-3 for k, v in weights(checkpoint).items())
     assert_same_weights(weights(root / name / "final"), expected, f"FSDP2 GradCache, {name}")

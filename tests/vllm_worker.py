@@ -19,8 +19,9 @@ def main(job_path: str) -> None:
     engine_dtype = str(encoder.llm.model_config.dtype)  # what the engine runs in, after its own defaults
     results = {}
     for call in job["calls"]:
-        results[call["name"]] = encoder.encode(call["inputs"], role=call["role"], instruction=call.get("instruction"),
-                                               num_vectors=call.get("num_vectors"))  # fmt: skip
+        results[call["name"]] = encoder.encode(
+            call["inputs"], role=call["role"], instruction=call.get("instruction"), num_vectors=call.get("num_vectors")
+        )
     errors = {}
     for name, inputs in job.get("bad_inputs", {}).items():
         try:

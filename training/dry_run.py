@@ -331,9 +331,9 @@ def _meta_config(settings: dict):
     dtype = settings.pop("dtype", None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     if "tiny_family" in settings:  # tiny random checkpoints are written (small) and read back as configs
-        from modeling_metaembed.testing import make_tiny_checkpoint
-
         from transformers.utils import logging as hf_logging
+
+        from modeling_metaembed.testing import make_tiny_checkpoint
 
         family = settings.pop("tiny_family")
         verbosity = hf_logging.get_verbosity()
@@ -571,8 +571,10 @@ def estimate_memory(
         "gradcache": gradcache(False),
         "gradcache_and_gradient_checkpointing": gradcache(True),
     }
-    recipe_mode = ("gradcache" if chunk else "plain") if not args.get("gradient_checkpointing") else (
-        "gradcache_and_gradient_checkpointing" if chunk else "gradient_checkpointing"
+    recipe_mode = (
+        ("gradcache" if chunk else "plain")
+        if not args.get("gradient_checkpointing")
+        else ("gradcache_and_gradient_checkpointing" if chunk else "gradient_checkpointing")
     )
     static = sum(held.values()) + embeddings + scores
     return {

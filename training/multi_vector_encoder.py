@@ -34,8 +34,14 @@ class MatryoshkaMultiVectorLoss(nn.Module):
     """
 
     def __init__(
-        self, model, groups=None, weights=None, temperature: float = 0.03, hard_negatives: str = "own",
-        score_normalization: str = "sum", gather_across_devices: bool = True,
+        self,
+        model,
+        groups=None,
+        weights=None,
+        temperature: float = 0.03,
+        hard_negatives: str = "own",
+        score_normalization: str = "sum",
+        gather_across_devices: bool = True,
     ):
         super().__init__()
         self.model = model
@@ -62,8 +68,7 @@ class MatryoshkaMultiVectorLoss(nn.Module):
             owners = torch.arange(queries.shape[0], device=queries.device).repeat(len(negative_columns))
         _, group_losses = self.objective(queries, positives, negatives, owners)
         return {
-            f"loss_{name}": weight * loss
-            for (name, loss), weight in zip(group_losses.items(), self.objective.weights)
+            f"loss_{name}": weight * loss for (name, loss), weight in zip(group_losses.items(), self.objective.weights)
         }
 
     def get_config_dict(self) -> dict:

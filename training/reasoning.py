@@ -20,8 +20,9 @@ from modeling_metaembed.reasoning_metaembed import GenerativeReasoner, generate_
 from .data import ContrastiveDataset, open_image
 
 
-def add_reasoning(dataset: ContrastiveDataset, reasoner, cache=None, batch_size: int = 8,
-                  show_progress_bar: bool = True) -> ContrastiveDataset:  # fmt: skip
+def add_reasoning(
+    dataset: ContrastiveDataset, reasoner, cache=None, batch_size: int = 8, show_progress_bar: bool = True
+) -> ContrastiveDataset:
     """A copy of `dataset` whose queries carry the reasoner's trace in `reasoning` (kept where already set)."""
     records = [dict(dataset[i]) for i in range(len(dataset))]
     todo = [i for i, record in enumerate(records) if not record["query"].get("reasoning")]

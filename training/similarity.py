@@ -35,9 +35,7 @@ def check_groups(groups, num_query_vectors: int | None = None, num_candidate_vec
         if num_query_vectors is not None and r_q > num_query_vectors:
             raise ValueError(f"matryoshka group {index} {tuple(group)}: r_q={r_q} exceeds R_q={num_query_vectors}")
         if num_candidate_vectors is not None and r_c > num_candidate_vectors:
-            raise ValueError(
-                f"matryoshka group {index} {tuple(group)}: r_c={r_c} exceeds R_c={num_candidate_vectors}"
-            )
+            raise ValueError(f"matryoshka group {index} {tuple(group)}: r_c={r_c} exceeds R_c={num_candidate_vectors}")
         if checked and (r_q < checked[-1][0] or r_c < checked[-1][1]):
             raise ValueError(
                 f"matryoshka groups must be nested (r_q and r_c non-decreasing): group {index} {tuple(group)} "
@@ -160,7 +158,9 @@ def matryoshka_maxsim(
     return MatryoshkaMaxSim.apply(queries, candidates, groups, compute_dtype, max_block_bytes)
 
 
-def paired_matryoshka_maxsim(queries: torch.Tensor, candidates: torch.Tensor, owners: torch.Tensor, groups) -> torch.Tensor:
+def paired_matryoshka_maxsim(
+    queries: torch.Tensor, candidates: torch.Tensor, owners: torch.Tensor, groups
+) -> torch.Tensor:
     """Scores of each candidate against its own query only (hard negatives), at every group.
 
     Args:

@@ -58,17 +58,29 @@ def load_recipe(path, overrides=()) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.train", description="Train MetaEmbed (Matryoshka multi-vector retrieval) from a recipe."
+        prog="python -m training.train",
+        description="Train MetaEmbed (Matryoshka multi-vector retrieval) from a recipe.",
     )
     parser.add_argument("--config", required=True, help="YAML recipe (see training/recipes/)")
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'latest'")
     parser.add_argument("--no-image-check", action="store_true", help="skip opening every image before training")
-    parser.add_argument("--dry-run", action="store_true", help="build data and model (meta device) at full size, "
-                        "print steps and per-rank memory estimates, and exit without training")
-    parser.add_argument("--num-processes", type=int, default=None, help="dry run: processes (default: the recipe's "
-                        "launch comment, else 8)")
-    parser.add_argument("--accelerate-config", default=None, help="dry run: accelerate config (DDP or FSDP2; "
-                        "default: the recipe's launch comment)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build data and model (meta device) at full size, "
+        "print steps and per-rank memory estimates, and exit without training",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="dry run: processes (default: the recipe's launch comment, else 8)",
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        default=None,
+        help="dry run: accelerate config (DDP or FSDP2; default: the recipe's launch comment)",
+    )
     parser.add_argument("--json", default=None, help="dry run: also write the estimate to this JSON file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     options = parser.parse_args(argv)

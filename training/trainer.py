@@ -46,7 +46,9 @@ class MetaEmbedTrainingArguments(TrainingArguments):
     )
     score_normalization: str = field(
         default="sum",
-        metadata={"help": "'sum': logits are MaxSim / tau (paper); 'mean': MaxSim / (r_q * tau), one range for all groups."},
+        metadata={
+            "help": "'sum': logits are MaxSim / tau (paper); 'mean': MaxSim / (r_q * tau), one range for all groups."
+        },
     )
     gradcache_chunk_size: int | None = field(
         default=None, metadata={"help": "GradCache: rows per forward chunk (None: off, one forward per side)."}
@@ -213,7 +215,9 @@ class MetaEmbedTrainer(Trainer):
     def paired_similarity(self, queries, candidates, owners, groups=None) -> torch.Tensor:
         """(G, K) scores of each hard negative (candidates[k]) against its own query (queries[owners[k]]) at
         every group, with hard_negatives="own". Override it together with `similarity`."""
-        return paired_matryoshka_maxsim(queries, candidates, owners, groups if groups is not None else self.loss_fn.groups)
+        return paired_matryoshka_maxsim(
+            queries, candidates, owners, groups if groups is not None else self.loss_fn.groups
+        )
 
     def _check_batch_fits(self, dataset, what: str) -> None:
         if dataset is None:
@@ -321,7 +325,9 @@ class MetaEmbedTrainer(Trainer):
         model.train()
         inputs = self._same_chunk_counts(self._prepare_inputs(inputs))
         device = self.args.device
-        plan = [(chunk, "query") for chunk in inputs["queries"]] + [(chunk, "candidate") for chunk in inputs["candidates"]]
+        plan = [(chunk, "query") for chunk in inputs["queries"]] + [
+            (chunk, "candidate") for chunk in inputs["candidates"]
+        ]
         states, parts = [], []
         with torch.no_grad(), self.compute_loss_context_manager():
             for chunk, role in plan:
@@ -354,16 +360,24 @@ class MetaEmbedTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._eval_group_sums, self._eval_group_steps = {}, 0
         output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only=True, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            dataloader,
+            description,
+            prediction_loss_only=True,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
         )
         metrics = dict(output.metrics)
         for name, total in self._eval_group_sums.items():
             metrics[f"{metric_key_prefix}_loss_{name}"] = total / max(1, self._eval_group_steps)
         if self.args.eval_retrieval and isinstance(dataloader.dataset, ContrastiveDataset):
-            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.retrieval_metrics(dataloader.dataset).items()})
+            metrics.update(
+                {f"{metric_key_prefix}_{k}": v for k, v in self.retrieval_metrics(dataloader.dataset).items()}
+            )
         return output._replace(metrics=metrics)
 
     def retrieval_metrics(self, dataset) -> dict:

@@ -40,8 +40,9 @@ def load_split(source, config: str | None, split: str = "test"):
     return load_dataset(str(source), config, split=split)
 
 
-def encode_unique(model, items: list, role: str, num_vectors: int, batch_size: int, show_progress_bar: bool,
-                  key=None, **kwargs) -> tuple:  # fmt: skip
+def encode_unique(
+    model, items: list, role: str, num_vectors: int, batch_size: int, show_progress_bar: bool, key=None, **kwargs
+) -> tuple:
     """Encode each distinct item once. Returns (embeddings [U, num_vectors, D], position of each item in it)."""
     key = key or repr
     index, unique = {}, []
@@ -52,8 +53,9 @@ def encode_unique(model, items: list, role: str, num_vectors: int, batch_size: i
             index[k] = len(unique)
             unique.append(item)
         positions.append(index[k])
-    embeddings = model.encode(unique, role=role, num_vectors=num_vectors, batch_size=batch_size,
-                              show_progress_bar=show_progress_bar, **kwargs)  # fmt: skip
+    embeddings = model.encode(
+        unique, role=role, num_vectors=num_vectors, batch_size=batch_size, show_progress_bar=show_progress_bar, **kwargs
+    )
     return embeddings, positions
 
 

@@ -29,8 +29,10 @@ TASKS = {
     **{t: ("Classification", False) for t in ("Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211")},
     **{t: ("VQA", True) for t in ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")},
     **{t: ("VQA", False) for t in ("ScienceQA", "VizWiz", "GQA", "TextVQA")},
-    **{t: ("Retrieval", True) for t in ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i",
-                                         "MSCOCO_i2t", "NIGHTS", "WebQA")},  # fmt: skip
+    **{
+        t: ("Retrieval", True)
+        for t in ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS", "WebQA")
+    },
     **{t: ("Retrieval", False) for t in ("FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS")},
     "MSCOCO": ("Grounding", True),
     **{t: ("Grounding", False) for t in ("RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing")},
@@ -87,18 +89,27 @@ def _key(item) -> str:
 
 
 @torch.no_grad()
-def evaluate_task(model, queries: list, candidates: list, budgets, batch_size: int = 16,
-                  show_progress_bar: bool = False, instructions: dict | None = None) -> dict:  # fmt: skip
+def evaluate_task(
+    model,
+    queries: list,
+    candidates: list,
+    budgets,
+    batch_size: int = 16,
+    show_progress_bar: bool = False,
+    instructions: dict | None = None,
+) -> dict:
     """Precision@1 (in %) of one task at each budget: {"(r_q,r_c)": score}."""
     budgets = check_budgets(budgets, model)
     instructions = instructions or {}
     r_q, r_c = max(b[0] for b in budgets), max(b[1] for b in budgets)
     kwargs = {"batch_size": batch_size, "show_progress_bar": show_progress_bar, "key": _key}
-    query_embeddings, query_rows = encode_unique(model, queries, "query", r_q,
-                                                 instruction=instructions.get("query"), **kwargs)  # fmt: skip
+    query_embeddings, query_rows = encode_unique(
+        model, queries, "query", r_q, instruction=instructions.get("query"), **kwargs
+    )
     flat = [c for row in candidates for c in row]
-    candidate_embeddings, flat_rows = encode_unique(model, flat, "candidate", r_c,
-                                                    instruction=instructions.get("candidate"), **kwargs)  # fmt: skip
+    candidate_embeddings, flat_rows = encode_unique(
+        model, flat, "candidate", r_c, instruction=instructions.get("candidate"), **kwargs
+    )
     # Rows that share a candidate list (a classification task's labels) are scored together.
     groups, start = defaultdict(list), 0
     for number, row in enumerate(candidates):
@@ -116,9 +127,17 @@ def evaluate_task(model, queries: list, candidates: list, budgets, batch_size: i
     return {budget_label(budget): 100.0 * hits[budget].float().mean().item() for budget in budgets}
 
 
-def evaluate(model, tasks=None, source=SOURCE, image_root=None, budgets=None, batch_size: int = 16,
-             limit: int | None = None, show_progress_bar: bool = True,
-             instructions: dict | None = None) -> dict:  # fmt: skip
+def evaluate(
+    model,
+    tasks=None,
+    source=SOURCE,
+    image_root=None,
+    budgets=None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    show_progress_bar: bool = True,
+    instructions: dict | None = None,
+) -> dict:
     """Precision@1 of every task at every budget, with the paper's averages (per meta-task, IND, OOD, overall).
 
     Returns {"benchmark": "MMEB", "budgets": [...], "tasks": {task: {"meta_task", "in_distribution",
@@ -129,14 +148,23 @@ def evaluate(model, tasks=None, source=SOURCE, image_root=None, budgets=None, ba
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown MMEB tasks {unknown}; the tasks are {sorted(TASKS)}")
-    results = {"benchmark": "MMEB", "metric": "precision@1 (%)", "budgets": [list(b) for b in budgets],
-               "limit": limit, "tasks": {}}  # fmt: skip
+    results = {
+        "benchmark": "MMEB",
+        "metric": "precision@1 (%)",
+        "budgets": [list(b) for b in budgets],
+        "limit": limit,
+        "tasks": {},
+    }
     for task in tasks:
         queries, candidates = load_task(task, source, image_root, limit)
         scores = evaluate_task(model, queries, candidates, budgets, batch_size, show_progress_bar, instructions)
         meta_task, in_distribution = TASKS[task]
-        results["tasks"][task] = {"meta_task": meta_task, "in_distribution": in_distribution,
-                                  "num_queries": len(queries), "scores": scores}  # fmt: skip
+        results["tasks"][task] = {
+            "meta_task": meta_task,
+            "in_distribution": in_distribution,
+            "num_queries": len(queries),
+            "scores": scores,
+        }
     results["averages"] = averages(results["tasks"], budgets)
     return results
 
@@ -158,8 +186,9 @@ def averages(task_results: dict, budgets) -> dict:
 
 def markdown(results: dict) -> str:
     """One row per budget, as in the paper's Figure 3: the meta-task averages, IND, OOD and overall."""
-    columns = [c for c in (*META_TASKS, "IND", "OOD", "Overall")
-               if any(c in row for row in results["averages"].values())]  # fmt: skip
+    columns = [
+        c for c in (*META_TASKS, "IND", "OOD", "Overall") if any(c in row for row in results["averages"].values())
+    ]
     counts = defaultdict(int)
     for result in results["tasks"].values():
         counts[result["meta_task"]] += 1

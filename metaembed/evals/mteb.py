@@ -37,12 +37,14 @@ def mteb_model(model, budget, name: str | None = None, revision: str | None = No
     module.budget = budget  # validated against the checkpoint's (R_q, R_c)
     wrapper = MultiVectorWrapper(model, **wrapper_kwargs)
     meta = wrapper.mteb_model_meta
-    wrapper.mteb_model_meta = meta.model_copy(update={
-        "name": _mteb_name(name or meta.name),
-        "revision": revision or meta.revision,
-        "modalities": ["image", "text"],
-        "experiment_kwargs": {"budget": f"{budget[0]}x{budget[1]}"},
-    })  # fmt: skip
+    wrapper.mteb_model_meta = meta.model_copy(
+        update={
+            "name": _mteb_name(name or meta.name),
+            "revision": revision or meta.revision,
+            "modalities": ["image", "text"],
+            "experiment_kwargs": {"budget": f"{budget[0]}x{budget[1]}"},
+        }
+    )
     return wrapper
 
 

@@ -21,15 +21,23 @@ from .common import budget_label, check_budgets, load_split, markdown_table
 from .metrics import ndcg_at_k, recall_at_k
 
 V1 = (
-    "vidore/arxivqa_test_subsampled", "vidore/docvqa_test_subsampled", "vidore/infovqa_test_subsampled",
-    "vidore/tabfquad_test_subsampled", "vidore/tatdqa_test", "vidore/shiftproject_test",
-    "vidore/syntheticDocQA_artificial_intelligence_test", "vidore/syntheticDocQA_energy_test",
-    "vidore/syntheticDocQA_government_reports_test", "vidore/syntheticDocQA_healthcare_industry_test",
-)  # fmt: skip
+    "vidore/arxivqa_test_subsampled",
+    "vidore/docvqa_test_subsampled",
+    "vidore/infovqa_test_subsampled",
+    "vidore/tabfquad_test_subsampled",
+    "vidore/tatdqa_test",
+    "vidore/shiftproject_test",
+    "vidore/syntheticDocQA_artificial_intelligence_test",
+    "vidore/syntheticDocQA_energy_test",
+    "vidore/syntheticDocQA_government_reports_test",
+    "vidore/syntheticDocQA_healthcare_industry_test",
+)
 V2 = (
-    "vidore/esg_reports_v2", "vidore/biomedical_lectures_v2", "vidore/economics_reports_v2",
+    "vidore/esg_reports_v2",
+    "vidore/biomedical_lectures_v2",
+    "vidore/economics_reports_v2",
     "vidore/esg_reports_human_labeled_v2",
-)  # fmt: skip
+)
 BENCHMARKS = {"v1": V1, "v2": V2}
 
 
@@ -45,8 +53,11 @@ def load_dataset(source, language: str | None = None) -> tuple:
     repo id or a local folder laid out like it (v1: the parquet files; v2: `corpus/`, `queries/`, `qrels/`)."""
     if _is_beir(source):
         corpus, queries, qrels_rows = (load_split(source, name) for name in ("corpus", "queries", "qrels"))
-        schema = (("corpus", corpus, ("corpus-id", "image")), ("queries", queries, ("query-id", "query")),
-                  ("qrels", qrels_rows, ("query-id", "corpus-id", "score")))  # fmt: skip
+        schema = (
+            ("corpus", corpus, ("corpus-id", "image")),
+            ("queries", queries, ("query-id", "query")),
+            ("qrels", qrels_rows, ("query-id", "corpus-id", "score")),
+        )
         for name, rows, needed in schema:
             missing = [c for c in needed if c not in rows.column_names]
             if missing:
@@ -86,8 +97,16 @@ def load_dataset(source, language: str | None = None) -> tuple:
 
 
 @torch.no_grad()
-def evaluate_dataset(model, source, budgets=None, batch_size: int = 8, show_progress_bar: bool = True,
-                     language: str | None = None, index_dtype: str = "bfloat16", k: int = 5) -> dict:  # fmt: skip
+def evaluate_dataset(
+    model,
+    source,
+    budgets=None,
+    batch_size: int = 8,
+    show_progress_bar: bool = True,
+    language: str | None = None,
+    index_dtype: str = "bfloat16",
+    k: int = 5,
+) -> dict:
     """NDCG@k and Recall@k (in %) of one data set at each budget, searched in a `MetaEmbedIndex`."""
     budgets = check_budgets(budgets, model)
     texts, query_ids, images, page_ids, qrels = load_dataset(source, language)
@@ -104,13 +123,23 @@ def evaluate_dataset(model, source, budgets=None, batch_size: int = 8, show_prog
         found = index.search(queries, budget=budget, k=min(max(k, 10), len(index)))
         ndcg = [ndcg_at_k(ranking, qrels[q], k) for ranking, q in zip(found.ids, query_ids)]
         recall = [recall_at_k(ranking, qrels[q], k) for ranking, q in zip(found.ids, query_ids)]
-        scores[budget_label(budget)] = {f"ndcg@{k}": 100.0 * sum(ndcg) / len(ndcg),
-                                        f"recall@{k}": 100.0 * sum(recall) / len(recall)}  # fmt: skip
+        scores[budget_label(budget)] = {
+            f"ndcg@{k}": 100.0 * sum(ndcg) / len(ndcg),
+            f"recall@{k}": 100.0 * sum(recall) / len(recall),
+        }
     return {"num_queries": len(texts), "num_pages": len(page_ids), "scores": scores}
 
 
-def evaluate(model, datasets="v2", budgets=None, batch_size: int = 8, show_progress_bar: bool = True,
-             language: str | None = None, index_dtype: str = "bfloat16", k: int = 5) -> dict:  # fmt: skip
+def evaluate(
+    model,
+    datasets="v2",
+    budgets=None,
+    batch_size: int = 8,
+    show_progress_bar: bool = True,
+    language: str | None = None,
+    index_dtype: str = "bfloat16",
+    k: int = 5,
+) -> dict:
     """Every data set of `datasets` ("v1", "v2", or a list of repo ids / local folders) at every budget, with the
     average NDCG@k per budget. Returns {"benchmark", "metric", "budgets", "datasets": {name: ...}, "averages"}."""
     budgets = check_budgets(budgets, model)
@@ -118,11 +147,11 @@ def evaluate(model, datasets="v2", budgets=None, batch_size: int = 8, show_progr
         names = list(BENCHMARKS.get(str(datasets), [datasets]))
     else:
         names = list(datasets)
-    results = {"benchmark": "ViDoRe", "metric": f"ndcg@{k} (%)", "budgets": [list(b) for b in budgets],
-               "datasets": {}}  # fmt: skip
+    results = {"benchmark": "ViDoRe", "metric": f"ndcg@{k} (%)", "budgets": [list(b) for b in budgets], "datasets": {}}
     for name in names:
-        results["datasets"][str(name)] = evaluate_dataset(model, name, budgets, batch_size, show_progress_bar,
-                                                          language, index_dtype, k)  # fmt: skip
+        results["datasets"][str(name)] = evaluate_dataset(
+            model, name, budgets, batch_size, show_progress_bar, language, index_dtype, k
+        )
     results["averages"] = {
         budget_label(b): sum(d["scores"][budget_label(b)][f"ndcg@{k}"] for d in results["datasets"].values())
         / len(results["datasets"])
@@ -136,8 +165,10 @@ def markdown(results: dict) -> str:
     names = list(results["datasets"])
     metric = results["metric"].split(" ")[0]
     header = ["budget"] + [Path(n).name.removeprefix("vidore/") for n in names] + ["average"]
-    rows = [[label] + [results["datasets"][n]["scores"][label][metric] for n in names] + [average]
-            for label, average in results["averages"].items()]  # fmt: skip
+    rows = [
+        [label] + [results["datasets"][n]["scores"][label][metric] for n in names] + [average]
+        for label, average in results["averages"].items()
+    ]
     return markdown_table(header, rows) + f"\nViDoRe {metric.upper()} (%).\n"
 
 

@@ -41,7 +41,11 @@ class ConversionError(ValueError):
 
 def _read_state_dict(folder: Path, stem: str = "model") -> dict:
     index = folder / f"{stem}.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [f"{stem}.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else [f"{stem}.safetensors"]
+    )
     state = {}
     for name in files:
         if not (folder / name).is_file():
@@ -131,8 +135,15 @@ def _write_backbone(config_folder: Path, processor_folder: Path, state: dict, ta
 
 
 def convert(
-    source, output, *, num_query_vectors: int = 16, num_candidate_vectors: int = 64, base=None, verify: bool = True,
-    tolerance: float = 1e-4, **config_kwargs,
+    source,
+    output,
+    *,
+    num_query_vectors: int = 16,
+    num_candidate_vectors: int = 64,
+    base=None,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+    **config_kwargs,
 ) -> float | None:
     """Write the converted checkpoint to `output` (atomically: a complete folder or none). Returns the largest
     difference between official and converted embeddings on the probe inputs when `verify` (else None)."""
@@ -149,15 +160,21 @@ def convert(
             f"{num_candidate_vectors}: give the numbers the checkpoint was trained with (shared query/candidate "
             "prompts are not supported)"
         )
-    projection = {k.split(".")[-1]: state[k] for k in ("custom_text_proj.weight", "custom_text_proj.bias") if k in state}
+    projection = {
+        k.split(".")[-1]: state[k] for k in ("custom_text_proj.weight", "custom_text_proj.bias") if k in state
+    }
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="metaembed-convert-", dir=output.parent) as work:
         work = Path(work)
         _write_backbone(config_folder, processor_folder, state, work / "backbone")
         model = MetaEmbedModel.from_vlm(
-            work / "backbone", num_query_vectors=num_query_vectors, num_candidate_vectors=num_candidate_vectors,
-            embedding_dim=projection["weight"].shape[0] if projection else None, padding_side="left", **config_kwargs,
+            work / "backbone",
+            num_query_vectors=num_query_vectors,
+            num_candidate_vectors=num_candidate_vectors,
+            embedding_dim=projection["weight"].shape[0] if projection else None,
+            padding_side="left",
+            **config_kwargs,
         )
         with torch.no_grad():
             embedding = model.vlm.get_input_embeddings().weight
@@ -191,7 +208,15 @@ def _probe_inputs(model: MetaEmbedModel) -> list:
 
 @torch.no_grad()
 def official_embeddings(
-    vlm, backbone_processor, prompts: list, images: list, meta_rows, projection: dict, r_q: int, r_c: int, role: str,
+    vlm,
+    backbone_processor,
+    prompts: list,
+    images: list,
+    meta_rows,
+    projection: dict,
+    r_q: int,
+    r_c: int,
+    role: str,
 ) -> torch.Tensor:
     """The official forward: the prompts' tokens (left padded), then R_q + R_c placeholder ids whose input
     embeddings are replaced by `prompt_embed_tokens`, last-layer states at the role's positions, projection,
@@ -233,7 +258,9 @@ def probe_prompts(model: MetaEmbedModel, inputs: list, role: str) -> tuple:
     items = parse_inputs(inputs)
     processor = model._require_processor()
     prompts = [processor.build_prompt(item, role) for item in items]
-    images = [load_image(item.image, item.index, processor.max_image_pixels) for item in items if item.image is not None]
+    images = [
+        load_image(item.image, item.index, processor.max_image_pixels) for item in items if item.image is not None
+    ]
     return prompts, images
 
 

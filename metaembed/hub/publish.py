@@ -155,8 +155,16 @@ def stage_checkpoint(checkpoint, output_dir, *, results=None, **card_kwargs) -> 
 
 
 def publish(
-    checkpoint, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-    create_pr: bool = False, commit_message: str | None = None, token=None, dry_run_dir=None, results=None,
+    checkpoint,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token=None,
+    dry_run_dir=None,
+    results=None,
     **card_kwargs,
 ):
     """Stage and check the checkpoint, then upload it (`create_repo` + `upload_folder`). With `dry_run_dir`,

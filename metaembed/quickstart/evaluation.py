@@ -103,5 +103,15 @@ def evaluate_pages(model, test_pairs: list, settings: QuickstartSettings) -> dic
     return pages_quality(page_ranks(model, test_pairs, settings))
 
 
-__all__ = ["evaluate", "evaluate_pages", "page_ranks", "pages_quality", "held_out_pages", "query_inputs",
-           "query_kind_masks", "rank_metrics", "METRIC_NAMES", "TEST_PAGE_SEED"]  # fmt: skip
+__all__ = [
+    "evaluate",
+    "evaluate_pages",
+    "page_ranks",
+    "pages_quality",
+    "held_out_pages",
+    "query_inputs",
+    "query_kind_masks",
+    "rank_metrics",
+    "METRIC_NAMES",
+    "TEST_PAGE_SEED",
+]

@@ -128,7 +128,6 @@ def warm_start_projector(model, train_pairs: list, settings: QuickstartSettings,
     token then enters the text encoder near the words that name it. From a random projector this model sat at
     the uniform loss for its whole run (docs/measurements/quickstart.md). Returns the R^2 of the map on its training data."""
     from modeling_metaembed.processing_litevl import LiteVLImageProcessor
-
     from modeling_metaembed.processing_metaembed import load_image
 
     if settings.task == "pages":  # the emoji alone on a page of one cell: its size and place on a real page
@@ -166,17 +165,21 @@ def run_quickstart(settings: QuickstartSettings, command: str | None = None, log
     output.mkdir(parents=True, exist_ok=True)
     train_pairs, test_pairs = load_data(settings)
     if settings.task == "pages":
-        log(f"data: pages of {settings.page_grid}x{settings.page_grid} Twemoji at {settings.image_size} px; "
+        log(
+            f"data: pages of {settings.page_grid}x{settings.page_grid} Twemoji at {settings.image_size} px; "
             f"{settings.train_rounds} rounds of {len(train_pairs)} training emoji, {settings.test_rounds} rounds of "
-            f"{len(test_pairs)} held-out emoji")  # fmt: skip
+            f"{len(test_pairs)} held-out emoji"
+        )
     else:
         log(f"data: {len(train_pairs)} training pairs, {len(test_pairs)} held-out test pairs (Twemoji)")
     with tempfile.TemporaryDirectory(dir=output, prefix=".work-") as work:
         work_dir = Path(work)
         model = build_model(settings, work_dir)
-        log(f"model: MetaEmbed over LiteVL (MiniLM-L6 + EfficientNet-Lite0), pooling={settings.pooling}, "
+        log(
+            f"model: MetaEmbed over LiteVL (MiniLM-L6 + EfficientNet-Lite0), pooling={settings.pooling}, "
             f"R_q={model.config.num_query_vectors}, R_c={model.config.num_candidate_vectors}, "
-            f"MMR groups {model.config.matryoshka_groups}")  # fmt: skip
+            f"MMR groups {model.config.matryoshka_groups}"
+        )
         fit = None
         if settings.projector_init == "closed_form":
             fit = warm_start_projector(model, train_pairs, settings)
@@ -187,10 +190,15 @@ def run_quickstart(settings: QuickstartSettings, command: str | None = None, log
         quality = evaluate(model, test_pairs, settings, ranks_out=ranks)
         timing = scoring_time(model, 64, 10_000, settings.budgets)
         summary = {
-            "settings": asdict(settings), "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
-            "projector_fit_r2": fit, "train_seconds": train_seconds, "quality": quality,
-            "seconds_per_query_10k": timing, "dim": model.config.output_dim,
-        }  # fmt: skip
+            "settings": asdict(settings),
+            "train_pairs": len(train_pairs),
+            "test_pairs": len(test_pairs),
+            "projector_fit_r2": fit,
+            "train_seconds": train_seconds,
+            "quality": quality,
+            "seconds_per_query_10k": timing,
+            "dim": model.config.output_dim,
+        }
         if settings.save_checkpoint:
             checkpoint = output / "checkpoint"
             if checkpoint.exists():

@@ -134,12 +134,14 @@ def training_records(pairs: list, layout: PageLayout, rounds: int, seed: int) ->
             query = {"image": {"bytes": picture_png(named[0]["image"], layout)}}
         else:
             query = {"text": _name(named)}
-        records.append({
-            "id": f"page {number}: {kind}: {_name(named)}",
-            "source": f"round {number // per_round}",
-            "query": query,
-            "positive": {"image": {"bytes": page_png([p["image"] for p in page], layout)}},
-        })  # fmt: skip
+        records.append(
+            {
+                "id": f"page {number}: {kind}: {_name(named)}",
+                "source": f"round {number // per_round}",
+                "query": query,
+                "positive": {"image": {"bytes": page_png([p["image"] for p in page], layout)}},
+            }
+        )
     return records
 
 
@@ -169,6 +171,13 @@ def evaluation_set(pairs: list, layout: PageLayout, round_seed: int) -> dict:
 
 
 __all__ = [
-    "PageLayout", "render_page", "render_alone", "page_png", "picture_png", "layout_pages", "training_records",
-    "evaluation_set", "QUERY_KINDS",
-]  # fmt: skip
+    "PageLayout",
+    "render_page",
+    "render_alone",
+    "page_png",
+    "picture_png",
+    "layout_pages",
+    "training_records",
+    "evaluation_set",
+    "QUERY_KINDS",
+]

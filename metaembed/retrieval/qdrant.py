@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .index import SearchResult, as_query_batch, check_candidate_embeddings
 from modeling_metaembed.hub_metaembed import write_atomic
 from modeling_metaembed.scoring_metaembed import check_budget
+
+from .index import SearchResult, as_query_batch, check_candidate_embeddings
 
 FORMAT = "metaembed-qdrant/1"
 COARSE = "coarse"
@@ -142,14 +143,18 @@ class _ClientBackend(_Backend):
         extra = {}
         if multivector:
             comparator = models.MultiVectorComparator.MAX_SIM
-            extra = {"multivector_config": models.MultiVectorConfig(comparator=comparator),
-                     "hnsw_config": models.HnswConfigDiff(m=0)}  # fmt: skip
+            extra = {
+                "multivector_config": models.MultiVectorConfig(comparator=comparator),
+                "hnsw_config": models.HnswConfigDiff(m=0),
+            }
         if quantization == "int8":
             extra["quantization_config"] = models.ScalarQuantization(
-                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True))
+                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
+            )
         elif quantization == "binary":
             extra["quantization_config"] = models.BinaryQuantization(
-                binary=models.BinaryQuantizationConfig(always_ram=True))
+                binary=models.BinaryQuantizationConfig(always_ram=True)
+            )
         return models.VectorParams(size=dim, distance=models.Distance.DOT, on_disk=on_disk, **extra)
 
     def create_collection(self, vectors: dict, metadata: dict, fields: dict) -> None:
@@ -181,8 +186,9 @@ class _ClientBackend(_Backend):
         return models.SearchParams(quantization=quantization)
 
     def request(self, vector, using: str, limit: int, prefetch, params):
-        return _client_models().QueryRequest(query=vector, using=using, limit=limit, prefetch=prefetch,
-                                             params=params, with_payload=[ID_KEY])  # fmt: skip
+        return _client_models().QueryRequest(
+            query=vector, using=using, limit=limit, prefetch=prefetch, params=params, with_payload=[ID_KEY]
+        )
 
     def run_queries(self, built: list) -> list:
         responses = self.client.query_batch_points(self.name, requests=built)
@@ -244,7 +250,9 @@ class _EdgeBackend(_Backend):
 
     def prefetch(self, vector, using: str, limit: int, exact: bool):
         qe = _edge()
-        return [qe.Prefetch(limit=limit, query=qe.Query.Nearest(vector, using=using), params=qe.SearchParams(exact=exact))]
+        return [
+            qe.Prefetch(limit=limit, query=qe.Query.Nearest(vector, using=using), params=qe.SearchParams(exact=exact))
+        ]
 
     def rescore_params(self, rescore: bool, oversampling):
         qe = _edge()
@@ -252,8 +260,13 @@ class _EdgeBackend(_Backend):
 
     def request(self, vector, using: str, limit: int, prefetch, params):
         qe = _edge()
-        return qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector, using=using), prefetches=prefetch,
-                               params=params, with_payload=[ID_KEY])  # fmt: skip
+        return qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(vector, using=using),
+            prefetches=prefetch,
+            params=params,
+            with_payload=[ID_KEY],
+        )
 
     def run_queries(self, built: list) -> list:
         responses = self.edge.shard(self.name).query_batch(_edge().QueryBatchRequest(built))
@@ -280,8 +293,15 @@ class QdrantMetaEmbedIndex:
 
     # ------------------------------------------------------------------------------------------------ setup
     @classmethod
-    def create(cls, client, collection_name: str, dim: int, candidate_budgets=(64,), on_disk: bool = False,
-               quantization: str | None = None):  # fmt: skip
+    def create(
+        cls,
+        client,
+        collection_name: str,
+        dim: int,
+        candidate_budgets=(64,),
+        on_disk: bool = False,
+        quantization: str | None = None,
+    ):
         """A new collection for `dim`-dimensional items searchable at the candidate budgets `candidate_budgets`
         (each stored as its own MaxSim field; r_c = 1 needs none: it is the "coarse" field). `quantization`
         ("int8": Qdrant's scalar quantization, "binary": its binary quantization) compresses the MaxSim fields;
@@ -328,8 +348,10 @@ class QdrantMetaEmbedIndex:
         return self._backend.count()
 
     def __repr__(self) -> str:
-        return (f"QdrantMetaEmbedIndex({self.collection_name!r}, {self.dim} dims, "
-                f"candidate budgets {self.candidate_budgets}, quantization {self.quantization})")  # fmt: skip
+        return (
+            f"QdrantMetaEmbedIndex({self.collection_name!r}, {self.dim} dims, "
+            f"candidate budgets {self.candidate_budgets}, quantization {self.quantization})"
+        )
 
     def optimize(self) -> None:
         """Let the engine build what it builds after writes (HNSW, quantized vectors): the embedded engine does it
@@ -369,8 +391,16 @@ class QdrantMetaEmbedIndex:
                 progress.update(len(points))
 
     @classmethod
-    def from_index(cls, index, client, collection_name: str, candidate_budgets=None, batch_size: int = 256,
-                   show_progress_bar: bool = False, quantization: str | None = None):  # fmt: skip
+    def from_index(
+        cls,
+        index,
+        client,
+        collection_name: str,
+        candidate_budgets=None,
+        batch_size: int = 256,
+        show_progress_bar: bool = False,
+        quantization: str | None = None,
+    ):
         """A new collection holding every item of a `MetaEmbedIndex` (by default at its stored budget; a compressed
         index gives its full vectors)."""
         budgets = candidate_budgets or (index.num_vectors,)
@@ -378,14 +408,22 @@ class QdrantMetaEmbedIndex:
         vectors = index.vectors  # [R_c, N, D]
         for start in range(0, len(index), 4096):
             chunk = vectors[:, start : start + 4096].transpose(0, 1)  # [n, R_c, D]
-            store.add(chunk, index.ids[start : start + 4096], batch_size=batch_size,
-                      show_progress_bar=show_progress_bar)  # fmt: skip
+            store.add(
+                chunk, index.ids[start : start + 4096], batch_size=batch_size, show_progress_bar=show_progress_bar
+            )
         return store
 
     # ------------------------------------------------------------------------------------------------ search
-    def search(self, queries: torch.Tensor, budget: tuple | None = None, k: int = 10, shortlist: int | None = None,
-               exact: bool = False, rescore: bool = True,
-               oversampling: float | None = None) -> SearchResult:  # fmt: skip
+    def search(
+        self,
+        queries: torch.Tensor,
+        budget: tuple | None = None,
+        k: int = 10,
+        shortlist: int | None = None,
+        exact: bool = False,
+        rescore: bool = True,
+        oversampling: float | None = None,
+    ) -> SearchResult:
         """Top-k by MaxSim at `budget` = (r_q, r_c), r_c one of `candidate_budgets` (default: the largest).
 
         With `shortlist`, Qdrant first keeps the `shortlist` best items by vector 0 (the "coarse" field; HNSW on a
@@ -396,8 +434,9 @@ class QdrantMetaEmbedIndex:
         (Qdrant has no row order)."""
         queries = as_query_batch(queries, self.dim, "this collection")
         largest = max(self.candidate_budgets)
-        r_q, r_c = check_budget(budget or (queries.shape[1], largest), (queries.shape[1], largest),
-                                what="queries and the collection")  # fmt: skip
+        r_q, r_c = check_budget(
+            budget or (queries.shape[1], largest), (queries.shape[1], largest), what="queries and the collection"
+        )
         if r_c not in self.candidate_budgets and r_c != 1:
             raise ValueError(
                 f"candidate budget r_c={r_c} is not stored in collection {self.collection_name!r}: "
@@ -424,13 +463,20 @@ class QdrantMetaEmbedIndex:
             else:
                 vector, using = query.tolist(), maxsim_field(r_c)
             prefetch = None if shortlist is None else (query[0].tolist(), COARSE, shortlist, exact)
-            requests.append({"vector": vector, "using": using, "limit": k, "prefetch": prefetch,
-                             "rescore": rescore if quantized else None, "oversampling": oversampling})  # fmt: skip
+            requests.append(
+                {
+                    "vector": vector,
+                    "using": using,
+                    "limit": k,
+                    "prefetch": prefetch,
+                    "rescore": rescore if quantized else None,
+                    "oversampling": oversampling,
+                }
+            )
         responses = self._backend.query(requests)
         scores = torch.tensor([[score for score, _ in response] for response in responses], dtype=torch.float32)
         ids = [[item_id for _, item_id in response] for response in responses]
         return SearchResult(scores=scores.reshape(len(responses), -1), positions=None, ids=ids)
 
 
-__all__ = ["QdrantMetaEmbedIndex", "Edge", "point_id", "maxsim_field", "check_multivector_cap",
-           "MULTIVECTOR_FLOAT_CAP"]  # fmt: skip
+__all__ = ["QdrantMetaEmbedIndex", "Edge", "point_id", "maxsim_field", "check_multivector_cap", "MULTIVECTOR_FLOAT_CAP"]

@@ -183,8 +183,14 @@ def _build(name: str, flags: list, folder: Path, built: Path) -> None:
     try:
         if extra is not None:
             os.environ["PATH"] = extra + os.pathsep + path
-        load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-             build_directory=str(build_dir), verbose=False)  # fmt: skip
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
     finally:
         os.environ["PATH"] = path
     partial = folder / f".{name}.so.{os.getpid()}.tmp"
@@ -223,8 +229,9 @@ def choose(vectors: torch.Tensor, r_c: int, num_values: int | None = None, rows:
         return "torch"
     if compiled() is None:
         return "torch"
-    usable = [kind for kind, divisor in (("amx", _TILE_DIMS), ("avx2", 16))
-              if _state["features"][kind] and dim % divisor == 0]  # fmt: skip
+    usable = [
+        kind for kind, divisor in (("amx", _TILE_DIMS), ("avx2", 16)) if _state["features"][kind] and dim % divisor == 0
+    ]
     if wanted in usable:
         return wanted
     chosen = usable[0] if usable else "torch"
@@ -248,8 +255,9 @@ def avx2_row_group(rows: int) -> int:
     return rows if rows <= 2 else min((3, 4), key=lambda g: -(-rows // g) * g / (1.15 if g == 3 else 1.0))
 
 
-def top_k(kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int,
-          max_norm: float | None = None) -> tuple | None:
+def top_k(
+    kind: str, vectors: torch.Tensor, r_c: int, count: int, queries: torch.Tensor, k: int, max_norm: float | None = None
+) -> tuple | None:
     """(scores [Q, k] float32 descending, positions [Q, k] int64): the top-k by MaxSim of each query ([Q, r_q, D]
     float32) over items 0..count of `vectors` ([R, N, D] bf16 on CPU, rows contiguous) at candidate budget r_c,
     computed by the compiled kernel `kind` ("amx" or "avx2"), the top-k kept as the scan goes (no score block).
@@ -337,8 +345,10 @@ def main() -> int:
         return 0
     if compiled() is None:
         return 1
-    print(f"kernels usable here: {features()} (built in {kernel_dir()}); a bf16 index of D = 1,024 is scanned with "
-          f"{choose(torch.empty(1, 1, 1024, dtype=torch.bfloat16), 1, num_values=KERNEL_FROM_BYTES)!r}")
+    print(
+        f"kernels usable here: {features()} (built in {kernel_dir()}); a bf16 index of D = 1,024 is scanned with "
+        f"{choose(torch.empty(1, 1, 1024, dtype=torch.bfloat16), 1, num_values=KERNEL_FROM_BYTES)!r}"
+    )
     return 0
 
 

@@ -47,8 +47,10 @@ def _stack(vectors: list, num_vectors: int, expected: int, dim: int) -> torch.Te
     for row, data in enumerate(vectors):
         data = torch.as_tensor(data, dtype=torch.float32)
         if tuple(data.shape) != (expected, dim):
-            raise RuntimeError(f"item {row}: the engine returned shape {tuple(data.shape)}, expected {(expected, dim)}"
-                               " (is the server running this checkpoint with the metaembed plugin?)")  # fmt: skip
+            raise RuntimeError(
+                f"item {row}: the engine returned shape {tuple(data.shape)}, expected {(expected, dim)}"
+                " (is the server running this checkpoint with the metaembed plugin?)"
+            )
         output[row] = data[:num_vectors]
     return output
 
@@ -81,8 +83,10 @@ class VLLMEncoder(_Encoder):
         try:
             from .vllm_api import LLM, PoolerConfig
         except ImportError as error:
-            raise ImportError(f"VLLMEncoder needs vLLM in this environment ({error}); see docs/serving.md, or use "
-                              "ServerEncoder with a running server") from error  # fmt: skip
+            raise ImportError(
+                f"VLLMEncoder needs vLLM in this environment ({error}); see docs/serving.md, or use "
+                "ServerEncoder with a running server"
+            ) from error
 
         engine_kwargs.setdefault("dtype", default_dtype())
         engine_kwargs.setdefault("pooler_config", PoolerConfig(task="token_embed"))
@@ -107,8 +111,9 @@ class VLLMEncoder(_Encoder):
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def encode(self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None,
-               show_progress_bar=False) -> torch.Tensor:  # fmt: skip
+    def encode(
+        self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None, show_progress_bar=False
+    ) -> torch.Tensor:
         """`model.encode`'s contract (batch_size is ignored: vLLM batches itself)."""
         from .requests import build_prompts
 
@@ -149,8 +154,16 @@ class ServerEncoder(_Encoder):
     the `num_vectors` asked for, as base64 of little-endian `dtype` values (`encoding="float"`: JSON lists). Needs
     only the checkpoint's processor files here (no vLLM, no weights loaded)."""
 
-    def __init__(self, url: str, checkpoint, model_name: str | None = None, timeout: float = 600.0,
-                 max_items_per_request: int = 64, encoding: str = "base64", dtype: str = "float32"):  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        checkpoint,
+        model_name: str | None = None,
+        timeout: float = 600.0,
+        max_items_per_request: int = 64,
+        encoding: str = "base64",
+        dtype: str = "float32",
+    ):
         super().__init__(checkpoint)
         check_format(encoding, dtype)
         self.url = url.rstrip("/")
@@ -170,16 +183,25 @@ class ServerEncoder(_Encoder):
     def fingerprint(self) -> str:
         """The served weights' fingerprint, as the server reports it (asked once with a one-vector request)."""
         if self._fingerprint is None:
-            self._check_fingerprint(self._post({"model": self.model_name, "data": {
-                "role": "query", "num_vectors": 1, "items": [{"text": "fingerprint"}]}})["data"])  # fmt: skip
+            self._check_fingerprint(
+                self._post(
+                    {
+                        "model": self.model_name,
+                        "data": {"role": "query", "num_vectors": 1, "items": [{"text": "fingerprint"}]},
+                    }
+                )["data"]
+            )
         return self._fingerprint
 
-    def score(self, queries, candidates, budget=None, query_instruction=None,
-              candidate_instruction=None) -> torch.Tensor:  # fmt: skip
+    def score(
+        self, queries, candidates, budget=None, query_instruction=None, candidate_instruction=None
+    ) -> torch.Tensor:
         """MaxSim scores (Nq, Nc) computed by the server at `budget` (r_q, r_c), as `model.similarity` gives them."""
         data = {}
-        for key, inputs, instruction in (("queries", queries, query_instruction),
-                                         ("candidates", candidates, candidate_instruction)):  # fmt: skip
+        for key, inputs, instruction in (
+            ("queries", queries, query_instruction),
+            ("candidates", candidates, candidate_instruction),
+        ):
             items = self._items(inputs)
             data[key] = _records(items, per_item_instructions(instruction, len(items)))
         if budget is not None:
@@ -189,16 +211,18 @@ class ServerEncoder(_Encoder):
         return torch.tensor(answer["scores"], dtype=torch.float32)
 
     def _post(self, payload: dict) -> dict:
-        request = urllib.request.Request(self.url + "/pooling", data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            self.url + "/pooling", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:
             raise RuntimeError(f"{self.url}/pooling answered {error.code}: {error.read().decode()[:500]}") from None
 
-    def encode(self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None,
-               show_progress_bar=False) -> torch.Tensor:  # fmt: skip
+    def encode(
+        self, inputs, num_vectors=None, role="candidate", instruction=None, batch_size=None, show_progress_bar=False
+    ) -> torch.Tensor:
         num_vectors = _check_num_vectors(self.config, role, num_vectors)
         items = self._items(inputs)
         instructions = per_item_instructions(instruction, len(items))
@@ -207,15 +231,26 @@ class ServerEncoder(_Encoder):
         output = torch.empty(len(items), num_vectors, dim, dtype=torch.float32)
         for start in range(0, len(items), step):
             chunk = _records(items[start : start + step], instructions[start : start + step])
-            answer = self._post({"model": self.model_name, "data": {
-                "role": role, "num_vectors": num_vectors, "encoding": self.encoding, "dtype": self.dtype,
-                "items": chunk}})["data"]  # fmt: skip
+            answer = self._post(
+                {
+                    "model": self.model_name,
+                    "data": {
+                        "role": role,
+                        "num_vectors": num_vectors,
+                        "encoding": self.encoding,
+                        "dtype": self.dtype,
+                        "items": chunk,
+                    },
+                }
+            )["data"]
             self._check_fingerprint(answer)
             vectors = decode_tensor(answer["embeddings"])
             if tuple(vectors.shape) != (len(chunk), num_vectors, dim):
-                raise RuntimeError(f"items {start}..{start + len(chunk) - 1}: the server returned shape "
-                                   f"{tuple(vectors.shape)}, expected {(len(chunk), num_vectors, dim)} (is it "
-                                   "running this checkpoint with this version of the metaembed plugin?)")  # fmt: skip
+                raise RuntimeError(
+                    f"items {start}..{start + len(chunk) - 1}: the server returned shape "
+                    f"{tuple(vectors.shape)}, expected {(len(chunk), num_vectors, dim)} (is it "
+                    "running this checkpoint with this version of the metaembed plugin?)"
+                )
             output[start : start + len(chunk)] = vectors
         return output
 

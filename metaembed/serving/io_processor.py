@@ -92,8 +92,9 @@ class MetaEmbedIOProcessor(IOProcessor):
 
     def parse_data(self, data) -> dict:
         if not isinstance(data, dict):
-            raise ValueError("data must be an object: {'role', 'items', ...} to encode, {'queries', 'candidates', "
-                             "'budget'} to score")  # fmt: skip
+            raise ValueError(
+                "data must be an object: {'role', 'items', ...} to encode, {'queries', 'candidates', 'budget'} to score"
+            )
         if "queries" in data or "candidates" in data:
             unknown = set(data) - SCORE_KEYS
             if unknown:
@@ -112,8 +113,15 @@ class MetaEmbedIOProcessor(IOProcessor):
         check_format(encoding, dtype)
         items, instructions = _parse_items(data.get("items"), "items")
         num_vectors = _num_vectors(data.get("num_vectors"), self.config.num_vectors(role), role)
-        return {"score": False, "role": role, "items": items, "instructions": instructions,
-                "num_vectors": num_vectors, "encoding": encoding, "dtype": dtype}  # fmt: skip
+        return {
+            "score": False,
+            "role": role,
+            "items": items,
+            "instructions": instructions,
+            "num_vectors": num_vectors,
+            "encoding": encoding,
+            "dtype": dtype,
+        }
 
     def pre_process(self, prompt: dict, request_id=None, **kwargs) -> list:
         if prompt["score"]:
@@ -139,8 +147,10 @@ class MetaEmbedIOProcessor(IOProcessor):
     def post_process(self, model_output, request_id=None, **kwargs) -> dict:
         settings = self._pending.pop(request_id, None)
         if settings is None:
-            raise RuntimeError(f"request {request_id!r}: no settings kept from its pre_process (over {MAX_PENDING} "
-                               "requests in flight?)")  # fmt: skip
+            raise RuntimeError(
+                f"request {request_id!r}: no settings kept from its pre_process (over {MAX_PENDING} "
+                "requests in flight?)"
+            )
         vectors = [output.outputs.data.float().cpu() for output in model_output]
         if settings["score"]:
             count = settings["num_queries"]
@@ -148,5 +158,9 @@ class MetaEmbedIOProcessor(IOProcessor):
             scores = maxsim(queries, candidates, budget=tuple(settings["budget"]))
             return {"budget": settings["budget"], "fingerprint": self.fingerprint, "scores": scores.tolist()}
         embeddings = torch.stack(vectors)[:, : settings["num_vectors"]]
-        return {"role": settings["role"], "num_vectors": settings["num_vectors"], "fingerprint": self.fingerprint,
-                "embeddings": encode_tensor(embeddings, settings["encoding"], settings["dtype"])}  # fmt: skip
+        return {
+            "role": settings["role"],
+            "num_vectors": settings["num_vectors"],
+            "fingerprint": self.fingerprint,
+            "embeddings": encode_tensor(embeddings, settings["encoding"], settings["dtype"]),
+        }

@@ -61,8 +61,9 @@ class MetaTokenPool(AllPool):
             # The states cover the prompt's last len(data) tokens (all of them unless a cached prefix was skipped).
             positions = self._positions(ids.cpu()) - (len(ids) - data.shape[0])
             if bool((positions < 0).any()):
-                raise RuntimeError("meta-token states were skipped (a cached prefix covered them): "
-                                   "disable prefix caching")
+                raise RuntimeError(
+                    "meta-token states were skipped (a cached prefix covered them): disable prefix caching"
+                )
             pooled.append(data[positions.to(data.device)])
         return pooled
 
@@ -126,8 +127,12 @@ class MetaEmbedTextModel(MetaEmbedMixin, nn.Module):
         return self.model.embed_input_ids(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        return self.model(input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors,
-                          inputs_embeds=inputs_embeds)  # fmt: skip
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            intermediate_tensors=intermediate_tensors,
+            inputs_embeds=inputs_embeds,
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set:
         rest, loaded = self._load_projection(weights)

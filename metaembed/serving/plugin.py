@@ -27,7 +27,7 @@ SERVED_FAMILIES = {
 NOT_SERVED = {
     "litevl": "a backbone that ships with MetaEmbed, unknown to vLLM",
     "bert": "bidirectional encoder: queries need the full [content; M_q; M_c] layout, which vLLM's pooling runner "
-            "does not give a decoder-style prompt",
+    "does not give a decoder-style prompt",
     "paligemma": "its prefix-LM attention (bidirectional over the prompt) is not MetaEmbed's layout in vLLM",
     "mllama": "encoder-decoder cross-attention model, refused by vLLM's pooling runner",
 }
@@ -44,11 +44,15 @@ def backbone_config(config_dict: dict, **kwargs):
     family = config.vlm_config.model_type
     if family not in SERVED_FAMILIES:
         reason = NOT_SERVED.get(family, "no vLLM model class for this backbone here")
-        raise ValueError(f"MetaEmbed checkpoints on a {family} backbone cannot be served by vLLM: {reason}. "
-                         "Encode them with model.encode or `metaembed encode` (sharded under torchrun).")  # fmt: skip
+        raise ValueError(
+            f"MetaEmbed checkpoints on a {family} backbone cannot be served by vLLM: {reason}. "
+            "Encode them with model.encode or `metaembed encode` (sharded under torchrun)."
+        )
     if config.pooling != "meta_tokens" or config.query_layout != "query_only":
-        raise ValueError(f"vLLM serves MetaEmbed's meta-token pooling with the query_only layout, not pooling="
-                         f"{config.pooling!r} / query_layout={config.query_layout!r}")  # fmt: skip
+        raise ValueError(
+            f"vLLM serves MetaEmbed's meta-token pooling with the query_only layout, not pooling="
+            f"{config.pooling!r} / query_layout={config.query_layout!r}"
+        )
     backbone = config.vlm_config
     backbone.architectures = [SERVED_FAMILIES[family][0]]
     backbone.metaembed = {

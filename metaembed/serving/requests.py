@@ -39,8 +39,10 @@ def build_prompts(processor: MetaEmbedProcessor, inputs, role: str, instruction=
         ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         processor._check_meta_tokens(torch.tensor([ids]), [item], role)  # model.encode's check and message
         if role == "query" and candidate_ids.intersection(ids):
-            raise ValueError(f"item {item.index}: its query prompt holds a candidate meta token string (in its "
-                             "instruction or template); vLLM would read it as a candidate")  # fmt: skip
+            raise ValueError(
+                f"item {item.index}: its query prompt holds a candidate meta token string (in its "
+                "instruction or template); vLLM would read it as a candidate"
+            )
         if item.image is None:
             prompts.append({"prompt_token_ids": ids})
         else:

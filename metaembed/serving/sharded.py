@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from metaembed.retrieval.embeddings_file import PRECISIONS, SHARD_NAME, relative_entry, write_manifest, write_shard
-from metaembed.retrieval.safetensors_header import read_header
+from metaembed.retrieval.safetensors_header import read_header, tensor_span
 
 CHUNK_NAME = SHARD_NAME + ".safetensors"
 
@@ -59,8 +59,10 @@ def engine_device(local_rank: int, environ=os.environ) -> str:
         return str(local_rank)
     devices = [device.strip() for device in visible.split(",") if device.strip()]
     if local_rank >= len(devices):
-        raise ValueError(f"LOCAL_RANK={local_rank} but CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)} "
-                         "device(s): start at most one process per visible GPU (each runs its own vLLM engine)")  # fmt: skip
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)} "
+            "device(s): start at most one process per visible GPU (each runs its own vLLM engine)"
+        )
     return devices[local_rank]
 
 
@@ -143,8 +145,20 @@ def _chunk_entry(path: Path) -> dict:
     return {"vectors": path.name, "ids": metadata["ids"], "count": int(metadata["count"])}
 
 
-def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: str, settings: dict,
-                   chunk_size: int, shard_dir=None, precision: str = "float32", quiet: bool = False) -> dict:
+def encode_sharded(
+    encode,
+    ids: list,
+    items: list,
+    output,
+    *,
+    role: str,
+    model: str,
+    settings: dict,
+    chunk_size: int,
+    shard_dir=None,
+    precision: str = "float32",
+    quiet: bool = False,
+) -> dict:
     """Encode this process's chunks with `encode(items) -> (n, k, D) tensor` into the embeddings folder `output`
     (or `shard_dir`), then write its manifest when all are written.
 
@@ -157,8 +171,10 @@ def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: 
     key = job_key(ids, items, {**settings, "role": role, "precision": precision, "chunk_size": chunk_size})
     output = Path(output)
     if output.is_file():
-        raise ValueError(f"{output} is a file (an embeddings file of an earlier version?): the output is now a "
-                         f"folder of shards; remove it or choose another path")  # fmt: skip
+        raise ValueError(
+            f"{output} is a file (an embeddings file of an earlier version?): the output is now a "
+            f"folder of shards; remove it or choose another path"
+        )
     shard_dir = Path(shard_dir) if shard_dir is not None else output  # the chunks are the output's shards
     shard_dir.mkdir(parents=True, exist_ok=True)
     count = (len(items) + chunk_size - 1) // chunk_size
@@ -171,13 +187,18 @@ def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: 
             if stored == key:
                 continue
             if stored is not None:
-                raise ValueError(f"{shard_dir}: {paths[i].name} belongs to another encoding job (other inputs, "
-                                 f"model or options); remove the folder or give another --shard-dir")  # fmt: skip
+                raise ValueError(
+                    f"{shard_dir}: {paths[i].name} belongs to another encoding job (other inputs, "
+                    f"model or options); remove the folder or give another --shard-dir"
+                )
         todo.append(i)
     report = {"rank": rank, "world_size": size, "encoded": 0, "skipped": len(mine) - len(todo), "finished": False}
     if not quiet:
-        print(f"[rank {rank}/{size}] {len(mine)} of {count} chunks are this process's; {report['skipped']} already "
-              f"written", file=sys.stderr)  # fmt: skip
+        print(
+            f"[rank {rank}/{size}] {len(mine)} of {count} chunks are this process's; {report['skipped']} already "
+            f"written",
+            file=sys.stderr,
+        )
     from transformers.utils.logging import tqdm
 
     for i in tqdm(todo, desc=f"rank {rank}", position=rank, disable=quiet or not todo, unit="chunk"):
@@ -195,8 +216,11 @@ def encode_sharded(encode, ids: list, items: list, output, *, role: str, model: 
         report["finished"] = True
     elif not quiet:
         left = sum(not path.exists() for path in paths)
-        print(f"[rank {rank}/{size}] done; {left} chunks of other processes are not written yet: the last process "
-              f"to finish writes {output}", file=sys.stderr)  # fmt: skip
+        print(
+            f"[rank {rank}/{size}] done; {left} chunks of other processes are not written yet: the last process "
+            f"to finish writes {output}",
+            file=sys.stderr,
+        )
     return report
 
 

@@ -64,8 +64,26 @@ def shutdown_engine(llm) -> None:
         engine.shutdown()
 
 
-__all__ = ["LLM", "ModelRegistry", "PoolerConfig", "VllmConfig", "PoolingParamsUpdate", "AllPool", "TokenPooler",
-           "default_weight_loader", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-           "Qwen3VLForConditionalGeneration", "AutoWeightsLoader", "WeightsMapper", "maybe_prefix",
-           "MULTIMODAL_REGISTRY", "IOProcessor", "PoolingParams", "register_config", "processor_factories",
-           "decoder_backbone", "shutdown_engine"]  # fmt: skip
+__all__ = [
+    "LLM",
+    "ModelRegistry",
+    "PoolerConfig",
+    "VllmConfig",
+    "PoolingParamsUpdate",
+    "AllPool",
+    "TokenPooler",
+    "default_weight_loader",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "AutoWeightsLoader",
+    "WeightsMapper",
+    "maybe_prefix",
+    "MULTIMODAL_REGISTRY",
+    "IOProcessor",
+    "PoolingParams",
+    "register_config",
+    "processor_factories",
+    "decoder_backbone",
+    "shutdown_engine",
+]

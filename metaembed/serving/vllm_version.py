@@ -16,9 +16,11 @@ def check_vllm_version(found: str) -> None:
     if os.environ.get("METAEMBED_ALLOW_UNTESTED_VLLM") == "1":
         return
     low, high = (".".join(map(str, version)) for version in TESTED_VLLM)
-    raise RuntimeError(f"the metaembed vLLM plugin is tested with vllm>={low},<{high}, found vllm {found}: install "
-                       f"a tested vLLM, or set METAEMBED_ALLOW_UNTESTED_VLLM=1 to try this one (it uses private vLLM "
-                       f"names, listed in metaembed/serving/vllm_api.py)")  # fmt: skip
+    raise RuntimeError(
+        f"the metaembed vLLM plugin is tested with vllm>={low},<{high}, found vllm {found}: install "
+        f"a tested vLLM, or set METAEMBED_ALLOW_UNTESTED_VLLM=1 to try this one (it uses private vLLM "
+        f"names, listed in metaembed/serving/vllm_api.py)"
+    )
 
 
 __all__ = ["TESTED_VLLM", "check_vllm_version"]
