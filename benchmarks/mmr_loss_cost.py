@@ -16,9 +16,9 @@ import time
 import torch
 from common import sized_model  # benchmarks/common.py (the script folder is on sys.path)
 
-from training.data import MetaEmbedCollator
-from training.loss import MatryoshkaContrastiveLoss
-from training.synthetic import synthetic_records
+from metaembed_training.data import MetaEmbedCollator
+from metaembed_training.loss import MatryoshkaContrastiveLoss
+from metaembed_training.synthetic import synthetic_records
 
 PAPER_GROUPS = [(1, 1), (2, 4), (4, 8), (8, 16), (16, 64)]
 

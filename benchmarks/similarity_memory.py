@@ -22,7 +22,7 @@ def measure(method: str, batch: int, dim: int, device: str, block_mb: int) -> fl
     """MiB used above inputs + input gradients, by one forward + backward of the method (run in this process)."""
     import torch
 
-    from training.similarity import matryoshka_maxsim
+    from metaembed_training.similarity import matryoshka_maxsim
 
     torch.manual_seed(0)
     queries = torch.randn(batch, 16, dim, device=device).requires_grad_()

@@ -33,9 +33,9 @@ def build_model(args):
     """(MetaEmbed with LoRA on `args.device`, its config): a recipe backbone's config with random weights."""
     from transformers import AutoModel
 
+    from metaembed_training.dry_run import _meta_config
+    from metaembed_training.lora import apply_lora
     from modeling_metaembed import MetaEmbedModel
-    from training.dry_run import _meta_config
-    from training.lora import apply_lora
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
     settings = {"num_query_vectors": 16, "num_candidate_vectors": 64, "matryoshka_groups": PAPER_GROUPS}
@@ -124,7 +124,7 @@ def main() -> None:
         args.batch_size, args.chunk, args.query_tokens, args.candidate_tokens, args.steps = 4, 2, 8, 24, 1
     device = torch.device(args.device)
 
-    from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
+    from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     model, config = build_model(args)
     # The trainer builds a collator from the processor; these rows are already token ids, so a stand-in suffices.

@@ -47,7 +47,7 @@ def frozen_features(pairs: list, image_size: int = 160, batch_size: int = 64) ->
 
 
 def _cosine_metrics(queries: torch.Tensor, candidates: torch.Tensor) -> dict:
-    from training.evaluation import recall_and_mrr
+    from metaembed_training.evaluation import recall_and_mrr
 
     scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(candidates, dim=-1).T
     return dict(zip(METRIC_NAMES, recall_and_mrr(scores)))
@@ -97,8 +97,8 @@ def pages_ridge_reference(
 
     from metaembed.quickstart.backbones import minilm_path, pretrained_efficientnet_lite
     from metaembed.quickstart.pages import layout_pages
+    from metaembed_training.evaluation import positive_ranks
     from modeling_metaembed.processing_litevl import LiteVLImageProcessor
-    from training.evaluation import positive_ranks
 
     layout, grid = settings.layout, settings.page_grid
     tower = pretrained_efficientnet_lite("lite0", settings.image_size)

@@ -29,7 +29,7 @@ from metaembed.quickstart.evaluation import (
     rank_metrics,
 )
 from metaembed.quickstart.pages import layout_pages, render_page
-from training.evaluation import positive_ranks
+from metaembed_training.evaluation import positive_ranks
 
 # The query kinds that name or show one item: the ones a page's best single item can answer.
 ALONE_KINDS = ("one item", "picture")

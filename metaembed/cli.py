@@ -209,7 +209,7 @@ def _card_kwargs(args) -> dict:
 
 
 def run_card(args) -> None:
-    from model_cards import write_model_card
+    from metaembed_model_cards import write_model_card
 
     kwargs = _card_kwargs(args)
     if args.repo_id:

@@ -49,7 +49,7 @@ def launch_environment(
         "--main_process_port",
         str(port),
         "-m",
-        "training.train",
+        "metaembed_training.train",
     ]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     if not args.use_fsdp:

@@ -14,19 +14,36 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("metaembed", "modeling_metaembed", "training", "model_cards")
+PACKAGES = ("metaembed", "modeling_metaembed", "training", "model_cards")  # folders of the repository
+# Installed names of the folders whose own name a user's project is likely to have (pyproject.toml's package-dir).
+INSTALLED_AS = {"training": "metaembed_training", "model_cards": "metaembed_model_cards"}
+
+
+def module_name(path: Path) -> str:
+    """The installed module name of a first-party file (or of the package folder holding a non-Python file)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts[0] = INSTALLED_AS.get(parts[0], parts[0])
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def folder_of(room: str) -> str:
+    """The repository folder of a room."""
+    top, _, rest = room.partition(".")
+    folder = next((name for name, installed in INSTALLED_AS.items() if installed == top), top)
+    return "/".join([folder, *rest.split(".")]) if rest else folder
+
 
 # Each room and the first-party rooms its modules may import (besides itself). The top of `metaembed` (the command
 # line, and the re-exports of old paths) may import everything.
 ROOMS = {
     "modeling_metaembed": set(),
-    "training": {"modeling_metaembed"},
-    "model_cards": {"modeling_metaembed"},
+    "metaembed_training": {"modeling_metaembed"},
+    "metaembed_model_cards": {"modeling_metaembed"},
     "metaembed.retrieval": {"modeling_metaembed"},
     "metaembed.serving": {"modeling_metaembed", "metaembed.retrieval"},
-    "metaembed.evals": {"modeling_metaembed", "training", "metaembed.retrieval"},
-    "metaembed.quickstart": {"modeling_metaembed", "training", "model_cards"},
-    "metaembed.hub": {"modeling_metaembed", "model_cards"},
+    "metaembed.evals": {"modeling_metaembed", "metaembed_training", "metaembed.retrieval"},
+    "metaembed.quickstart": {"modeling_metaembed", "metaembed_training", "metaembed_model_cards"},
+    "metaembed.hub": {"modeling_metaembed", "metaembed_model_cards"},
 }
 ROOMS["metaembed"] = set(ROOMS)
 
@@ -54,9 +71,7 @@ def module_files() -> dict:
     modules = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            modules[name] = path
+            modules[module_name(path)] = path
     return modules
 
 
@@ -176,9 +191,8 @@ def test_no_room_holds_more_than_a_third_of_the_code():
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*"):
             if path.suffix in (".py", ".cpp") and path.is_file():
-                parts = path.relative_to(ROOT).with_suffix("").parts
-                module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-                room = room_of(module) if path.suffix == ".py" else room_of(".".join(parts[:-2]))
+                module = module_name(path) if path.suffix == ".py" else module_name(path.parent.parent / "x.py")
+                room = room_of(module.rpartition(".")[0] if path.suffix != ".py" else module)
                 lines[room] = lines.get(room, 0) + len(path.read_text(encoding="utf-8").splitlines())
     total = sum(lines.values())
     assert {room: f"{count / total:.0%}" for room, count in lines.items() if count > total / 3} == {}
@@ -208,7 +222,27 @@ def test_the_readmes_layout_section_matches_the_tree():
         if not any(path.exists() for path in candidates):
             missing.append(name)
     assert missing == []
-    rooms = {room.replace(".", "/") + "/" for room in ROOMS}
+    rooms = {folder_of(room) + "/" for room in ROOMS}
     folders = {f"{path.name}/" for path in ROOT.iterdir() if path.is_dir() and (path / "__init__.py").exists()}
     folders |= {"examples/", "benchmarks/", "tests/", "docs/"}
     assert sorted((rooms | folders) - named) == []
+
+
+def test_the_build_configuration_installs_every_package_folder():
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = {name: folder for name, folder in setuptools["package-dir"].items()}
+    assert folders == {installed: folder for folder, installed in INSTALLED_AS.items()}
+    expected = set()
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*"):
+            if (
+                path.is_dir()
+                and "__pycache__" not in path.parts
+                and (any(path.glob("*.py")) or path.name in ("recipes", "accelerate"))
+            ):
+                expected.add(module_name(path / "x.py").rpartition(".")[0])
+        expected.add(INSTALLED_AS.get(package, package))
+    expected.discard("metaembed.retrieval.csrc")
+    assert sorted(expected ^ set(setuptools["packages"])) == []

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from metaembed_training.data import ContrastiveDataset
+from metaembed_training.synthetic import synthetic_records
+from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 from modeling_metaembed import MetaEmbedConfig
 from tests.conftest import random_image
-from training.data import ContrastiveDataset
-from training.synthetic import synthetic_records
-from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
 TEXTS = ["a short one", "a somewhat longer sentence with many more words in it than the first", "x"]
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from metaembed.hub.publish import PublishError, check_publishable, publish, stage_checkpoint
-from model_cards import RESULTS_NAME, ResultsError, load_results, render_model_card, save_results
+from metaembed_model_cards import RESULTS_NAME, ResultsError, load_results, render_model_card, save_results
 from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel
 
 BENCHMARKS = [

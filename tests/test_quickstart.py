@@ -25,7 +25,7 @@ from transformers import AutoModel
 from metaembed.quickstart import RANKS_NAME, QuickstartSettings, candidate_count, load_data
 from metaembed.quickstart.backbones import minilm_path
 from metaembed.quickstart.evaluation import held_out_pages, query_inputs, query_kind_masks
-from training.evaluation import positive_ranks
+from metaembed_training.evaluation import positive_ranks
 
 pytestmark = pytest.mark.main_job
 ROOT = Path(__file__).resolve().parents[1]

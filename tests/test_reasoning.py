@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from metaembed_training.data import ContrastiveDataset, MetaEmbedCollator, RecordError
+from metaembed_training.reasoning import add_reasoning
+from metaembed_training.reasoning import main as reasoning_main
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.reasoning_metaembed import GenerativeReasoner, TraceCache, content_key, generate_traces
 from modeling_metaembed.testing import make_tiny_backbone
 from tests.conftest import random_image
-from training.data import ContrastiveDataset, MetaEmbedCollator, RecordError
-from training.reasoning import add_reasoning
-from training.reasoning import main as reasoning_main
 
 
 class CountingReasoner:
@@ -251,7 +251,7 @@ def test_traces_are_generated_ahead_of_training(tmp_path):
 
 
 def test_reasoning_command_and_recipe(sharp_backbones, tmp_path):
-    from training.train import main as train_main
+    from metaembed_training.train import main as train_main
 
     folder, model = sharp_backbones("qwen3")
     checkpoint = tmp_path / "checkpoint"

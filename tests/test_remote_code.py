@@ -19,7 +19,7 @@ FRESH_PROCESS = textwrap.dedent(
     class BlockPackage(importlib.abc.MetaPathFinder):
         # the checkpoint's own code must be all it takes: the installed package is off limits
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_metaembed", "training"):
+            if name.split(".")[0] in ("modeling_metaembed", "metaembed", "metaembed_training", "training"):
                 raise ImportError(f"{name} must not be imported by remote code")
 
     sys.meta_path.insert(0, BlockPackage())

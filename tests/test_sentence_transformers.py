@@ -10,11 +10,11 @@ from sentence_transformers import MultiVectorEncoder, MultiVectorEncoderTrainer
 from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainingArguments
 from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
 
+from metaembed_training.loss import MatryoshkaContrastiveLoss
+from metaembed_training.multi_vector_encoder import MatryoshkaMultiVectorLoss
+from metaembed_training.synthetic import synthetic_records
 from modeling_metaembed import MetaEmbedModel, maxsim
 from tests.conftest import random_image
-from training.loss import MatryoshkaContrastiveLoss
-from training.multi_vector_encoder import MatryoshkaMultiVectorLoss
-from training.synthetic import synthetic_records
 
 
 @pytest.fixture(scope="module")

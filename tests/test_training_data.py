@@ -5,8 +5,7 @@ import json
 import datasets
 import pytest
 
-from tests.conftest import random_image
-from training.data import (
+from metaembed_training.data import (
     ContrastiveDataset,
     MetaEmbedCollator,
     RecordError,
@@ -18,6 +17,7 @@ from training.data import (
     open_image,
     split_holdout,
 )
+from tests.conftest import random_image
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from metaembed_training.data import ContrastiveDataset, MetaEmbedCollator, SourceBatchSampler
+from metaembed_training.train import build_data
 from tests.conftest import random_image
-from training.data import ContrastiveDataset, MetaEmbedCollator, SourceBatchSampler
-from training.train import build_data
 
 PAGES = 96
 PAGE_SIDE = 768  # a decoded page: 768 x 768 x 3 bytes = 1.7 MB; all pages 170 MB
@@ -52,8 +52,8 @@ def recipe_data(tmp_path_factory):
 
 MEASURE = """
 import json, sys
-from training.train import build_data
-from training.data import SourceBatchSampler
+from metaembed_training.train import build_data
+from metaembed_training.data import SourceBatchSampler
 
 def anonymous_kb():
     for line in open("/proc/self/status"):
@@ -76,7 +76,7 @@ def test_building_a_recipes_data_does_not_decode_its_images(recipe_data):
     ~118k pages in a paper recipe)."""
     decoded_bytes = PAGES * PAGE_SIDE * PAGE_SIDE * 3
     # Imports first (their memory is not the data's), then the measurement, in a fresh process.
-    script = "import datasets, torch, training.data, training.train\n" + textwrap.dedent(MEASURE)
+    script = "import datasets, torch, metaembed_training.data, metaembed_training.train\n" + textwrap.dedent(MEASURE)
     result = subprocess.run(
         [sys.executable, "-c", script, json.dumps(recipe_data)], capture_output=True, text=True, timeout=300
     )

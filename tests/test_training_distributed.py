@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from metaembed_training.evaluation import sharded_retrieval_metrics
+from metaembed_training.loss import MatryoshkaContrastiveLoss
 from tests.test_training_evaluation import TableDataset, table_embed, tables
-from training.evaluation import sharded_retrieval_metrics
-from training.loss import MatryoshkaContrastiveLoss
 
 GROUPS = [(1, 1), (2, 4), (4, 8)]
 SPLIT = [3, 5]  # unequal shares: the gradient convention must still match one process
@@ -132,8 +132,8 @@ def test_two_processes_match_one_process_on_the_concatenated_batch():
 def mixed_records():
     """8 text records, one of whose queries is an image: in a global batch of 8 split 4 + 4, one rank holds an
     image chunk and the other only text."""
+    from metaembed_training.synthetic import synthetic_records
     from tests.conftest import random_image
-    from training.synthetic import synthetic_records
 
     records = synthetic_records(8, seed=12)
     records[5]["query"] = {"image": random_image(seed=5)}
@@ -149,10 +149,10 @@ def _train_one_step(
     freeze_vision=False,
     **distributed,
 ):
+    from metaembed_training.data import ContrastiveDataset
+    from metaembed_training.synthetic import synthetic_records
+    from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
     from modeling_metaembed import MetaEmbedModel
-    from training.data import ContrastiveDataset
-    from training.synthetic import synthetic_records
-    from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     reductions = []
 

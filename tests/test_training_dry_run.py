@@ -1,4 +1,4 @@
-"""`python -m training.train --config RECIPE --dry-run`: data and model at full size without weights or data
+"""`python -m metaembed_training.train --config RECIPE --dry-run`: data and model at full size without weights or data
 files, step counts as a real run computes them, and per-rank memory estimates (training/dry_run.py)."""
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from training.data import SourceBatchSampler
-from training.dry_run import StandInImage, StandInRecords, dry_run, standin_dataset
-from training.train import build_data, load_recipe
+from metaembed_training.data import SourceBatchSampler
+from metaembed_training.dry_run import StandInImage, StandInRecords, dry_run, standin_dataset
+from metaembed_training.train import build_data, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "training" / "recipes"
@@ -22,7 +22,7 @@ QWEN_7B_PUBLISHED = 8_292_166_656  # huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct 
 # Runs the dry run in a fresh process and reports its memory from /proc/self/status afterwards.
 MEASURE = """
 import sys
-from training.train import main
+from metaembed_training.train import main
 code = main(sys.argv[1:])
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print("MEMORY_KB", int(status["RssAnon"].split()[0]), int(status["VmHWM"].split()[0]))

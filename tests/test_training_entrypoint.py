@@ -1,4 +1,4 @@
-"""`python -m training.train` on the tiny recipe, and every shipped recipe parses into valid arguments."""
+"""`python -m metaembed_training.train` on the tiny recipe, and every shipped recipe parses into valid arguments."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from training.train import load_recipe, main
-from training.trainer import MetaEmbedTrainingArguments
+from metaembed_training.train import load_recipe, main
+from metaembed_training.trainer import MetaEmbedTrainingArguments
 
 RECIPES = sorted((Path(__file__).parent.parent / "training" / "recipes").glob("*.yaml"))
 
@@ -54,7 +54,7 @@ def test_bad_overrides_and_sections(tmp_path):
 
 
 def test_an_existing_export_is_refused_before_training(tmp_path):
-    from training.train import main
+    from metaembed_training.train import main
 
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)

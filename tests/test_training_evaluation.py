@@ -4,11 +4,11 @@ brute-force reference, and the Trainer's `similarity()` as the one place the tra
 import pytest
 import torch
 
-from training.data import ContrastiveDataset
-from training.evaluation import positive_ranks, recall_and_mrr, retrieval_metrics, sharded_retrieval_metrics
-from training.similarity import matryoshka_maxsim
-from training.synthetic import synthetic_records
-from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments, needs_vision_on_every_rank
+from metaembed_training.data import ContrastiveDataset
+from metaembed_training.evaluation import positive_ranks, recall_and_mrr, retrieval_metrics, sharded_retrieval_metrics
+from metaembed_training.similarity import matryoshka_maxsim
+from metaembed_training.synthetic import synthetic_records
+from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments, needs_vision_on_every_rank
 
 N = 37
 

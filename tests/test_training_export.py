@@ -51,8 +51,8 @@ def _export_worker(rank, environment, runs, results):
     growth and the bytes of the model's weights."""
     start_worker(environment, rank)
     try:
-        from training import export
-        from training.train import main
+        from metaembed_training import export
+        from metaembed_training.train import main
 
         export_final, seen = export.export_final, {}
 
@@ -123,8 +123,8 @@ def test_fsdp_export_peak_memory_on_rank_0_is_one_copy_of_the_weights(big_checkp
 # ------------------------------------------------------------------------------------- same files as a full build
 def _trained(recipe):
     """The recipe's model with every trainable parameter moved, as training leaves it."""
-    from training.building import build_model
-    from training.lora import apply_lora
+    from metaembed_training.building import build_model
+    from metaembed_training.lora import apply_lora
 
     set_seed(0)
     model = build_model(recipe["model"])
@@ -142,9 +142,9 @@ def test_the_meta_built_copy_writes_what_a_full_build_writes(tiny_checkpoint, tm
     """`_unsharded_copy` (meta device, assigned tensors, buffers computed or taken from the trained model) against
     the way before it (a full build from disk, then load_state_dict): the same buffers and the same files, byte for
     byte, on a vision backbone (rotary buffers in both towers)."""
-    from training.building import build_model
-    from training.export import _unsharded_copy, _write
-    from training.lora import apply_lora
+    from metaembed_training.building import build_model
+    from metaembed_training.export import _unsharded_copy, _write
+    from metaembed_training.lora import apply_lora
 
     recipe = {"model": {"checkpoint": str(tiny_checkpoint("qwen2_5_vl"))}}
     if kind != "full":
@@ -180,7 +180,7 @@ class _Tied(nn.Module):
 def test_assign_weights_keeps_ties_and_leaves_nothing_on_meta():
     from accelerate import init_empty_weights
 
-    from training.export import assign_weights
+    from metaembed_training.export import assign_weights
 
     trained = _Tied()
     state = {key: value.clone() for key, value in trained.state_dict().items()}

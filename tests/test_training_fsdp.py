@@ -113,8 +113,8 @@ def _observe():
     DDP or not), how many gradient reduce-scatters each training step issued, and what the export wrote."""
     import torch.distributed as dist
 
-    from training import export
-    from training.trainer import MetaEmbedTrainer
+    from metaembed_training import export
+    from metaembed_training.trainer import MetaEmbedTrainer
 
     seen = {}
     counter = {"calls": 0, "forwards": 0}
@@ -200,7 +200,7 @@ def _observe():
 def _fsdp_worker(rank, environment, runs, results):
     start_worker(environment, rank)
     try:
-        from training.train import main
+        from metaembed_training.train import main
 
         seen = _observe()
         for name, argv in runs:
@@ -260,7 +260,7 @@ def run_fsdp_pair(runs, timeout=420, layer_classes="Qwen3DecoderLayer", worker=N
 
 def run_one_process(checkpoint, root, name, **kwargs) -> str:
     """The same recipe in this process, no FSDP, on the same global batch (both ranks' rows in one batch)."""
-    from training.train import main
+    from metaembed_training.train import main
 
     output = root / name
     recipe = write_recipe(root / f"{name}.yaml", checkpoint, output, 2 * PER_DEVICE_BATCH, **kwargs)
@@ -410,7 +410,7 @@ def write_records(path, records) -> dict:
 def short_last_batch_data(root) -> dict:
     """15 records: a full global batch of 8 (4 + 4) and a short one of 7, split 4 + 3. At chunks of 3, one rank
     embeds 2 query and 3 candidate chunks (4 queries, their 4 positives and 4 hard negatives), the other 1 and 2."""
-    from training.synthetic import synthetic_records
+    from metaembed_training.synthetic import synthetic_records
 
     return write_records(root / "short-last-batch.jsonl", synthetic_records(15, seed=12))
 
@@ -419,8 +419,8 @@ def unequal_negatives_data(root) -> dict:
     """16 records (two full global batches of 8): in each step rank 0's four records hold three hard negatives each
     and rank 1's none, so rank 0 embeds 4 + 12 candidates (6 chunks of 3), rank 1 only 4 (2 chunks). Which records
     land on which rank is read from the sampler the trainer builds (same sources, seed 0, epoch 0)."""
-    from training.data import SourceBatchSampler
-    from training.synthetic import synthetic_records
+    from metaembed_training.data import SourceBatchSampler
+    from metaembed_training.synthetic import synthetic_records
 
     records = synthetic_records(16, seed=12)
     sampler = SourceBatchSampler(
@@ -495,10 +495,10 @@ def test_llama_vision_is_refused_under_fsdp_on_several_processes(tiny_checkpoint
     chunk depend on the data and no padding chunk evens them out: refused at start (run by hand: a pair whose ranks'
     query chunks are all images on one and text on the other fails in gloo with a collective size mismatch; the same
     data on Qwen2.5-VL finishes). One process, or DDP, is accepted."""
+    from metaembed_training.data import ContrastiveDataset
+    from metaembed_training.synthetic import synthetic_records
+    from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
     from modeling_metaembed import MetaEmbedModel
-    from training.data import ContrastiveDataset
-    from training.synthetic import synthetic_records
-    from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     model = MetaEmbedModel.from_pretrained(tiny_checkpoint("mllama"))
     data = ContrastiveDataset(synthetic_records(8, seed=0))
@@ -519,8 +519,8 @@ def write_mixed_data(root) -> dict:
     batch of 8 split 4 + 4, one rank's half holds the image and the other's is text only."""
     import json
 
+    from metaembed_training.synthetic import synthetic_records
     from tests.conftest import random_image
-    from training.synthetic import synthetic_records
 
     records = synthetic_records(8, seed=12)
     random_image(seed=5).save(root / "query-5.png")

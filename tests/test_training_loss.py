@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from training.loss import MatryoshkaContrastiveLoss
-from training.similarity import check_groups, matryoshka_maxsim, paired_matryoshka_maxsim
+from metaembed_training.loss import MatryoshkaContrastiveLoss
+from metaembed_training.similarity import check_groups, matryoshka_maxsim, paired_matryoshka_maxsim
 
 GROUPS = [(1, 1), (2, 4), (4, 8), (8, 16)]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from training.dry_run import ESTIMATE_MARGINS
+from metaembed_training.dry_run import ESTIMATE_MARGINS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Wide enough that tensors, not the Python process, dominate: 4 layers, hidden 256, MLP 1024.
@@ -78,9 +78,9 @@ def _measure(checkpoint: str, mode: str, output_dir: str) -> dict:
 
     import torch
 
+    from metaembed_training.data import ContrastiveDataset
+    from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
     from modeling_metaembed import MetaEmbedModel
-    from training.data import ContrastiveDataset
-    from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     torch.manual_seed(0)
     settings = dict(
@@ -129,7 +129,7 @@ def _measure(checkpoint: str, mode: str, output_dir: str) -> dict:
 
 
 def _estimate(checkpoint: str, measured: dict) -> dict:
-    from training.dry_run import build_meta_model, estimate_memory, training_arguments
+    from metaembed_training.dry_run import build_meta_model, estimate_memory, training_arguments
 
     _, config, info = build_meta_model({"checkpoint": checkpoint}, None)
     args = training_arguments(measured["settings"])  # the recipe's training section a dry run would read
@@ -195,8 +195,8 @@ def test_memory_estimate_matches_measured_per_component(measurements, mode):
 
 
 def test_dry_run_prints_the_checked_margins(capsys):
-    from training.dry_run import dry_run
-    from training.train import load_recipe
+    from metaembed_training.dry_run import dry_run
+    from metaembed_training.train import load_recipe
 
     recipe_path = ROOT / "training" / "recipes" / "tiny-synthetic.yaml"
     dry_run(load_recipe(recipe_path), recipe_path)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from metaembed_training.data import ContrastiveDataset, MetaEmbedCollator
+from metaembed_training.evaluation import retrieval_metrics
+from metaembed_training.lora import apply_lora, save_adapter, save_merged
+from metaembed_training.synthetic import synthetic_records
+from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments, RandomState
 from modeling_metaembed import MetaEmbedModel
 from tests.conftest import random_image
-from training.data import ContrastiveDataset, MetaEmbedCollator
-from training.evaluation import retrieval_metrics
-from training.lora import apply_lora, save_adapter, save_merged
-from training.synthetic import synthetic_records
-from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments, RandomState
 
 
 def make_args(tmp_path, **overrides):

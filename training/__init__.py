@@ -6,7 +6,7 @@
   tests; `reasoning`: Think-Then-Embed traces for records.
 - `evaluation`: retrieval quality at every budget; `lora`: LoRA through PEFT; `multi_vector_encoder`: the loss for
   sentence-transformers' trainer.
-- `train`: the entry point (`python -m training.train`); `building`: the model and data a recipe names; `dry_run`:
+- `train`: the entry point (`python -m metaembed_training.train`); `building`: the model and data a recipe names; `dry_run`:
   a recipe's steps and memory, offline; `export`: the final export of a run.
 
 Depends on the model package (`modeling_metaembed`); the model package never imports this one, so checkpoints

@@ -30,8 +30,14 @@ def build_model(settings: dict):
 
 
 def build_data(settings: dict):
-    from training.data import ContrastiveDataset, load_colpali_train, load_jsonl, load_mmeb_train, split_holdout
-    from training.synthetic import synthetic_records
+    from metaembed_training.data import (
+        ContrastiveDataset,
+        load_colpali_train,
+        load_jsonl,
+        load_mmeb_train,
+        split_holdout,
+    )
+    from metaembed_training.synthetic import synthetic_records
 
     parts = []
     for path in settings.get("jsonl", []) or []:

@@ -1,4 +1,4 @@
-"""`python -m training.train --config RECIPE --dry-run`: what a recipe's run will hold, without training.
+"""`python -m metaembed_training.train --config RECIPE --dry-run`: what a recipe's run will hold, without training.
 
 In seconds, offline, on a CPU machine:
 
@@ -152,7 +152,7 @@ class StandInSources:
 
 def standin_dataset(parts: list):
     """A `ContrastiveDataset` over `StandInRecords(parts)`: full size, records made on access."""
-    from training.data import ContrastiveDataset
+    from metaembed_training.data import ContrastiveDataset
 
     records = StandInRecords(parts)
     return ContrastiveDataset(records, sources=StandInSources(records))
@@ -208,8 +208,8 @@ def split_data_settings(settings: dict) -> tuple:
 
 def build_dry_data(settings: dict) -> dict:
     """Train/held-out sources of the recipe's data: the real loaders for what is on disk, stand-ins for the rest."""
-    from training.building import build_data
-    from training.data import split_holdout
+    from metaembed_training.building import build_data
+    from metaembed_training.data import split_holdout
 
     present, absent = split_data_settings(settings)
     fraction = settings.get("holdout_fraction")
@@ -274,7 +274,7 @@ def count_steps(train_sources, args, num_processes: int) -> dict:
     """Optimizer steps of the run, as `MetaEmbedTrainer` + `transformers.Trainer` count them: `SourceBatchSampler`'s
     `len()` batches per epoch (one-source global batches, drop_last as the recipe says), then gradient accumulation
     and epochs (or `max_steps`)."""
-    from training.data import SourceBatchSampler
+    from metaembed_training.data import SourceBatchSampler
 
     sampler = SourceBatchSampler(
         train_sources,
@@ -303,7 +303,7 @@ def count_steps(train_sources, args, num_processes: int) -> dict:
 def training_arguments(settings: dict) -> dict:
     """The recipe's training section over `MetaEmbedTrainingArguments`' defaults, as plain values (no accelerator,
     device or output folder is set up: the dry run must not touch the machine's GPUs)."""
-    from training.trainer import MetaEmbedTrainingArguments
+    from metaembed_training.trainer import MetaEmbedTrainingArguments
 
     known = {f.name: f for f in fields(MetaEmbedTrainingArguments)}
     unknown = set(settings) - set(known)
@@ -408,7 +408,7 @@ def build_meta_model(model_settings: dict, lora_settings: dict | None):
         model.to(dtype)
         lora_note = None
         if lora_settings is not None:
-            from training.lora import apply_lora
+            from metaembed_training.lora import apply_lora
 
             model = apply_lora(model, **lora_settings)
             lora_note = dict(lora_settings)

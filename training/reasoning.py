@@ -1,12 +1,12 @@
 """Think-Then-Embed traces for training records, generated ahead of training through a cached reasoner.
 
-    python -m training.reasoning --records train.jsonl --output train.reasoned.jsonl \
+    python -m metaembed_training.reasoning --records train.jsonl --output train.reasoned.jsonl \
         --reasoner Qwen/Qwen2.5-VL-7B-Instruct --cache runs/traces/qwen-7b [--max-new-tokens 128]
-    python -m training.reasoning ... --checkpoint runs/metaembed/final      # the embedder's own backbone
+    python -m metaembed_training.reasoning ... --checkpoint runs/metaembed/final      # the embedder's own backbone
 
 Each record's query gets a `reasoning` field (records that already have one keep it). Traces are cached by the
 query's content and the reasoner's identity, so an interrupted run resumes and a second run costs nothing.
-A recipe's `reasoning` section does the same inside `python -m training.train` before the first step.
+A recipe's `reasoning` section does the same inside `python -m metaembed_training.train` before the first step.
 """
 
 import argparse
@@ -63,7 +63,7 @@ def write_jsonl(records: list, path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.reasoning", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m metaembed_training.reasoning", description=__doc__.splitlines()[0])
     parser.add_argument("--records", required=True, help="training records (.jsonl)")
     parser.add_argument("--output", required=True, help="the records with query reasoning (.jsonl)")
     source = parser.add_mutually_exclusive_group(required=True)

@@ -1,8 +1,8 @@
 """Train MetaEmbed from a YAML recipe:
 
-    python -m training.train --config training/recipes/metaembed-7b.yaml [section.key=value ...]
-    accelerate launch --config_file training/accelerate/fsdp2.yaml -m training.train --config ...
-    torchrun --nproc-per-node 8 -m training.train --config ...
+    python -m metaembed_training.train --config training/recipes/metaembed-7b.yaml [section.key=value ...]
+    accelerate launch --config_file training/accelerate/fsdp2.yaml -m metaembed_training.train --config ...
+    torchrun --nproc-per-node 8 -m metaembed_training.train --config ...
 
 A recipe has four sections (see training/recipes/):
     model:    backbone (a VLM folder or Hub id, turned into a fresh MetaEmbed) or checkpoint (a MetaEmbed folder);
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from training.building import build_data, build_model  # public here too (tests, users import them from here)
+from metaembed_training.building import build_data, build_model  # public here too (tests, users import them from here)
 
 SECTIONS = ("model", "lora", "data", "reasoning", "training", "export")
 
@@ -58,7 +58,7 @@ def load_recipe(path, overrides=()) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.train",
+        prog="python -m metaembed_training.train",
         description="Train MetaEmbed (Matryoshka multi-vector retrieval) from a recipe.",
     )
     parser.add_argument("--config", required=True, help="YAML recipe (see training/recipes/)")
@@ -86,15 +86,15 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     recipe = load_recipe(options.config, options.overrides)
     if options.dry_run:
-        from training.dry_run import dry_run
+        from metaembed_training.dry_run import dry_run
 
         dry_run(recipe, options.config, options.num_processes, options.accelerate_config, options.json)
         return 0
 
+    from metaembed_training.export import export_final
+    from metaembed_training.lora import apply_lora
+    from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
     from modeling_metaembed.folders import is_occupied
-    from training.export import export_final
-    from training.lora import apply_lora
-    from training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     try:
         args = MetaEmbedTrainingArguments(**(recipe.get("training") or {}))
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     set_seed(args.seed)  # new rows (meta tokens, LoRA) start alike on every process and in every rerun
     model = build_model(recipe.get("model") or {})
     if recipe.get("reasoning") is not None:  # traces first, from the weights as they are before training
-        from training.reasoning import add_reasoning, build_reasoner
+        from metaembed_training.reasoning import add_reasoning, build_reasoner
 
         settings = recipe["reasoning"]
         reasoner = build_reasoner(settings, model)

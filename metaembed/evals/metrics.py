@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from training.evaluation import positive_ranks
+from metaembed_training.evaluation import positive_ranks
 
 
 def precision_at_1(scores: torch.Tensor, positive_alike: torch.Tensor | None = None) -> torch.Tensor:

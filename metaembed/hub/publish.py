@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from model_cards import RESULTS_NAME, write_model_card
+from metaembed_model_cards import RESULTS_NAME, write_model_card
 from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.hub_metaembed import upload_folder_to_hub
 

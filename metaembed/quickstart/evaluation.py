@@ -10,7 +10,7 @@ import io
 
 import torch
 
-from model_cards.results import budget_key
+from metaembed_model_cards.results import budget_key
 
 from .pages import QUERY_KINDS, evaluation_set
 from .settings import QuickstartSettings
@@ -32,7 +32,7 @@ def evaluate(model, test_pairs: list, settings: QuickstartSettings, ranks_out: d
         if ranks_out is not None:
             ranks_out.update({kind: {key: r.tolist() for key, r in by_kind.items()} for kind, by_kind in ranks.items()})
         return pages_quality(ranks)
-    from training import ContrastiveDataset, retrieval_metrics
+    from metaembed_training import ContrastiveDataset, retrieval_metrics
 
     results = {}
     for direction in DIRECTIONS:
@@ -74,7 +74,7 @@ def page_ranks(model, test_pairs: list, settings: QuickstartSettings) -> dict:
     rounds' queries concatenated in one order for every budget."""
     from PIL import Image
 
-    from training.evaluation import positive_ranks
+    from metaembed_training.evaluation import positive_ranks
 
     ranks = {kind: {budget_key(b): [] for b in settings.budgets} for kind in QUERY_KINDS}
     options = {"batch_size": 32, "show_progress_bar": settings.show_progress_bar}

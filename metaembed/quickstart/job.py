@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from model_cards.card import PLOT_NAME, RESULTS_NAME, write_model_card
-from model_cards.results import save_results
+from metaembed_model_cards.card import PLOT_NAME, RESULTS_NAME, write_model_card
+from metaembed_model_cards.results import save_results
 from modeling_metaembed import MetaEmbedModel
 from modeling_metaembed.hub_metaembed import write_atomic
 
@@ -68,7 +68,7 @@ def build_model(settings: QuickstartSettings, work_dir: Path) -> MetaEmbedModel:
 
 def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path) -> float:
     """Train in place on both directions; returns the wall time in seconds."""
-    from training import ContrastiveDataset, MetaEmbedTrainer, MetaEmbedTrainingArguments
+    from metaembed_training import ContrastiveDataset, MetaEmbedTrainer, MetaEmbedTrainingArguments
 
     if settings.task == "pages":
         records = training_records(train_pairs, settings.layout, settings.train_rounds, settings.seed)

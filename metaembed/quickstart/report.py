@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from model_cards.results import budget_key
+from metaembed_model_cards.results import budget_key
 
 from .evaluation import METRIC_NAMES
 from .twemoji import ATTRIBUTION
