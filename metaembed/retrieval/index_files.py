@@ -15,13 +15,11 @@ the ids in `index.json` at the top) still load, and are converted by their next 
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from modeling_metaembed.folders import fsync_tree
+from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.hub_metaembed import fsync_folder, write_atomic
 
 FORMAT = "metaembed-index/2"
@@ -67,15 +65,9 @@ def save_segment(directory: Path, write, manifest: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for e in directory.iterdir() if (m := SEGMENT.fullmatch(e.name))]
     name = f"segment-{max(numbers, default=0) + 1:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
-    try:
-        files = write(staging)
-        fsync_tree(staging)
-        os.replace(staging, directory / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_folder(directory)
+    files = {}
+    # Staged as `.segment-NNNNNN.*` beside the segments (a leftover `_owned` recognises), flushed, renamed in.
+    save_folder_atomically(lambda staging: files.update(write(staging)), directory / name)
     manifest = {"format": FORMAT, "segment": name, **manifest}
     for key, path in files.items():
         manifest[key] = sha256_file(directory / name / Path(path).name)
