@@ -95,41 +95,27 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path):
 # Fork a child that replaces an embeddings folder, killed with SIGKILL just before its k-th file-system call
 # (k = 1, 2, ... until it finishes); after each kill the folder must hold the old embeddings or the new ones.
 KILL_AT_EACH_STEP = """
-import json, os, shutil, signal, sys, tempfile
+import json, os, shutil, sys, tempfile
 import torch
 torch.set_num_threads(1)  # no thread pool to inherit across fork
 import modeling_metaembed.folders as folders
 from metaembed.retrieval.embeddings_file import load_embeddings, save_embeddings
+from tests.crash_points import kill_at_each_step
 
 path = sys.argv[1]
 steps = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "rmdir"), (shutil, "rmtree"), (tempfile, "mkdtemp"),
          (folders, "_exchange")]
-seen, k = [], 0
-while True:
-    k += 1
+
+def prepare():
     shutil.rmtree(path, ignore_errors=True)
     save_embeddings(path, torch.zeros(5, 1, 2), [f"old-{i}" for i in range(5)], "candidate", "m", shard_rows=2)
-    pid = os.fork()
-    if pid == 0:
-        calls = [0]
-        def wrap(function):
-            def killing(*args, **kwargs):
-                calls[0] += 1
-                if calls[0] == k:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return function(*args, **kwargs)
-            return killing
-        for owner, name in steps:
-            if hasattr(owner, name):
-                setattr(owner, name, wrap(getattr(owner, name)))
-        save_embeddings(path, torch.ones(3, 1, 2), [f"new-{i}" for i in range(3)], "candidate", "m", shard_rows=2)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
+
+def observe():
     embeddings, ids, _ = load_embeddings(path)
-    seen.append([ids[-1], float(embeddings.sum()), os.WIFSIGNALED(status)])
-    if not os.WIFSIGNALED(status):
-        break
-print(json.dumps(seen))
+    return [ids[-1], float(embeddings.sum())]
+
+new = lambda: save_embeddings(path, torch.ones(3, 1, 2), [f"new-{i}" for i in range(3)], "candidate", "m", shard_rows=2)
+print(json.dumps(kill_at_each_step(steps, prepare, new, observe)))
 """
 
 

@@ -129,9 +129,10 @@ def test_streamed_adds_code_items_as_one_add_does(dtype, sample, monkeypatch):
 # SIGKILL just before its k-th file-system call (k = 1, 2, ... until it finishes); after each kill the parent loads
 # the folder, which must hold the old index or the new one, complete and verified.
 KILL_AT_EACH_STEP = """
-import json, os, shutil, signal, sys, tempfile
+import json, os, shutil, sys, tempfile
 import torch
 torch.set_num_threads(1)  # no thread pool to inherit across fork
+from tests.crash_points import kill_at_each_step
 import metaembed.retrieval.index as index_module
 import metaembed.retrieval.index_files as files_module
 from metaembed.retrieval.index import MetaEmbedIndex
@@ -154,33 +155,16 @@ def save_new():
         index.add(more, ids=[f"new-{i}" for i in range(12)])
     index.save(folder)
 
-seen, k = [], 0
-while True:
-    k += 1
+def prepare():
     shutil.rmtree(folder, ignore_errors=True)
     old.save(folder)
-    pid = os.fork()
-    if pid == 0:
-        calls = [0]
-        def wrap(function):
-            def killing(*args, **kwargs):
-                calls[0] += 1
-                if calls[0] == k:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return function(*args, **kwargs)
-            return killing
-        for owner, name in steps:
-            if hasattr(owner, name):
-                setattr(owner, name, wrap(getattr(owner, name)))
-        save_new()
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
+
+def observe():
     loaded = MetaEmbedIndex.load(folder, verify_checksum=True)
     loaded.verify()
-    seen.append([len(loaded), loaded.ids[-1], os.WIFSIGNALED(status)])
-    if not os.WIFSIGNALED(status):
-        break
-print(json.dumps(seen))
+    return [len(loaded), loaded.ids[-1]]
+
+print(json.dumps(kill_at_each_step(steps, prepare, save_new, observe)))
 """
 
 
