@@ -125,7 +125,8 @@ def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
     torch.testing.assert_close(index._max_norms, expected)
     folder = tmp_path / "index"
     index.save(folder)
-    assert torch.equal(MetaEmbedIndex.load(folder, mmap=mmap)._max_norms, index._max_norms)
+    (segment,) = MetaEmbedIndex.load(folder, mmap=mmap)._sealed  # one saved segment, its norms
+    assert torch.equal(segment._max_norms, index._max_norms)
 
     def rewrite(max_norms):
         path = folder / "segment-000001" / "vectors.safetensors"
@@ -135,15 +136,15 @@ def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
             tensors["max_norms"] = max_norms
         save_file(tensors, str(path), metadata={"format": "metaembed-index/1"})
         manifest = json.loads((folder / "index.json").read_text())
-        manifest["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest["segments"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         (folder / "index.json").write_text(json.dumps(manifest))
 
     rewrite(None)
     earlier = MetaEmbedIndex.load(folder, mmap=mmap)
     if mmap:
-        assert earlier._max_norms is None
+        assert earlier._sealed[0]._max_norms is None
     else:  # computed over all 30 items at once, the index's over its two adds: equal up to float32 rounding
-        torch.testing.assert_close(earlier._max_norms, index._max_norms, rtol=0, atol=1e-6)
+        torch.testing.assert_close(earlier._sealed[0]._max_norms, index._max_norms, rtol=0, atol=1e-6)
     queries = unit(3, 4, 16, seed=1)
     assert earlier.search(queries, k=5).ids == index.search(queries, k=5).ids
     for bad in (torch.full((4,), -1.0), torch.tensor([1.0, float("nan"), 1.0, 1.0])):
@@ -200,7 +201,9 @@ def test_tampered_truncated_or_inconsistent_files_are_refused(tmp_path):
 
     manifest = json.loads(manifest_file.read_text())
     for key, value, message in [
-        ("count", 11, "ids must be a list of 11"),
+        ("count", 11, "the segments hold 10 items, count says 11"),
+        ("segments", [{**manifest["segments"][0], "count": 11}], "count says 10"),
+        ("segments", [{**manifest["segments"][0], "name": "../elsewhere"}], "segment-NNNNNN"),
         ("dim", 4, r"manifest says .*\[2, 10, 4\]"),
         ("dtype", "int4", "dtype"),
         ("format", "other/1", "format"),

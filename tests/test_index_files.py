@@ -62,7 +62,7 @@ def _rewrite_norms(folder: Path, max_norms: torch.Tensor) -> None:
     save_file(tensors, str(path), metadata={"format": "metaembed-index/1"})
     manifest_path = folder / "index.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest["segments"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
 
 
@@ -79,7 +79,7 @@ def test_a_wrong_stored_norm_is_caught_before_the_scan_trusts_it(tmp_path, monke
     loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
     queries = torch.randn(8, 2, 32)  # 16 query rows: the AMX kernel's two-part scan, where the CPU has AMX
     monkeypatch.setenv(scan_kernel.ENVIRONMENT, "amx")
-    if scan_kernel.choose(loaded._vectors, 2, rows=16) == "amx":
+    if scan_kernel.choose(loaded.codes, 2, rows=16) == "amx":
         with pytest.raises(IndexFileError, match="max_norms"):
             loaded.search(queries, k=3)
     # Larger norms than the data's only make the certificate conservative: accepted.
@@ -179,3 +179,115 @@ def test_a_kill_at_any_step_of_a_save_leaves_the_old_or_the_new_index(tmp_path, 
     assert all(found[:2] in ([30, "old-29"], new) for found in seen), seen
     assert len(seen) > 10 and seen[0][:2] == [30, "old-29"] and seen[-1] == [*new, False]  # every step, then done
     assert any(found == [*new, True] for found in seen)  # killed after the switch (while removing the old segment)
+
+
+# Bytes this process read and wrote through read(2) / write(2) while appending 50 items to a mapped 100,000-item
+# index, by `load` + `add` + `save` and by `build_index` (what `metaembed index --append` runs).
+IO_DURING_APPEND = """
+import json, sys
+import torch
+from metaembed.retrieval.index import MetaEmbedIndex
+from metaembed.retrieval.index_build import build_index
+
+def io():
+    fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    return int(fields["rchar"]), int(fields["wchar"])
+
+new = torch.randn(50, 2, 64)
+found = {}
+for way in ("save", "build_index"):
+    before = io()
+    index = MetaEmbedIndex.load(sys.argv[1], mmap=True)
+    ids = [f"{way}-{i}" for i in range(50)]
+    if way == "save":
+        index.add(new, ids=ids)
+        index.save(sys.argv[1])
+    else:
+        build_index(sys.argv[1], [(new, ids)], 50, 64, 2, base=index)
+    found[way] = [after - start for after, start in zip(io(), before)]
+print(json.dumps(found))
+"""
+
+
+def test_an_append_writes_the_new_items_only_and_leaves_the_saved_segment_as_it_was(tmp_path):
+    index = MetaEmbedIndex(dim=64, num_vectors=2, dtype="float32")
+    embeddings = torch.randn(100_000, 2, 64)
+    index.add(embeddings)
+    index.save(tmp_path / "index")
+    first = tmp_path / "index" / "segment-000001" / "vectors.safetensors"
+    size, stamp = first.stat().st_size, (first.stat().st_ino, first.stat().st_mtime_ns)
+    assert size > 50e6
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", IO_DURING_APPEND, str(tmp_path / "index")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for way, (read, written) in json.loads(result.stdout).items():
+        # The old code copied the saved tiers into the new segment: size read and written. Now the ids are read
+        # (100,000 short lines) and 50 items written, with their checksums.
+        assert read < size / 20 and written < size / 20, (way, read, written)
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp  # the same file, never rewritten
+    loaded = MetaEmbedIndex.load(tmp_path / "index", verify_checksum=True)
+    assert len(loaded) == 100_100 and loaded.num_segments == 3 and loaded.ids[:100_000] == index.ids
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "binary"])
+def test_a_search_over_segments_equals_one_over_a_single_segment(tmp_path, dtype, monkeypatch):
+    import metaembed.retrieval.index as module
+
+    monkeypatch.setattr(module, "CENTER_SAMPLE", 200)
+    common = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    embeddings = torch.nn.functional.normalize(common + 0.4 * torch.randn(900, 3, 32), dim=-1)
+    queries = torch.nn.functional.normalize(common[:2] + 0.4 * torch.randn(7, 2, 32), dim=-1)
+    whole = MetaEmbedIndex(dim=32, num_vectors=3, dtype=dtype)
+    whole.add(embeddings)
+    folder = tmp_path / "index"
+    for start, stop in ((0, 300), (300, 301), (301, 900)):  # three saves: three segments, one of a single item
+        index = MetaEmbedIndex.load(folder, mmap=True) if start else MetaEmbedIndex(32, 3, dtype=dtype)
+        index.add(embeddings[start:stop], ids=list(range(start, stop)))
+        index.save(folder)
+    segmented = MetaEmbedIndex.load(folder, mmap=True)
+    assert segmented.num_segments == 3 and segmented.ids == whole.ids
+    assert torch.equal(segmented.codes, whole.codes) and torch.equal(segmented.vectors, whole.vectors)
+    exhaustive = {"shortlist": 900} if dtype != "bfloat16" else {}  # every item re-scored: exact on both sides
+    for budget in ((1, 1), (2, 3)):
+        for k in (1, 10):
+            found = segmented.search(queries, budget=budget, k=k, **exhaustive)
+            expected = whole.search(queries, budget=budget, k=k, **exhaustive)
+            assert found.ids == expected.ids
+            torch.testing.assert_close(found.scores, expected.scores, rtol=1e-5, atol=1e-5)
+        found = segmented.search_two_stage(queries, budget=budget, k=5, shortlist=900)
+        assert found.ids == whole.search_two_stage(queries, budget=budget, k=5, shortlist=900).ids
+    if dtype != "bfloat16":  # a shortlist per segment: each segment's best are re-scored, never fewer than one's
+        found = segmented.search(queries, k=10, shortlist=20)
+        coarse = whole.search(queries, k=10, shortlist=20)
+        assert (found.scores[:, 0] >= coarse.scores[:, 0] - 1e-5).all()
+
+
+def test_earlier_single_segment_folders_load_and_convert_on_save(tmp_path):
+    index = MetaEmbedIndex(dim=16, num_vectors=2, dtype="int8")
+    index.add(torch.randn(40, 2, 16), ids=[f"a{i}" for i in range(40)])
+    folder = tmp_path / "index"
+    index.save(folder)
+    manifest = json.loads((folder / "index.json").read_text())
+    (entry,) = manifest.pop("segments")
+    earlier = {**manifest, "format": "metaembed-index/2", "segment": entry.pop("name"), **entry}
+    (folder / "index.json").write_text(json.dumps(earlier))  # as version 2 wrote it
+    loaded = MetaEmbedIndex.load(folder, verify_checksum=True)
+    assert loaded.ids == index.ids and torch.equal(loaded.codes, index.codes)
+    loaded.add(torch.randn(5, 2, 16), ids=[f"b{i}" for i in range(5)])
+    loaded.save(folder)
+    assert json.loads((folder / "index.json").read_text())["format"] == "metaembed-index/3"
+    assert MetaEmbedIndex.load(folder, verify_checksum=True).ids == index.ids + [f"b{i}" for i in range(5)]
+
+
+def test_saving_a_loaded_index_elsewhere_copies_its_segments(tmp_path):
+    index = MetaEmbedIndex(dim=16, num_vectors=2)
+    index.add(torch.randn(40, 2, 16))
+    index.save(tmp_path / "a")
+    loaded = MetaEmbedIndex.load(tmp_path / "a", mmap=True)
+    loaded.add(torch.randn(3, 2, 16))
+    loaded.save(tmp_path / "b")
+    copied = MetaEmbedIndex.load(tmp_path / "b", verify_checksum=True)
+    copied.verify()
+    assert len(copied) == 43 and copied.num_segments == 2 and torch.equal(copied.vectors, loaded.vectors)
+    assert len(MetaEmbedIndex.load(tmp_path / "a")) == 40  # the source is left as it was

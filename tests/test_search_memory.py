@@ -130,8 +130,9 @@ for index in (large, small):  # checks the stored norms now (a first search woul
 # "auto" runs the compiled kernel, and a kernel's first run grows per-thread state once (allocator arenas) that
 # would otherwise be counted against the large index alone.
 measure(small, repeats=1)
-report = {"added": measure(large), "added_small": measure(small), "kernel": scan_kernel.choose(large._vectors, 1),
-          "kernel_small": scan_kernel.choose(small._vectors, 1), "norms_known": large._max_norms is not None}
+report = {"added": measure(large), "added_small": measure(small), "kernel": scan_kernel.choose(large.codes, 1),
+          "kernel_small": scan_kernel.choose(small.codes, 1),
+          "norms_known": large._sealed[0]._max_norms is not None}
 print(json.dumps(report))
 """
 

@@ -2,8 +2,8 @@
 
 - `index`: `MetaEmbedIndex`, the exact nested-budget index (bf16 / fp16 / fp32, int8 and binary with an exact
   re-score), `save` / `load` (memory-mappable) and `SearchResult`.
-- `index_files`: an index folder on disk: segments, the manifest naming one, the crash-safe switch between them.
-- `index_build`: a float index built or appended to from chunks, straight into a new segment (bounded memory).
+- `index_files`: an index folder on disk: its segments, the manifest listing them, the crash-safe switch.
+- `index_build`: an index built or appended to from chunks, straight into a new segment (bounded memory).
 - `scan_kernel` with `csrc/maxsim_scan.cpp`: the compiled CPU MaxSim scan (AMX, AVX2) and the choice of kernel.
 - `qdrant`: `QdrantMetaEmbedIndex`, the same index stored in and searched by Qdrant (a server, local mode, or
   `Edge`, Qdrant's engine in this process).

@@ -28,18 +28,18 @@ it, would swamp the differences that rank items. Both are searched at any budget
 against exhaustive exact search is measured (`benchmarks/compressed_recall.py`).
 
 On disk (`save` / `load`, `index_files`): a folder whose `index.json` (format, shape, dtypes, SHA-256 of each file)
-names a segment folder holding `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the codes
+lists segment folders, each holding `vectors.safetensors` (`vectors` `[R_c, N, D]`; for int8 / binary the codes
 `[R_c, N, D]` int8 or `[R_c, N, D / 8]` uint8, `scales` `[R_c, N]`, and for binary `offsets` `[R_c, N]` and
-`centers` `[R_c, D]`), `full.safetensors` for compressed indexes, and `ids.jsonl`. Saving writes a new segment and
-switches `index.json` to it atomically, so a crash at any point leaves the old index or the new one; loading
-validates everything and can memory-map the vectors (reading none of them) for indexes larger than RAM.
+`centers` `[R_c, D]`), `full.safetensors` for compressed indexes, and `ids.jsonl`. A loaded index keeps each saved segment as a
+read-only index of its own (`_sealed`) and holds items added afterwards in its own tensors; a search runs per
+segment and merges the top-k. Saving writes only those new items, as a new segment, and switches `index.json` to the
+new list atomically, so a crash at any point leaves the old index or the new one; loading validates everything and
+can memory-map the vectors (reading none of them) for indexes larger than RAM.
 """
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -47,31 +47,22 @@ from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_b
 
 from . import scan_kernel
 from .index_files import (
+    COMPRESSED,
+    DTYPES,
     FORMAT,
     FULL_NAME,
     IDS_NAME,
-    MANIFEST_NAME,
     VECTORS_NAME,
     IndexFileError,
+    checksummed_files,
     read_ids,
     read_manifest,
-    save_segment,
+    read_tensors,
+    save_segments,
     sha256_file,
     write_ids,
 )
-from .safetensors_header import read_header, tensor_span
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Compressed storage: the torch dtype of the codes.
-COMPRESSED = {"int8": torch.int8, "binary": torch.uint8}
-# safetensors dtype names, and the numpy type of the same width used to memory-map the raw bytes.
-_SAFETENSORS_DTYPES = {
-    "bfloat16": ("BF16", np.uint16),
-    "float16": ("F16", np.float16),
-    "float32": ("F32", np.float32),
-    "int8": ("I8", np.int8),
-    "binary": ("U8", np.uint8),
-}
 # Binary: each tier's centre is the mean of this many first items (or of all, if fewer at the first search or save).
 CENTER_SAMPLE = 65536
 # Items re-scored exactly per query after a compressed scan, unless `shortlist` says otherwise.
@@ -206,43 +197,56 @@ class MetaEmbedIndex:
         # Tiers whose _max_norms are known to bound the data: all for norms computed here; none for norms read from
         # files whose checksums were not verified (checked against the vectors before the kernel trusts them)
         self._norms_checked = num_vectors
-        self._files = []  # (path, SHA-256 in the manifest) of the files a loaded index reads, for verify()
-        self._count = 0
-        self.ids: list = []
+        self._files = []  # (path, SHA-256 in the manifest) of the files a loaded segment reads, for verify()
+        # A loaded index: its saved segments, each an index of its own (read or memory-mapped, never changed), in
+        # order; the tensors above then hold only the items added since (the next save's new segment).
+        self._sealed: list = []
+        self._sealed_count = 0
+        self._folder, self._entry = None, None  # a loaded segment: its folder and manifest entry
+        self._count = 0  # items in the tensors above
+        self.ids: list = []  # every item's id, in order: the saved segments' then the new ones
         self._id_set: set = set()
 
     # ------------------------------------------------------------------------------------------------ contents
     def __len__(self) -> int:
-        return self._count
+        return self._sealed_count + self._count
 
     def __repr__(self) -> str:
         stored = f"{self.dtype_name} (+ {self.full_dtype_name} for re-scoring)" if self.compressed else self.dtype_name
         return (
-            f"MetaEmbedIndex({self._count} items, {self.num_vectors} vectors x {self.dim} dims, {stored}, "
-            f"{self.device})"
+            f"MetaEmbedIndex({len(self)} items, {self.num_vectors} vectors x {self.dim} dims, {stored}, {self.device})"
         )
 
     @property
     def vectors(self) -> torch.Tensor:
         """[R_c, N, D] view of the full-precision vectors (row j of each item is `vectors[j, item]`); for a
-        compressed index, those kept for re-scoring."""
-        return (self._full if self.compressed else self._vectors)[:, : self._count]
+        compressed index, those kept for re-scoring. A copy when the index spans several segments."""
+        return _joined([(part._full if self.compressed else part._vectors)[:, : part._count] for part in self._parts()])
 
     @property
     def codes(self) -> torch.Tensor:
         """[R_c, N, D'] view of what a scan reads: the vectors, or a compressed index's int8 / packed-bit codes."""
         self._fit_centers()
-        return self._vectors[:, : self._count]
+        return _joined([part._vectors[:, : part._count] for part in self._parts()])
 
     @property
     def scales(self) -> torch.Tensor | None:
         """[R_c, N] float32 scale of each compressed vector (None for float storage)."""
-        return None if self._scales is None else self._scales[:, : self._count]
+        return None if self._scales is None else _joined([part._scales[:, : part._count] for part in self._parts()])
+
+    @property
+    def num_segments(self) -> int:
+        """Saved segments this index was loaded from, plus one if items were added since (`save` writes them)."""
+        return len(self._sealed) + (1 if self._count else 0)
+
+    def _parts(self) -> list:
+        """The pieces that hold the items, in order: the saved segments, then this object's own tensors."""
+        return [*self._sealed, self]
 
     @property
     def nbytes(self) -> int:
         """Bytes a full-budget scan reads: the stored vectors, or a compressed index's codes and scales."""
-        return self.bytes_per_item(self.num_vectors) * self._count
+        return self.bytes_per_item(self.num_vectors) * len(self)
 
     def bytes_per_item(self, r_c: int | None = None) -> int:
         """Bytes one item costs a scan at candidate budget r_c (default: all stored vectors)."""
@@ -256,7 +260,7 @@ class MetaEmbedIndex:
         items' positions. Nothing is added when any check fails."""
         check_candidate_embeddings(embeddings, self.dim, self.num_vectors, "this index")
         count = embeddings.shape[0]
-        ids = list(range(self._count, self._count + count)) if ids is None else list(ids)
+        ids = list(range(len(self), len(self) + count)) if ids is None else list(ids)
         self._check_new_ids(ids, count)
 
         needed = self._count + count
@@ -326,11 +330,14 @@ class MetaEmbedIndex:
     def verify(self) -> None:
         """Check a loaded index's files against the SHA-256 in its manifest and the stored tier norms against the
         vectors; IndexFileError naming the file otherwise. Reads every byte (a mapped `load` reads none of them)."""
-        for path, expected in self._files:
-            if sha256_file(path) != expected:
-                raise IndexFileError(f"{path} does not match the checksum in its manifest: it was changed or truncated")
-        if self._max_norms is not None:
-            self._checked_max_norms(self.num_vectors)
+        for part in self._parts():
+            for path, expected in part._files:
+                if sha256_file(path) != expected:
+                    raise IndexFileError(
+                        f"{path} does not match the checksum in its manifest: it was changed or truncated"
+                    )
+            if part._max_norms is not None and part._count:
+                part._checked_max_norms(self.num_vectors)
 
     def _checked_max_norms(self, r_c: int, max_work_bytes: int = DEFAULT_MAX_WORK_BYTES) -> torch.Tensor:
         """The stored tier norms, the first r_c of them checked against the vectors (once; one pass over those
@@ -386,11 +393,16 @@ class MetaEmbedIndex:
         if not isinstance(query_batch_size, int) or isinstance(query_batch_size, bool) or query_batch_size < 1:
             raise ValueError(f"query_batch_size must be positive, got {query_batch_size!r}")
         shortlist = self._check_shortlist(shortlist, k)
-        kept = shortlist if self.compressed else k
-        coarse = self._scan_top(queries[:, :r_q], r_c, kept, query_batch_size, max_work_bytes)
-        if not self.compressed:
-            return self._result(*coarse)
-        return self._rescore(queries[:, :r_q], coarse[1], r_c, k, max_work_bytes)
+        queries = queries[:, :r_q]
+
+        def search_part(part) -> tuple:
+            kept = min(shortlist if self.compressed else k, part._count)
+            coarse = part._scan_top(queries, r_c, kept, query_batch_size, max_work_bytes)
+            if not self.compressed:
+                return coarse
+            return part._rescore(queries, coarse[1], r_c, min(k, part._count), max_work_bytes)
+
+        return self._result(*self._across_parts(search_part, k))
 
     @torch.no_grad()
     def search_two_stage(
@@ -413,23 +425,43 @@ class MetaEmbedIndex:
             raise ValueError(f"k={k} is larger than the shortlist ({shortlist}) it is re-ranked from")
         if not isinstance(query_batch_size, int) or isinstance(query_batch_size, bool) or query_batch_size < 1:
             raise ValueError(f"query_batch_size must be positive, got {query_batch_size!r}")
-        coarse = self._scan_top(queries[:, :1], 1, min(shortlist, self._count), query_batch_size, max_work_bytes)
-        return self._rescore(queries[:, :r_q], coarse[1], r_c, k, max_work_bytes)
+
+        def search_part(part) -> tuple:
+            coarse = part._scan_top(queries[:, :1], 1, min(shortlist, part._count), query_batch_size, max_work_bytes)
+            return part._rescore(queries[:, :r_q], coarse[1], r_c, min(k, part._count), max_work_bytes)
+
+        return self._result(*self._across_parts(search_part, k))
+
+    def _across_parts(self, search_part, k: int) -> tuple:
+        """Top-k (scores [Q, k], positions [Q, k] in the whole index) from `search_part(part)`, each part's own
+        top-k (positions within the part): one search per segment, merged. Each part's top-k holds every item of
+        the whole top-k that lies in it, so the merge is exact."""
+        found, offset = [], 0
+        for part in self._parts():
+            if part._count:
+                scores, positions = search_part(part)
+                found.append((scores, positions + offset))
+            offset += part._count
+        if len(found) == 1:
+            return found[0]
+        scores, positions = torch.cat([f[0] for f in found], dim=1), torch.cat([f[1] for f in found], dim=1)
+        top = scores.topk(k, dim=1)
+        return top.values, positions.gather(1, top.indices)
 
     def _check_search(self, queries, budget, k) -> tuple:
         """The queries as a [Q, R_q, D] tensor and the budget (r_q, r_c), once every search argument is valid."""
         queries = as_query_batch(queries, self.dim, "this index")
         budget = check_budget(budget, (queries.shape[1], self.num_vectors), what="queries and the index")
-        if self._count == 0:
+        if len(self) == 0:
             raise ValueError("the index is empty: add items before searching")
         self._fit_centers()
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self._count:
-            raise ValueError(f"k must be an integer in 1..{self._count} (the number of items), got {k!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(self):
+            raise ValueError(f"k must be an integer in 1..{len(self)} (the number of items), got {k!r}")
         return queries, budget
 
     def _check_shortlist(self, shortlist, k: int) -> int | None:
         if shortlist is None:
-            return min(max(DEFAULT_SHORTLIST, k), self._count) if self.compressed else None
+            return min(max(DEFAULT_SHORTLIST, k), len(self)) if self.compressed else None
         if not self.compressed:
             raise ValueError(
                 f"shortlist applies to int8 / binary indexes; this {self.dtype_name} index is searched "
@@ -437,7 +469,7 @@ class MetaEmbedIndex:
             )
         if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < k:
             raise ValueError(f"shortlist must be an integer of at least k={k}, got {shortlist!r}")
-        return min(shortlist, self._count)
+        return min(shortlist, len(self))
 
     def _result(self, scores: torch.Tensor, positions: torch.Tensor) -> SearchResult:
         ids = [[self.ids[p] for p in row] for row in positions.tolist()]
@@ -529,7 +561,7 @@ class MetaEmbedIndex:
             return scores[0], positions[0]
         return torch.cat(scores), torch.cat(positions)
 
-    def _rescore(self, queries, shortlists: torch.Tensor, r_c: int, k: int, max_work_bytes: int) -> SearchResult:
+    def _rescore(self, queries, shortlists: torch.Tensor, r_c: int, k: int, max_work_bytes: int) -> tuple:
         """Exact MaxSim at (r_q = queries' vectors, r_c) of each query's shortlisted rows, from the full vectors;
         the top-k of each shortlist. Queries go in groups whose gathered rows fit `max_work_bytes` (one batched
         product per group); a shortlist too large for that is scanned tile by tile, one query at a time."""
@@ -553,7 +585,7 @@ class MetaEmbedIndex:
                 top = fine.topk(k, dim=1)
                 scores.append(top.values)
                 positions.append(rows.gather(1, top.indices))
-            return self._result(torch.cat(scores), torch.cat(positions))
+            return torch.cat(scores), torch.cat(positions)
         _, tile, chunk = plan_scan(1, r_q, r_c, self.dim, max_work_bytes, device)
         for query, rows in zip(queries, shortlists):
             rows_here = rows.to(full.device)
@@ -566,114 +598,143 @@ class MetaEmbedIndex:
             top = fine.topk(k)
             scores.append(top.values)
             positions.append(rows[top.indices])
-        return self._result(torch.stack(scores), torch.stack(positions))
+        return torch.stack(scores), torch.stack(positions)
 
     # ------------------------------------------------------------------------------------------------ files
     def save(self, directory) -> Path:
-        """Write the index into `directory` as a new segment (`vectors.safetensors`, `full.safetensors` for int8 /
-        binary, `ids.jsonl`) and switch `index.json` to it atomically: the old index or the new one, complete, is
-        at `directory` at every instant, whatever happens (`metaembed.retrieval.index_files`)."""
+        """Write the index into `directory` (`metaembed.retrieval.index_files`): the items added since it was loaded
+        go into a new segment; the segments it was loaded from are kept where they already lie in `directory`, or
+        copied in file by file from elsewhere. `index.json` then switches to the new list atomically: the old index
+        or the new one, complete, is at `directory` at every instant, whatever happens. Saving after an append thus
+        writes the new items only."""
         directory = Path(directory)
+        kept = self._saved_segments()
+        write = None
+        if self._count or not kept:  # the new items (or, for an empty index, an empty segment to hold its shape)
+            write = self._write_segment
+        save_segments(directory, kept, write, self._manifest_fields())
+        return directory
 
-        def write(segment: Path) -> dict:
-            tensors = {"vectors": self.codes.contiguous().cpu()}
-            if not self.compressed:
-                if self._max_norms is None:  # loaded mapped from a file saved without them: one pass, as save reads
-                    self._max_norms = _tier_max_norms(self.vectors)
-                self._checked_max_norms(self.num_vectors)  # never write norms read unverified without checking
-                tensors["max_norms"] = self._max_norms.contiguous()
-            if self.compressed:
-                tensors["scales"] = self.scales.contiguous().cpu()
-            if self._centers is not None:
-                tensors["offsets"] = self._offsets[:, : self._count].contiguous().cpu()
-                tensors["centers"] = self._centers.contiguous().cpu()
-            save_file(tensors, str(segment / VECTORS_NAME), metadata={"format": FORMAT})
-            files = {"sha256": VECTORS_NAME, "ids_sha256": IDS_NAME}
-            if self.compressed:
-                save_file({"vectors": self.vectors.contiguous()}, str(segment / FULL_NAME), metadata={"format": FORMAT})
-                files["full_sha256"] = FULL_NAME
-            write_ids(segment / IDS_NAME, self.ids)
-            return files
+    def _saved_segments(self) -> list:
+        """(folder, manifest entry, ids) of each segment this index was loaded from, in order."""
+        kept, offset = [], 0
+        for segment in self._sealed:
+            kept.append((segment._folder, segment._entry, self.ids[offset : offset + segment._count]))
+            offset += segment._count
+        return kept
 
-        manifest = {
-            "count": self._count,
+    def _manifest_fields(self) -> dict:
+        fields = {
+            "count": len(self),
             "num_vectors": self.num_vectors,
             "dim": self.dim,
             "dtype": self.dtype_name,
-            "layout": "vector-major [num_vectors, count, dim]",
+            "layout": "vector-major [num_vectors, count, dim] per segment",
         }
         if self.compressed:
-            manifest["full_dtype"] = self.full_dtype_name
-        save_segment(directory, write, manifest)
-        return directory
+            fields["full_dtype"] = self.full_dtype_name
+        return fields
+
+    def _write_segment(self, folder: Path) -> int:
+        """The in-memory items' files in `folder`; returns how many items they hold."""
+        self._fit_centers()
+        count = self._count
+        tensors = {"vectors": self._vectors[:, :count].contiguous().cpu()}
+        if not self.compressed:
+            tensors["max_norms"] = self._max_norms.contiguous()
+        else:
+            tensors["scales"] = self._scales[:, :count].contiguous().cpu()
+        if self._centers is not None:
+            tensors["offsets"] = self._offsets[:, :count].contiguous().cpu()
+            tensors["centers"] = self._centers.contiguous().cpu()
+        save_file(tensors, str(folder / VECTORS_NAME), metadata={"format": FORMAT})
+        if self.compressed:
+            full = {"vectors": self._full[:, :count].contiguous()}
+            save_file(full, str(folder / FULL_NAME), metadata={"format": FORMAT})
+        write_ids(folder / IDS_NAME, self.ids[len(self) - count :])
+        return count
 
     @classmethod
     def load(cls, directory, device="cpu", mmap: bool = False, verify_checksum: bool | None = None) -> "MetaEmbedIndex":
-        """Load a saved index, validating its manifest, tensor headers, shapes and dtypes, and checksums when
-        `verify_checksum` (default: when read into memory, not when mapped).
+        """Load a saved index, validating its manifest, each segment's tensor headers, shapes and dtypes, its ids,
+        and checksums when `verify_checksum` (default: when read into memory, not when mapped).
 
-        `mmap=True` maps the vector file instead of reading it (CPU only): an index larger than RAM is searched
+        `mmap=True` maps the vector files instead of reading them (CPU only): an index larger than RAM is searched
         from the page cache, and opening it reads none of the vectors. `verify()` checks the checksums later; the
         stored tier norms, which the AMX kernel's faster scan trusts, are checked against the vectors before their
         first use when the checksums were not. A compressed index's full vectors are always mapped (they are read
-        only to re-score shortlists). Adding to a memory-mapped index copies it into memory first."""
+        only to re-score shortlists). Items added after loading are held in memory until the next `save`, which
+        writes them as a new segment."""
         directory = Path(directory)
         if mmap and torch.device(device).type != "cpu":
             raise ValueError(f"mmap=True maps the file into CPU memory; it cannot be used with device={device!r}")
-        manifest_path = directory / MANIFEST_NAME
-        manifest, folder = read_manifest(directory)
-        tensor_path = folder / VECTORS_NAME
-        if not tensor_path.is_file():
-            raise IndexFileError(f"{tensor_path} is missing: {directory} is not a saved MetaEmbedIndex")
-        manifest = _check_manifest(manifest, manifest_path)
-        ids_path = folder / IDS_NAME if manifest["format"] == FORMAT else manifest_path
-        ids = _checked_ids(read_ids(manifest, folder), manifest["count"], ids_path)
-        compressed = manifest["dtype"] in COMPRESSED
-        full_path = folder / FULL_NAME
-        if compressed and not full_path.is_file():
-            raise IndexFileError(f"{full_path} is missing: a {manifest['dtype']} index keeps its full vectors there")
+        manifest, segments = read_manifest(directory)
         verify_checksum = not mmap if verify_checksum is None else verify_checksum
-        checks = [(tensor_path, manifest["sha256"])] + ([(full_path, manifest["full_sha256"])] if compressed else [])
-        if manifest["format"] == FORMAT:
-            checks.append((folder / IDS_NAME, manifest.get("ids_sha256")))
-        if verify_checksum:
-            for path, expected in checks:
-                if sha256_file(path) != expected:
-                    raise IndexFileError(
-                        f"{path} does not match the checksum in {manifest_path}: it was changed or truncated"
-                    )
-        count, num_vectors, dim = manifest["count"], manifest["num_vectors"], manifest["dim"]
-        width = dim // 8 if manifest["dtype"] == "binary" else dim
-        expected = {"vectors": (manifest["dtype"], [num_vectors, count, width])}
-        if compressed:
-            expected["scales"] = ("float32", [num_vectors, count])
-        if manifest["dtype"] == "binary" and count:
-            expected["offsets"] = ("float32", [num_vectors, count])
-            expected["centers"] = ("float32", [num_vectors, dim])
-        if not compressed:  # absent from indexes saved by earlier versions
-            expected["max_norms"] = ("float32", [num_vectors])
-        tensors = _read_tensors(tensor_path, expected, mmap=mmap, optional=("max_norms",))
-
         index = cls(
-            dim, num_vectors, dtype=manifest["dtype"], device=device, full_dtype=manifest.get("full_dtype", "bfloat16")
+            manifest["dim"],
+            manifest["num_vectors"],
+            dtype=manifest["dtype"],
+            device=device,
+            full_dtype=manifest.get("full_dtype", "bfloat16"),
         )
-        index._vectors = tensors["vectors"].to(index.device) if not mmap else tensors["vectors"]
-        if compressed:
-            index._scales = tensors["scales"].to(index.device) if not mmap else tensors["scales"]
-            if "centers" in tensors:
-                index._offsets = tensors["offsets"].to(index.device) if not mmap else tensors["offsets"]
-                index._centers = tensors["centers"].to(index.device)
-            full = {"vectors": (manifest["full_dtype"], [num_vectors, count, dim])}
-            index._full = _read_tensors(full_path, full, mmap=True)["vectors"]
-        if not compressed:
-            index._max_norms = _validated_max_norms(tensors.get("max_norms"), index._vectors, tensor_path, mmap)
-            # Stored norms are trusted once their file's checksum is verified; else checked before first use.
-            index._norms_checked = num_vectors if verify_checksum or "max_norms" not in tensors else 0
-        index._files = checks
-        index._count = count
+        ids = []
+        for folder, entry in segments:
+            segment = index._load_segment(folder, entry, mmap, verify_checksum)
+            ids.extend(read_ids(folder, entry))
+            index._sealed.append(segment)
+            if index._centers is None:  # binary: every segment is coded around the first one's centres
+                index._centers = segment._centers
+        if len(set(ids)) != len(ids):
+            raise IndexFileError(f"{directory}: an id appears twice in its segments")
+        index._sealed_count = len(ids)
         index.ids = ids
         index._id_set = set(ids)
         return index
+
+    def _load_segment(self, folder: Path, entry: dict, mmap: bool, verify_checksum: bool) -> "MetaEmbedIndex":
+        """One saved segment as an index of its own (no ids: the whole index keeps them), validated."""
+        files = checksummed_files(folder, entry)
+        for path, _ in files:
+            if not path.is_file():
+                raise IndexFileError(f"{path} is missing: the index's manifest names it")
+        if verify_checksum:
+            for path, expected in files:
+                if sha256_file(path) != expected:
+                    raise IndexFileError(
+                        f"{path} does not match the checksum in its manifest: it was changed or truncated"
+                    )
+        count, num_vectors, dim = entry["count"], self.num_vectors, self.dim
+        width = dim // 8 if self.dtype_name == "binary" else dim
+        expected = {"vectors": (self.dtype_name, [num_vectors, count, width])}
+        if self.compressed:
+            expected["scales"] = ("float32", [num_vectors, count])
+        if self.dtype_name == "binary" and count:
+            expected["offsets"] = ("float32", [num_vectors, count])
+            expected["centers"] = ("float32", [num_vectors, dim])
+        if not self.compressed:  # absent from indexes saved by earlier versions
+            expected["max_norms"] = ("float32", [num_vectors])
+        tensor_path = folder / VECTORS_NAME
+        tensors = read_tensors(tensor_path, expected, mmap=mmap, optional=("max_norms",))
+
+        segment = type(self)(dim, num_vectors, self.dtype_name, self.device, self.full_dtype_name)
+        segment._vectors = tensors["vectors"] if mmap else tensors["vectors"].to(self.device)
+        if self.compressed:
+            segment._scales = tensors["scales"] if mmap else tensors["scales"].to(self.device)
+            if "centers" in tensors:
+                segment._offsets = tensors["offsets"] if mmap else tensors["offsets"].to(self.device)
+                segment._centers = tensors["centers"].to(self.device)
+                if self._centers is not None and not torch.equal(segment._centers, self._centers):
+                    raise IndexFileError(f"{tensor_path}: its binary centres differ from the first segment's")
+            full = {"vectors": (self.full_dtype_name, [num_vectors, count, dim])}
+            segment._full = read_tensors(folder / FULL_NAME, full, mmap=True)["vectors"]
+        else:
+            segment._max_norms = _validated_max_norms(tensors.get("max_norms"), segment._vectors, tensor_path, mmap)
+            # Stored norms are trusted once their file's checksum is verified; else checked before first use.
+            segment._norms_checked = num_vectors if verify_checksum or "max_norms" not in tensors else 0
+        segment._files = files
+        segment._count = count
+        segment._folder, segment._entry = folder, entry
+        return segment
 
 
 def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
@@ -681,6 +742,12 @@ def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
     grown = torch.empty(tensor.shape[0], capacity, *tensor.shape[2:], dtype=tensor.dtype, device=tensor.device)
     grown[:, :count] = tensor[:, :count]
     return grown
+
+
+def _joined(parts: list) -> torch.Tensor:
+    """The [R, n, ...] pieces as one tensor along the items: the piece itself (a view) when only one holds items."""
+    holding = [part for part in parts if part.shape[1]] or parts[-1:]
+    return holding[0] if len(holding) == 1 else torch.cat(holding, dim=1)
 
 
 def _tier_max_norms(vectors: torch.Tensor, work_bytes: int = 2**26) -> torch.Tensor:
@@ -703,65 +770,6 @@ def _validated_max_norms(stored, vectors: torch.Tensor, path: Path, mmap: bool) 
     if torch.isnan(stored).any() or (stored < 0).any():  # +inf is a norm past float32's range: three parts
         raise IndexFileError(f"{path}: tensor 'max_norms' holds negative or NaN values")
     return stored
-
-
-def _checked_ids(ids, count: int, path: Path) -> list:
-    if not isinstance(ids, list) or len(ids) != count:
-        raise IndexFileError(f"{path}: ids must be a list of {count} entries")
-    if len(set(ids)) != len(ids) or any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids):
-        raise IndexFileError(f"{path}: ids must be unique strings or integers")
-    return ids
-
-
-def _check_manifest(manifest, path: Path) -> dict:
-    for key in ("count", "num_vectors", "dim"):
-        value = manifest.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "count" else 1):
-            raise IndexFileError(f"{path}: {key} must be a non-negative integer, got {value!r}")
-    dtypes = sorted(DTYPES) + sorted(COMPRESSED)
-    if manifest.get("dtype") not in dtypes:
-        raise IndexFileError(f"{path}: dtype must be one of {dtypes}, got {manifest.get('dtype')!r}")
-    if manifest["dtype"] == "binary" and manifest["dim"] % 8:
-        raise IndexFileError(f"{path}: a binary index needs dim a multiple of 8, got {manifest['dim']}")
-    if not isinstance(manifest.get("sha256"), str):
-        raise IndexFileError(f"{path}: sha256 is missing")
-    if manifest["dtype"] in COMPRESSED:
-        if manifest.get("full_dtype") not in DTYPES:
-            found = manifest.get("full_dtype")
-            raise IndexFileError(f"{path}: full_dtype must be one of {sorted(DTYPES)}, got {found!r}")
-        if not isinstance(manifest.get("full_sha256"), str):
-            raise IndexFileError(f"{path}: full_sha256 is missing")
-    return manifest
-
-
-def _read_tensors(path: Path, expected: dict, mmap: bool, optional: tuple = ()) -> dict:
-    """Tensors of a safetensors file, each checked against `expected` {name: (dtype name, shape)}, read or
-    memory-mapped; those named in `optional` may be absent (then they are left out of the result)."""
-    header, data_start, size = read_header(path, IndexFileError)
-    tensors = {}
-    for name, (dtype_name, shape) in expected.items():
-        safetensors_dtype, numpy_dtype = _SAFETENSORS_DTYPES[dtype_name]
-        if header.get(name) is None and name in optional:
-            continue
-        found_dtype, found_shape, offset, nbytes = tensor_span(header, data_start, name, path, IndexFileError)
-        if found_dtype != safetensors_dtype or found_shape != shape:
-            raise IndexFileError(
-                f"{path}: tensor {name!r} is {found_dtype} {found_shape}, the manifest says {safetensors_dtype} {shape}"
-            )
-        count = int(np.prod(shape))
-        if nbytes != count * np.dtype(numpy_dtype).itemsize or offset + nbytes > size:
-            raise IndexFileError(f"{path} is truncated: the bytes of tensor {name!r} are incomplete")
-        if mmap and count:
-            array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=offset, shape=(count,))
-        else:
-            array = np.fromfile(path, dtype=numpy_dtype, count=count, offset=offset)
-        with warnings.catch_warnings():  # a read-only map: torch warns that writes would be undefined (we never write)
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.from_numpy(array)
-        if dtype_name == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
-        tensors[name] = tensor.view(*shape)
-    return tensors
 
 
 __all__ = ["MetaEmbedIndex", "SearchResult", "IndexFileError", "quantize"]

@@ -1,13 +1,13 @@
 """Building or appending to a saved `MetaEmbedIndex` from chunks, one chunk in memory at a time.
 
 `MetaEmbedIndex.add` grows tensors in memory, so an index built that way needs all of it in RAM. `build_index`
-writes the new segment's files directly instead: each file's header first (the total count is known from the
-embeddings folder's manifest), then each chunk's rows into every tier's region at their offsets, per-tier values
-(norms, centres) last. Appending copies the saved index's tiers into the new segment in blocks read from its
-memory map, then the new chunks: the I/O is that of a save, the anonymous memory that of one chunk (plus the ids).
-Every dtype gives the same files as `add` then `save` would (the same arithmetic per item); a binary index without
-a saved one first reads the first `CENTER_SAMPLE` items once for its centres (a second pass: `chunks` must then be
-a function returning the chunks). The switch to the new segment is `index_files.save_segment`'s: crash-safe.
+writes the new segment's files directly instead: each file's header first (the count is known from the embeddings
+folder's manifest), then each chunk's rows into every tier's region at their offsets, per-tier values (norms,
+centres) last. Appending writes the new items as one more segment and keeps the saved ones as they are: the I/O is
+that of the new items, the anonymous memory that of one chunk (plus the ids). Every dtype gives the same files as
+`add` then `save` would (the same arithmetic per item); a binary index without saved items first reads the first
+`CENTER_SAMPLE` items once for its centres (a second pass: `chunks` must then be a function returning the chunks).
+The switch to the new list of segments is `index_files.save_segments`'s: crash-safe.
 """
 
 import json
@@ -19,9 +19,8 @@ import torch
 
 from . import index as index_module
 from .index import COMPRESSED, DTYPES, _tier_max_norms, check_candidate_embeddings, quantize
-from .index_files import FORMAT, FULL_NAME, IDS_NAME, VECTORS_NAME, save_segment
+from .index_files import FORMAT, FULL_NAME, IDS_NAME, VECTORS_NAME, save_segments
 
-COPY_ROWS_BYTES = 8 << 20  # bytes of one tier copied at a time from a saved index when appending
 SAFETENSORS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int8: "I8", torch.uint8: "U8"}
 
 
@@ -71,60 +70,49 @@ def build_index(
     full_dtype: str = "bfloat16",
 ) -> Path:
     """Write an index of `count` items to `directory` from `chunks` ((embeddings [n, R, D], ids) pairs, e.g.
-    `embeddings_file.iter_embeddings(path)`, or a function returning them), after the items of `base` (a loaded
-    `MetaEmbedIndex`, e.g. the one saved at `directory`: an append; its dtype is kept). Raises ValueError naming
-    the chunk when the chunks hold another count, shape or duplicate ids; the index at `directory` is then left as
-    it was."""
+    `embeddings_file.iter_embeddings(path)`, or a function returning them), as one new segment after the segments
+    of `base` (a `MetaEmbedIndex` loaded from disk, e.g. the one saved at `directory`: an append, which writes the
+    new items only; its dtype is kept). Raises ValueError naming the chunk when the chunks hold another count,
+    shape or duplicate ids; the index at `directory` is then left as it was."""
     if base is not None:
+        if base._count:
+            raise ValueError("base holds items added since it was loaded: save it first, then append to it")
+        if (base.dim, base.num_vectors) != (dim, num_vectors):
+            raise ValueError(
+                f"the index holds {base.num_vectors} vectors x {base.dim} dims; "
+                f"the new items were announced as {num_vectors} x {dim}"
+            )
         dtype, full_dtype = base.dtype_name, base.full_dtype_name
     if dtype not in DTYPES and dtype not in COMPRESSED:
         raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(COMPRESSED)}, got {dtype!r}")
     compressed, binary = dtype in COMPRESSED, dtype == "binary"
     stored_dtype = COMPRESSED.get(dtype) or DTYPES[dtype]
     full_torch = DTYPES[full_dtype] if compressed else stored_dtype
-    first = len(base) if base is not None else 0
-    total = first + count
+    existing = base._id_set if base is not None else set()
     width = dim // 8 if binary else dim
-    centers = base._centers if base is not None and first else None
-    if binary and centers is None:
-        centers = _centers(chunks, min(total, index_module.CENTER_SAMPLE), num_vectors, dim, full_torch)
-    tensors = {"vectors": (stored_dtype, (num_vectors, total, width))}
+    centers = base._centers if base is not None and len(base) else None
+    if binary and centers is None and count:
+        centers = _centers(chunks, min(count, index_module.CENTER_SAMPLE), num_vectors, dim, full_torch)
+    tensors = {"vectors": (stored_dtype, (num_vectors, count, width))}
     if compressed:
-        tensors["scales"] = (torch.float32, (num_vectors, total))
-    if binary and total:
-        tensors["offsets"] = (torch.float32, (num_vectors, total))
+        tensors["scales"] = (torch.float32, (num_vectors, count))
+    if binary and count:
+        tensors["offsets"] = (torch.float32, (num_vectors, count))
         tensors["centers"] = (torch.float32, (num_vectors, dim))
     if not compressed:
         tensors["max_norms"] = (torch.float32, (num_vectors,))
-    seen = set(base.ids) if base is not None else set()
 
-    def write(segment: Path) -> dict:
+    def write(segment: Path) -> int:
         vectors = _TensorFile(segment / VECTORS_NAME, tensors)
         full = None
         if compressed:
-            full = _TensorFile(segment / FULL_NAME, {"vectors": (full_torch, (num_vectors, total, dim))})
-        norms = torch.zeros(num_vectors)
+            full = _TensorFile(segment / FULL_NAME, {"vectors": (full_torch, (num_vectors, count, dim))})
+        norms, seen, row = torch.zeros(num_vectors), set(), 0
         try:
             with open(segment / IDS_NAME, "w", encoding="utf-8") as ids_file:
-                if first:  # the saved rows, tier by tier, in blocks of its memory map
-                    saved = {"vectors": base.codes} | ({"scales": base.scales} if compressed else {})
-                    if binary:
-                        saved["offsets"] = base._offsets[:, :first]
-                    step = max(1, COPY_ROWS_BYTES // (dim * 4))
-                    for tier in range(num_vectors):
-                        for start in range(0, first, step):
-                            for name, tensor in saved.items():
-                                vectors.rows(name, tier, start, tensor[tier, start : start + step])
-                            if compressed:
-                                full.rows("vectors", tier, start, base.vectors[tier, start : start + step])
-                    if not compressed:
-                        norms = torch.maximum(norms, _tier_max_norms(base.vectors, 2**22))
-                    ids_file.writelines(json.dumps(i) + "\n" for i in base.ids)
-                row = first
                 for number, (embeddings, ids) in enumerate(chunks() if callable(chunks) else chunks):
-                    _check_chunk(
-                        embeddings, ids, f"chunk {number} (items {row - first}..)", seen, dim, num_vectors, total - row
-                    )
+                    where = f"chunk {number} (items {row}..)"
+                    _check_chunk(embeddings, ids, where, existing, seen, dim, num_vectors, count - row)
                     part = embeddings[:, :num_vectors].transpose(0, 1)  # [R, n, D]
                     if compressed:
                         kept = part.to(full_torch)  # binary codes are those of the kept full vectors, as in add
@@ -142,8 +130,8 @@ def build_index(
                         norms = torch.maximum(norms, _tier_max_norms(kept, 2**22))  # in 1 MB float32 slices
                     ids_file.writelines(json.dumps(i) + "\n" for i in ids)
                     row += embeddings.shape[0]
-            if row != total:
-                raise ValueError(f"the chunks hold {row - first} items, {count} were announced")
+            if row != count:
+                raise ValueError(f"the chunks hold {row} items, {count} were announced")
             if "centers" in tensors:
                 vectors.whole("centers", centers)
             if not compressed:
@@ -152,23 +140,23 @@ def build_index(
             vectors.close()
             if full is not None:
                 full.close()
-        files = {"sha256": VECTORS_NAME, "ids_sha256": IDS_NAME}
-        return files | ({"full_sha256": FULL_NAME} if compressed else {})
+        return count
 
     manifest = {
-        "count": total,
+        "count": count + (len(base) if base is not None else 0),
         "num_vectors": num_vectors,
         "dim": dim,
         "dtype": dtype,
-        "layout": "vector-major [num_vectors, count, dim]",
+        "layout": "vector-major [num_vectors, count, dim] per segment",
     }
     if compressed:
         manifest["full_dtype"] = full_dtype
-    save_segment(Path(directory), write, manifest)
+    kept = base._saved_segments() if base is not None else []
+    save_segments(Path(directory), kept, write if count or not kept else None, manifest)
     return Path(directory)
 
 
-def _check_chunk(embeddings, ids, where: str, seen: set, dim: int, num_vectors: int, left: int) -> None:
+def _check_chunk(embeddings, ids, where: str, existing: set, seen: set, dim: int, num_vectors: int, left: int) -> None:
     try:
         check_candidate_embeddings(embeddings, dim, num_vectors, "this index")
     except ValueError as error:
@@ -178,7 +166,7 @@ def _check_chunk(embeddings, ids, where: str, seen: set, dim: int, num_vectors: 
     for position, item_id in enumerate(ids):
         if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
             raise ValueError(f"{where}: id at position {position} must be a str or an int, got {item_id!r}")
-        if item_id in seen:
+        if item_id in seen or item_id in existing:
             raise ValueError(f"{where}: id {item_id!r} (position {position}) is already in the index")
         seen.add(item_id)
 

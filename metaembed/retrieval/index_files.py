@@ -1,28 +1,42 @@
-"""A `MetaEmbedIndex` folder on disk: segments, the manifest that names one, and how a save replaces it.
+"""A `MetaEmbedIndex` folder on disk: its segments, the manifest that lists them, and how a save changes it.
 
     pages.index/
-      index.json             {"format": "metaembed-index/2", "segment": "segment-000003", count, shape, dtypes,
-                              SHA-256 of each file}: the one file that says which segment is the index
-      segment-000003/        vectors.safetensors, full.safetensors (int8 / binary), ids.jsonl (one JSON id a line)
+      index.json             {"format": "metaembed-index/3", count, num_vectors, dim, dtype(s),
+                              "segments": [{"name": "segment-000001", "count", SHA-256 of each file}, ...]}:
+                              the one file that says which segments, in which order, are the index
+      segment-000001/        vectors.safetensors, full.safetensors (int8 / binary), ids.jsonl (one JSON id a line)
+      segment-000004/        the items of a later append
 
-Saving writes a new segment folder beside the current one (in a hidden staging folder, flushed to disk, then
-renamed), then replaces `index.json` atomically (`replace_atomically`: temporary file flushed, renamed, the folder
-flushed), then removes the segments it no longer names. At every instant `index.json` names a complete segment: a
-crash (even SIGKILL or power loss) at any step leaves the old index or the new one at the path, plus at most a
-stale folder that the next save removes. Folders saved by earlier versions ("metaembed-index/1": the files and
-the ids in `index.json` at the top) still load, and are converted by their next save.
+A segment is written once and never changed. Saving writes only what is new: the items added since the index was
+loaded go into a new segment (in a hidden staging folder, flushed to disk, then renamed); the segments already in
+the folder are kept as they are (segments loaded from another folder are copied in, file by file). Then `index.json`
+is replaced atomically (`write_atomic`: temporary file flushed, renamed, the folder flushed), and the segments it
+no longer names are removed. At every instant `index.json` names complete segments: a crash (even SIGKILL or power
+loss) at any step leaves the old index or the new one at the path, plus at most a stale folder that the next save
+removes. So an append costs the I/O of the new items, never a rewrite of the index.
+
+Folders saved by earlier versions still load, and are converted by their next save: "metaembed-index/2" (one
+segment, named by "segment", its checksums at the top) and "metaembed-index/1" (the files and the ids in
+`index.json` at the top of the folder).
 """
 
 import hashlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.hub_metaembed import fsync_folder, write_atomic
 
-FORMAT = "metaembed-index/2"
+from .safetensors_header import read_header, tensor_span
+
+FORMAT = "metaembed-index/3"
+SINGLE_SEGMENT_FORMAT = "metaembed-index/2"  # one segment, named by "segment", its checksums at the top
 LEGACY_FORMAT = "metaembed-index/1"  # files and ids at the top of the folder
 MANIFEST_NAME = "index.json"
 VECTORS_NAME = "vectors.safetensors"
@@ -30,6 +44,20 @@ FULL_NAME = "full.safetensors"
 IDS_NAME = "ids.jsonl"
 SEGMENT = re.compile(r"segment-(\d{6,})")
 STAGING_PREFIX = ".segment-"
+# The checksum keys of a segment entry and the file each one covers.
+CHECKSUMS = {"sha256": VECTORS_NAME, "full_sha256": FULL_NAME, "ids_sha256": IDS_NAME}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Compressed storage: the torch dtype of the codes.
+COMPRESSED = {"int8": torch.int8, "binary": torch.uint8}
+# safetensors dtype names, and the numpy type of the same width used to memory-map the raw bytes.
+SAFETENSORS_DTYPES = {
+    "bfloat16": ("BF16", np.uint16),
+    "float16": ("F16", np.float16),
+    "float32": ("F32", np.float32),
+    "int8": ("I8", np.int8),
+    "binary": ("U8", np.uint8),
+}
 
 
 class IndexFileError(ValueError):
@@ -58,22 +86,52 @@ def check_writable(directory: Path) -> None:
             )
 
 
-def save_segment(directory: Path, write, manifest: dict) -> None:
-    """Write a new segment through `write(folder) -> {file key: path}` and make `directory/index.json` name it.
-    `manifest` gets the segment's name and the SHA-256 of each file returned."""
+def save_segments(directory: Path, kept: list, write_new, manifest: dict) -> None:
+    """Make `directory/index.json` list the segments `kept` then, when `write_new` is given, a new one.
+
+    `kept`: (folder, entry, ids) of segments already saved (`entry` as `read_manifest` gives it); one that lies in
+    `directory` is kept as it is, any other (another folder's, or a legacy layout) is copied in as a new segment.
+    `write_new(folder) -> count` writes the new segment's files. `manifest`: the index-wide fields."""
     check_writable(directory)
     directory.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for e in directory.iterdir() if (m := SEGMENT.fullmatch(e.name))]
-    name = f"segment-{max(numbers, default=0) + 1:06d}"
-    files = {}
-    # Staged as `.segment-NNNNNN.*` beside the segments (a leftover `_owned` recognises), flushed, renamed in.
-    save_folder_atomically(lambda staging: files.update(write(staging)), directory / name)
-    manifest = {"format": FORMAT, "segment": name, **manifest}
-    for key, path in files.items():
-        manifest[key] = sha256_file(directory / name / Path(path).name)
+    next_number = max(numbers, default=0) + 1
+    entries = []
+
+    def new_segment(write) -> dict:
+        nonlocal next_number
+        name, next_number = f"segment-{next_number:06d}", next_number + 1
+        found = {}
+        # Staged as `.segment-NNNNNN.*` beside the segments (a leftover `_owned` recognises), flushed, renamed in.
+        save_folder_atomically(lambda staging: found.update(count=write(staging)), directory / name)
+        entry = {"name": name, "count": found["count"]}
+        for key, file_name in CHECKSUMS.items():
+            if (directory / name / file_name).is_file():
+                entry[key] = sha256_file(directory / name / file_name)
+        return entry
+
+    for folder, entry, ids in kept:
+        if folder.parent.resolve() == directory.resolve() and SEGMENT.fullmatch(folder.name):
+            if not folder.is_dir():
+                raise IndexFileError(f"{folder} is missing: it was removed since the index was loaded")
+            entries.append(entry)
+            continue
+
+        def copy(staging: Path, folder=folder, ids=ids) -> int:
+            for file_name in (VECTORS_NAME, FULL_NAME):
+                if (folder / file_name).is_file():
+                    shutil.copyfile(folder / file_name, staging / file_name)  # the kernel copies; no bytes held here
+            write_ids(staging / IDS_NAME, ids)
+            return len(ids)
+
+        entries.append(new_segment(copy))
+    if write_new is not None:
+        entries.append(new_segment(write_new))
+    manifest = {"format": FORMAT, **manifest, "segments": entries}
     write_atomic(directory / MANIFEST_NAME, json.dumps(manifest) + "\n")  # the switch: old index, then new
+    named = {entry["name"] for entry in entries}
     for entry in directory.iterdir():  # what the manifest no longer names; best effort (a mapped file on Windows
-        if _owned(entry) and entry.name != name:  # cannot be removed: the next save removes it)
+        if _owned(entry) and entry.name not in named:  # cannot be removed: the next save removes it)
             try:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             except OSError:
@@ -82,7 +140,9 @@ def save_segment(directory: Path, write, manifest: dict) -> None:
 
 
 def read_manifest(directory: Path) -> tuple:
-    """(manifest, folder holding its files) of a saved index; IndexFileError naming what is wrong."""
+    """(manifest, [(segment folder, entry), ...]) of a saved index, in the index's order; each entry holds the
+    segment's "count" and the SHA-256 of its files (and, in a legacy folder, "ids"). IndexFileError naming what is
+    wrong."""
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise IndexFileError(f"{manifest_path} is missing: {directory} is not a saved MetaEmbedIndex")
@@ -90,18 +150,95 @@ def read_manifest(directory: Path) -> tuple:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise IndexFileError(f"{manifest_path} is not valid JSON: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, LEGACY_FORMAT):
+    formats = (FORMAT, SINGLE_SEGMENT_FORMAT, LEGACY_FORMAT)
+    if not isinstance(manifest, dict) or manifest.get("format") not in formats:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise IndexFileError(f"{manifest_path}: format is {found!r}, expected {FORMAT!r}")
+    check_manifest(manifest, manifest_path)
     if manifest["format"] == LEGACY_FORMAT:
-        return manifest, directory
-    segment = manifest.get("segment")
-    if not isinstance(segment, str) or SEGMENT.fullmatch(segment) is None:
-        raise IndexFileError(f"{manifest_path}: segment must name a segment-NNNNNN folder, got {segment!r}")
-    folder = directory / segment
-    if not folder.is_dir():
-        raise IndexFileError(f"{folder} is missing: {manifest_path} names it")
-    return manifest, folder
+        entry = {key: manifest.get(key) for key in ("count", "sha256", "full_sha256", "ids")}
+        segments = [(directory, entry)]
+    elif manifest["format"] == SINGLE_SEGMENT_FORMAT:
+        entry = {"name": manifest.get("segment"), **{key: manifest.get(key) for key in ("count", *CHECKSUMS)}}
+        segments = [(directory / str(entry["name"]), entry)]
+    else:
+        listed = manifest.get("segments")
+        if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
+            raise IndexFileError(f"{manifest_path}: segments must be a list of segment entries")
+        segments = [(directory / str(entry.get("name")), entry) for entry in listed]
+    compressed = manifest["dtype"] in COMPRESSED
+    for folder, entry in segments:
+        where = f"{manifest_path}: segment {entry.get('name')!r}"
+        if manifest["format"] != LEGACY_FORMAT:
+            if not isinstance(entry.get("name"), str) or SEGMENT.fullmatch(entry["name"]) is None:
+                raise IndexFileError(f"{where}: the name must be a segment-NNNNNN folder")
+            if not folder.is_dir():
+                raise IndexFileError(f"{folder} is missing: {manifest_path} names it")
+        count = entry.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise IndexFileError(f"{where}: count must be a non-negative integer, got {count!r}")
+        needed = ["sha256"] + (["full_sha256"] if compressed else [])
+        needed += ["ids_sha256"] if manifest["format"] != LEGACY_FORMAT else []
+        for key in needed:
+            if not isinstance(entry.get(key), str):
+                raise IndexFileError(f"{where}: {key} is missing")
+    total = sum(entry["count"] for _, entry in segments)
+    if total != manifest["count"]:
+        raise IndexFileError(f"{manifest_path}: the segments hold {total} items, count says {manifest['count']}")
+    return manifest, segments
+
+
+def check_manifest(manifest: dict, path: Path) -> None:
+    """The index-wide fields of a manifest: counts, shape and dtypes."""
+    for key in ("count", "num_vectors", "dim"):
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "count" else 1):
+            raise IndexFileError(f"{path}: {key} must be a non-negative integer, got {value!r}")
+    dtypes = sorted(DTYPES) + sorted(COMPRESSED)
+    if manifest.get("dtype") not in dtypes:
+        raise IndexFileError(f"{path}: dtype must be one of {dtypes}, got {manifest.get('dtype')!r}")
+    if manifest["dtype"] == "binary" and manifest["dim"] % 8:
+        raise IndexFileError(f"{path}: a binary index needs dim a multiple of 8, got {manifest['dim']}")
+    if manifest["dtype"] in COMPRESSED and manifest.get("full_dtype") not in DTYPES:
+        found = manifest.get("full_dtype")
+        raise IndexFileError(f"{path}: full_dtype must be one of {sorted(DTYPES)}, got {found!r}")
+
+
+def checksummed_files(folder: Path, entry: dict) -> list:
+    """(path, expected SHA-256) of each file of a segment."""
+    return [(folder / name, entry[key]) for key, name in CHECKSUMS.items() if isinstance(entry.get(key), str)]
+
+
+def read_tensors(path: Path, expected: dict, mmap: bool, optional: tuple = ()) -> dict:
+    """Tensors of a safetensors file, each checked against `expected` {name: (dtype name, shape)}, read or
+    memory-mapped; those named in `optional` may be absent (then they are left out of the result)."""
+    if not path.is_file():
+        raise IndexFileError(f"{path} is missing: the index's manifest names its segment")
+    header, data_start, size = read_header(path, IndexFileError)
+    tensors = {}
+    for name, (dtype_name, shape) in expected.items():
+        safetensors_dtype, numpy_dtype = SAFETENSORS_DTYPES[dtype_name]
+        if header.get(name) is None and name in optional:
+            continue
+        found_dtype, found_shape, offset, nbytes = tensor_span(header, data_start, name, path, IndexFileError)
+        if found_dtype != safetensors_dtype or found_shape != shape:
+            raise IndexFileError(
+                f"{path}: tensor {name!r} is {found_dtype} {found_shape}, the manifest says {safetensors_dtype} {shape}"
+            )
+        count = int(np.prod(shape))
+        if nbytes != count * np.dtype(numpy_dtype).itemsize or offset + nbytes > size:
+            raise IndexFileError(f"{path} is truncated: the bytes of tensor {name!r} are incomplete")
+        if mmap and count:
+            array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=offset, shape=(count,))
+        else:
+            array = np.fromfile(path, dtype=numpy_dtype, count=count, offset=offset)
+        with warnings.catch_warnings():  # a read-only map: torch warns that writes would be undefined (we never write)
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        if dtype_name == "bfloat16":
+            tensor = tensor.view(torch.bfloat16)
+        tensors[name] = tensor.view(*shape)
+    return tensors
 
 
 def write_ids(path: Path, ids: list) -> None:
@@ -109,16 +246,22 @@ def write_ids(path: Path, ids: list) -> None:
         file.writelines(json.dumps(i) + "\n" for i in ids)
 
 
-def read_ids(manifest: dict, folder: Path) -> list:
-    """The ids of a saved index: from `ids.jsonl` in its segment, or in the manifest of a legacy folder."""
-    if manifest["format"] == LEGACY_FORMAT:
-        return manifest.get("ids")
-    path = folder / IDS_NAME
-    try:
-        with open(path, encoding="utf-8") as file:
-            return [json.loads(line) for line in file]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IndexFileError(f"{path} is missing or unreadable: {error}") from error
+def read_ids(folder: Path, entry: dict) -> list:
+    """The ids of a saved segment, checked: a list of `entry["count"]` unique strs or ints."""
+    path = folder / (IDS_NAME if "ids" not in entry else MANIFEST_NAME)
+    if "ids" in entry:  # legacy: in the manifest
+        ids = entry["ids"]
+    else:
+        try:
+            with open(path, encoding="utf-8") as file:
+                ids = [json.loads(line) for line in file]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise IndexFileError(f"{path} is missing or unreadable: {error}") from error
+    if not isinstance(ids, list) or len(ids) != entry["count"]:
+        raise IndexFileError(f"{path}: ids must be a list of {entry['count']} entries")
+    if any(not isinstance(i, (str, int)) or isinstance(i, bool) for i in ids):
+        raise IndexFileError(f"{path}: ids must be strings or integers")
+    return ids
 
 
 def sha256_file(path: Path) -> str:
@@ -131,14 +274,20 @@ def sha256_file(path: Path) -> str:
 
 __all__ = [
     "FORMAT",
+    "SINGLE_SEGMENT_FORMAT",
     "LEGACY_FORMAT",
     "MANIFEST_NAME",
     "VECTORS_NAME",
     "FULL_NAME",
     "IDS_NAME",
+    "DTYPES",
+    "COMPRESSED",
     "IndexFileError",
-    "save_segment",
+    "save_segments",
     "read_manifest",
+    "check_manifest",
+    "checksummed_files",
+    "read_tensors",
     "read_ids",
     "write_ids",
     "check_writable",
