@@ -122,11 +122,11 @@ def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
     index.add(embeddings[:10])
     index.add(embeddings[10:])
     expected = embeddings.bfloat16().float().norm(dim=-1).amax(dim=0)
-    torch.testing.assert_close(index._max_norms, expected)
+    torch.testing.assert_close(index._tail.max_norms, expected)
     folder = tmp_path / "index"
     index.save(folder)
-    (segment,) = MetaEmbedIndex.load(folder, mmap=mmap)._sealed  # one saved segment, its norms
-    assert torch.equal(segment._max_norms, index._max_norms)
+    (segment,) = MetaEmbedIndex.load(folder, mmap=mmap)._saved  # one saved segment, its norms
+    assert torch.equal(segment.max_norms, index._tail.max_norms)
 
     def rewrite(max_norms):
         path = folder / "segment-000001" / "vectors.safetensors"
@@ -142,9 +142,9 @@ def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
     rewrite(None)
     earlier = MetaEmbedIndex.load(folder, mmap=mmap)
     if mmap:
-        assert earlier._sealed[0]._max_norms is None
+        assert earlier._saved[0].max_norms is None
     else:  # computed over all 30 items at once, the index's over its two adds: equal up to float32 rounding
-        torch.testing.assert_close(earlier._sealed[0]._max_norms, index._max_norms, rtol=0, atol=1e-6)
+        torch.testing.assert_close(earlier._saved[0].max_norms, index._tail.max_norms, rtol=0, atol=1e-6)
     queries = unit(3, 4, 16, seed=1)
     assert earlier.search(queries, k=5).ids == index.search(queries, k=5).ids
     for bad in (torch.full((4,), -1.0), torch.tensor([1.0, float("nan"), 1.0, 1.0])):
@@ -162,7 +162,7 @@ def test_saving_again_replaces_the_index_and_a_failed_save_keeps_the_old_one(tmp
     index.save(folder)
     assert len(MetaEmbedIndex.load(folder)) == 8
 
-    import metaembed.retrieval.index as module
+    import metaembed.retrieval.segment as module
 
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
@@ -318,7 +318,7 @@ def test_binary_signs_are_taken_around_the_center_of_the_items():
     index.add(candidates)
     exact = reference_top_k(queries, candidates, (4, 8), 10).indices.tolist()
     found = index.search(queries, budget=(4, 8), k=10, shortlist=40).positions.tolist()
-    torch.testing.assert_close(index._centers, candidates.mean(dim=0))  # fitted at the first search
+    torch.testing.assert_close(index._tail.centers, candidates.mean(dim=0))  # fitted at the first search
     recall = sum(len(set(a) & set(b)) for a, b in zip(found, exact)) / 60
     assert recall >= 0.6, recall  # measured 0.82; raw signs (no centers) 0.33; a random shortlist of 40: 0.13
 

@@ -25,7 +25,7 @@ def _chunks(count, vectors, dim, size, prefix, seed=0):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8", "binary"])
 def test_a_streamed_build_and_append_equal_adds(tmp_path, dtype, monkeypatch):
-    import metaembed.retrieval.index as module
+    import metaembed.retrieval.segment as module
 
     monkeypatch.setattr(module, "CENTER_SAMPLE", 300)  # binary: centres from the first 300 items, inside chunk 4
     reference = MetaEmbedIndex(dim=32, num_vectors=3, dtype=dtype)
@@ -41,15 +41,15 @@ def test_a_streamed_build_and_append_equal_adds(tmp_path, dtype, monkeypatch):
     if dtype in ("int8", "binary"):
         assert torch.equal(built.scales, reference.scales)
     if dtype == "binary":
-        assert torch.equal(built._centers, reference._centers)
-        offsets = torch.cat([segment._offsets for segment in built._sealed], dim=1)
-        assert torch.equal(offsets, reference._offsets[:, :630])
+        assert torch.equal(built._tail.centers, reference._tail.centers)
+        offsets = torch.cat([segment.offsets for segment in built._saved], dim=1)
+        assert torch.equal(offsets, reference._tail.offsets[:, :630])
     elif dtype != "int8":  # each segment's norms bound its own items: together, those of all
-        norms = torch.stack([segment._max_norms for segment in built._sealed]).amax(dim=0)
-        torch.testing.assert_close(norms, reference._max_norms, rtol=0, atol=0)
+        norms = torch.stack([segment.max_norms for segment in built._saved]).amax(dim=0)
+        torch.testing.assert_close(norms, reference._tail.max_norms, rtol=0, atol=0)
     # The append wrote a segment of its own, and left the first one as it was (its files untouched).
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["index.json", "segment-000001", "segment-000002"]
-    assert [len(segment) for segment in built._sealed] == [500, 130] and built.num_segments == 2
+    assert [segment.count for segment in built._saved] == [500, 130] and built.num_segments == 2
     queries = torch.randn(4, 2, 32)
     assert built.search(queries, k=5).ids == reference.search(queries, k=5).ids
     if dtype == "binary":

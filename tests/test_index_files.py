@@ -72,7 +72,7 @@ def test_a_wrong_stored_norm_is_caught_before_the_scan_trusts_it(tmp_path, monke
     index.add(embeddings)
     index.save(tmp_path / "index")
     MetaEmbedIndex.load(tmp_path / "index", mmap=True).verify()  # what was saved passes
-    _rewrite_norms(tmp_path / "index", index._max_norms / 2)  # too small: the two-part certificate would be void
+    _rewrite_norms(tmp_path / "index", index._tail.max_norms / 2)  # too small: the two-part certificate would be void
 
     with pytest.raises(IndexFileError, match="max_norms' is smaller than the stored vectors"):
         MetaEmbedIndex.load(tmp_path / "index", mmap=True).verify()
@@ -83,7 +83,7 @@ def test_a_wrong_stored_norm_is_caught_before_the_scan_trusts_it(tmp_path, monke
         with pytest.raises(IndexFileError, match="max_norms"):
             loaded.search(queries, k=3)
     # Larger norms than the data's only make the certificate conservative: accepted.
-    _rewrite_norms(tmp_path / "index", index._max_norms * 2)
+    _rewrite_norms(tmp_path / "index", index._tail.max_norms * 2)
     loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
     loaded.verify()
     assert loaded.search(queries, k=3).ids == index.search(queries, k=3).ids
@@ -105,7 +105,7 @@ def test_verify_names_a_changed_file(tmp_path):
 @pytest.mark.parametrize("dtype", ["binary", "int8"])
 @pytest.mark.parametrize("sample", [None, 700])  # centres fitted at the first search, or once 700 items are in
 def test_streamed_adds_code_items_as_one_add_does(dtype, sample, monkeypatch):
-    import metaembed.retrieval.index as module
+    import metaembed.retrieval.segment as module
 
     if sample is not None:
         monkeypatch.setattr(module, "CENTER_SAMPLE", sample)
@@ -122,7 +122,8 @@ def test_streamed_adds_code_items_as_one_add_does(dtype, sample, monkeypatch):
     assert found.ids == whole.search(queries, k=10, shortlist=20).ids
     assert torch.equal(streamed.codes, whole.codes) and torch.equal(streamed.scales, whole.scales)
     if dtype == "binary":
-        assert torch.equal(streamed._centers, whole._centers) and torch.equal(streamed._offsets, whole._offsets)
+        assert torch.equal(streamed._tail.centers, whole._tail.centers)
+        assert torch.equal(streamed._tail.offsets, whole._tail.offsets)
 
 
 # In one process per scenario: fork a child that saves (or appends: load, add, save) over an index, killed with
@@ -133,7 +134,7 @@ import json, os, shutil, sys, tempfile
 import torch
 torch.set_num_threads(1)  # no thread pool to inherit across fork
 from tests.crash_points import kill_at_each_step
-import metaembed.retrieval.index as index_module
+import metaembed.retrieval.segment as segment_module
 import metaembed.retrieval.index_files as files_module
 from metaembed.retrieval.index import MetaEmbedIndex
 
@@ -143,7 +144,7 @@ old = MetaEmbedIndex(dim=16, num_vectors=2, dtype="int8")
 old.add(torch.randn(30, 2, 16, generator=generator), ids=[f"old-{i}" for i in range(30)])
 more = torch.randn(12, 2, 16, generator=generator)
 steps = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
-         (tempfile, "mkdtemp"), (index_module, "save_file"), (index_module, "write_ids"),
+         (tempfile, "mkdtemp"), (segment_module, "save_file"), (segment_module, "write_ids"), (shutil, "copyfile"),
          (files_module, "write_atomic")]
 
 def save_new():
@@ -232,7 +233,7 @@ def test_an_append_writes_the_new_items_only_and_leaves_the_saved_segment_as_it_
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8", "binary"])
 def test_a_search_over_segments_equals_one_over_a_single_segment(tmp_path, dtype, monkeypatch):
-    import metaembed.retrieval.index as module
+    import metaembed.retrieval.segment as module
 
     monkeypatch.setattr(module, "CENTER_SAMPLE", 200)
     common = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)

@@ -267,8 +267,8 @@ def test_non_finite_queries_and_large_k_use_the_torch_scan(monkeypatch):
         monkeypatch.setenv(scan_kernel.ENVIRONMENT, kind)
         queries = torch.randn(2, 2, 64)
         queries[1, 0, 3] = float("nan")
-        assert index._kernel_top(queries, 2, 10, 64, 2**26) is None
-        assert index._kernel_top(queries[:1], 2, 400, 64, 2**15) is None  # its top-k lists would not fit
+        assert index._tail.kernel_top(queries, 2, 10, 64, 2**26) is None
+        assert index._tail.kernel_top(queries[:1], 2, 400, 64, 2**15) is None  # its top-k lists would not fit
         found = index.search(queries[:1], (2, 2), k=400, max_work_bytes=2**17)
         monkeypatch.setenv(scan_kernel.ENVIRONMENT, "torch")
         assert_same_top(found, index.search(queries[:1], (2, 2), k=400, max_work_bytes=2**17))

@@ -132,7 +132,7 @@ for index in (large, small):  # checks the stored norms now (a first search woul
 measure(small, repeats=1)
 report = {"added": measure(large), "added_small": measure(small), "kernel": scan_kernel.choose(large.codes, 1),
           "kernel_small": scan_kernel.choose(small.codes, 1),
-          "norms_known": large._sealed[0]._max_norms is not None}
+          "norms_known": large._saved[0].max_norms is not None}
 print(json.dumps(report))
 """
 

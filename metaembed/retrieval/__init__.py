@@ -1,7 +1,9 @@
 """Retrieval: searching stored candidate embeddings at any budget (r_q, r_c).
 
 - `index`: `MetaEmbedIndex`, the exact nested-budget index (bf16 / fp16 / fp32, int8 and binary with an exact
-  re-score), `save` / `load` (memory-mappable) and `SearchResult`.
+  re-score) as a list of segments, `save` / `load` (memory-mappable) and `SearchResult`.
+- `segment`: one segment's rows: storage dtypes and codes (`quantize`), the scan (kernel or torch), the exact
+  re-score of a shortlist, and its files.
 - `index_files`: an index folder on disk: its segments, the manifest listing them, the crash-safe switch.
 - `index_build`: an index built or appended to from chunks, straight into a new segment (bounded memory).
 - `scan_kernel` with `csrc/maxsim_scan.cpp`: the compiled CPU MaxSim scan (AMX, AVX2) and the choice of kernel.

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import index as index_module
-from .index import COMPRESSED, DTYPES, _tier_max_norms, check_candidate_embeddings, quantize
-from .index_files import FORMAT, FULL_NAME, IDS_NAME, VECTORS_NAME, save_segments
+from . import segment as segment_module
+from .index import check_candidate_embeddings
+from .index_files import COMPRESSED, DTYPES, FORMAT, FULL_NAME, IDS_NAME, VECTORS_NAME, save_segments
+from .segment import quantize, tier_max_norms
 
 SAFETENSORS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int8: "I8", torch.uint8: "U8"}
 
@@ -75,7 +76,7 @@ def build_index(
     new items only; its dtype is kept). Raises ValueError naming the chunk when the chunks hold another count,
     shape or duplicate ids; the index at `directory` is then left as it was."""
     if base is not None:
-        if base._count:
+        if base._tail.count:
             raise ValueError("base holds items added since it was loaded: save it first, then append to it")
         if (base.dim, base.num_vectors) != (dim, num_vectors):
             raise ValueError(
@@ -90,9 +91,9 @@ def build_index(
     full_torch = DTYPES[full_dtype] if compressed else stored_dtype
     existing = base._id_set if base is not None else set()
     width = dim // 8 if binary else dim
-    centers = base._centers if base is not None and len(base) else None
+    centers = base._tail.centers if base is not None and len(base) else None
     if binary and centers is None and count:
-        centers = _centers(chunks, min(count, index_module.CENTER_SAMPLE), num_vectors, dim, full_torch)
+        centers = _centers(chunks, min(count, segment_module.CENTER_SAMPLE), num_vectors, dim, full_torch)
     tensors = {"vectors": (stored_dtype, (num_vectors, count, width))}
     if compressed:
         tensors["scales"] = (torch.float32, (num_vectors, count))
@@ -127,7 +128,7 @@ def build_index(
                         kept = part.to(stored_dtype)
                         for tier in range(num_vectors):
                             vectors.rows("vectors", tier, row, kept[tier])
-                        norms = torch.maximum(norms, _tier_max_norms(kept, 2**22))  # in 1 MB float32 slices
+                        norms = torch.maximum(norms, tier_max_norms(kept, 2**22))  # in 1 MB float32 slices
                     ids_file.writelines(json.dumps(i) + "\n" for i in ids)
                     row += embeddings.shape[0]
             if row != count:
