@@ -33,6 +33,7 @@ import torch
 from modeling_metaembed.folders import save_folder_atomically
 from modeling_metaembed.hub_metaembed import fsync_folder, write_atomic
 
+from .embeddings_file import read_json_lines
 from .safetensors_header import read_header, tensor_span
 
 FORMAT = "metaembed-index/3"
@@ -253,8 +254,7 @@ def read_ids(folder: Path, entry: dict) -> list:
         ids = entry["ids"]
     else:
         try:
-            with open(path, encoding="utf-8") as file:
-                ids = [json.loads(line) for line in file]
+            ids = read_json_lines(path)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise IndexFileError(f"{path} is missing or unreadable: {error}") from error
     if not isinstance(ids, list) or len(ids) != entry["count"]:
