@@ -46,6 +46,10 @@ MLLAMA_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", 
 BACKBONES_SHIPPED_HERE = {"litevl": (LiteVLModel, LiteVLProcessor)}
 
 MODEL_CARD_NAME = "README.md"
+# Code files shipped beside this one that it does not import (sentence-transformers' module imports this file).
+# transformers copies only this file and its imports, on save and into its remote-code cache, so save_pretrained
+# writes these itself: from beside this file, else as from_pretrained read them from the checkpoint.
+CODE_FILES_BESIDE = ("sentence_metaembed.py",)
 # sentence-transformers names the module class by its file at the checkpoint root (sentence_metaembed.py).
 SENTENCE_TRANSFORMERS_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_metaembed.MetaEmbedModule"}]
 SENTENCE_TRANSFORMERS_CONFIG = {
@@ -115,6 +119,7 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             self.lm_head.requires_grad_(False)
         self.processor: MetaEmbedProcessor | None = None  # attached by from_pretrained / from_vlm
         self.model_card: str | None = None  # the checkpoint's README.md, written back by save_pretrained
+        self.code_files_beside: dict = {}  # {name: source} of CODE_FILES_BESIDE read from the checkpoint
         self.post_init()
 
     # ---------------------------------------------------------------------------------------------------- forward
@@ -497,12 +502,19 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             card_file = None
         if card_file is not None:
             model.model_card = Path(card_file).read_text(encoding="utf-8")
+        for name in CODE_FILES_BESIDE:
+            if not Path(__file__).with_name(name).is_file():
+                try:
+                    source = cached_file(pretrained_model_name_or_path, name, **hub_kwargs)
+                except OSError:  # an older checkpoint without it: save_pretrained warns
+                    continue
+                model.code_files_beside[name] = Path(source).read_text(encoding="utf-8")
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write a self-contained Hub folder: config.json (with auto_map), code files, safetensors weights, the
-        processor and tokenizer files, the sentence-transformers files (modules.json and its config) and, when
-        the model carries one, its model card (README.md)."""
+        processor and tokenizer files, the sentence-transformers files (sentence_metaembed.py, modules.json and its
+        config) and, when the model carries one, its model card (README.md)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
@@ -513,6 +525,13 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         )
         if self.model_card is not None:
             write_atomic(folder / MODEL_CARD_NAME, self.model_card)
+        for name in CODE_FILES_BESIDE:
+            beside = Path(__file__).with_name(name)
+            source = beside.read_text(encoding="utf-8") if beside.is_file() else self.code_files_beside.get(name)
+            if source is None:
+                logger.warning(f"{name} is not written to {folder}: this model was loaded from a checkpoint without it")
+            else:
+                write_atomic(folder / name, source)
 
     def push_to_hub(
         self,
@@ -533,14 +552,6 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
             return upload_folder_to_hub(folder, repo_id, private, revision, create_pr, commit_message, token)
-
-    def to_sentence_transformer(self, **encoder_kwargs):
-        """This model (same weights) as a sentence-transformers `MultiVectorEncoder`; needs
-        sentence-transformers>=6.2. A saved checkpoint loads the same way:
-        `MultiVectorEncoder(path_or_id, trust_remote_code=True)`."""
-        from .sentence_metaembed import to_multi_vector_encoder
-
-        return to_multi_vector_encoder(self, **encoder_kwargs)
 
 
 MetaEmbedConfig.register_for_auto_class()

@@ -5,7 +5,9 @@ checkpoint's `modules.json`, so that
 
     MultiVectorEncoder(path_or_id, trust_remote_code=True)
 
-loads the checkpoint as a one-module pipeline. `encode_query` / `encode_document` give the same vectors as
+loads the checkpoint as a one-module pipeline, and `to_multi_vector_encoder(model)` wraps an in-memory
+`MetaEmbedModel` (same weights, no copy). The model file does not import this one; its `save_pretrained` writes
+this file beside it. `encode_query` / `encode_document` give the same vectors as
 `model.encode(..., role="query" / "candidate")`; `num_vectors=k` keeps the first k (the retrieval budget);
 `similarity` is MaxSim, MetaEmbed's score. Nothing here re-implements sentence-transformers: the module only
 maps its task ("query" / "document") to MetaEmbed's role and returns the meta vectors as token embeddings.

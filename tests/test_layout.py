@@ -47,15 +47,8 @@ ROOMS = {
 }
 ROOMS["metaembed"] = set(ROOMS)
 
-# Circles left on purpose, each with its reason.
-# - The model file imports the sentence-transformers module lazily (`to_sentence_transformer`), and that import is
-#   how transformers bundles sentence_metaembed.py with the model's code when a checkpoint loaded from the Hub is
-#   saved again. The sentence module must build the model from the same module objects it was loaded with: loading
-#   it through AutoModel instead (tried) gives a second copy of the checkpoint's modules, and their classes differ
-#   (`EncodeItem` fails isinstance).
-KNOWN_CIRCLES = [
-    {"modeling_metaembed.modeling_metaembed", "modeling_metaembed.sentence_metaembed"},
-]
+# Circles left on purpose, each as a set of module names with a comment giving its reason (none at present).
+KNOWN_CIRCLES: list = []
 
 # Old import paths kept for users: (old module, new module, names that must be the same objects).
 REEXPORTS = [

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,11 +11,13 @@ from datasets import Dataset
 from sentence_transformers import MultiVectorEncoder, MultiVectorEncoderTrainer
 from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainingArguments
 from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
+from transformers import AutoModel
 
 from metaembed_training.loss import MatryoshkaContrastiveLoss
 from metaembed_training.multi_vector_encoder import MatryoshkaMultiVectorLoss
 from metaembed_training.synthetic import synthetic_records
 from modeling_metaembed import MetaEmbedModel, maxsim
+from modeling_metaembed.sentence_metaembed import to_multi_vector_encoder
 from tests.conftest import random_image
 
 
@@ -90,13 +94,32 @@ def test_budget_set_on_the_module_applies_without_num_vectors_and_is_saved(tiny_
 
 def test_in_memory_model_converts_and_saves_a_loadable_encoder(tiny_checkpoint, tmp_path):
     model = MetaEmbedModel.from_pretrained(tiny_checkpoint("qwen2_5_vl"))
-    encoder = model.to_sentence_transformer()
+    encoder = to_multi_vector_encoder(model)
     assert encoder[0].model is model  # same weights, no copy
     encoder.save_pretrained(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "sentence_metaembed.py").is_file()
     reloaded = MultiVectorEncoder(str(tmp_path / "saved"), trust_remote_code=True)
     torch.testing.assert_close(
         torch.stack(reloaded.encode_document(["x y z"])), model.encode(["x y z"]), atol=1e-6, rtol=0
+    )
+
+
+def test_a_checkpoint_loaded_as_remote_code_and_saved_again_still_loads_in_sentence_transformers(
+    tiny_checkpoint, tmp_path
+):
+    folder = tmp_path / "resaved-source"  # a folder name of its own: transformers caches remote code by it
+    shutil.copytree(tiny_checkpoint("qwen2_5_vl"), folder)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    model_file = Path(sys.modules[type(model).__module__].__file__)
+    assert "transformers_modules" in model_file.parts  # the checkpoint's own code, not this package's
+    # transformers copies only the model file and its imports into its cache: the module file is not among them
+    assert not model_file.with_name("sentence_metaembed.py").exists()
+    model.save_pretrained(tmp_path / "again")
+    for name in ("sentence_metaembed.py", "modules.json", "config_sentence_transformers.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (folder / name).read_bytes(), name
+    encoder = MultiVectorEncoder(str(tmp_path / "again"), trust_remote_code=True)
+    torch.testing.assert_close(
+        torch.stack(encoder.encode_document(["x y z"])), model.encode(["x y z"]), atol=1e-6, rtol=0
     )
 
 

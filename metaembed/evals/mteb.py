@@ -22,13 +22,14 @@ def mteb_model(model, budget, name: str | None = None, revision: str | None = No
     from sentence_transformers import MultiVectorEncoder
 
     from modeling_metaembed import MetaEmbedModel
+    from modeling_metaembed.sentence_metaembed import to_multi_vector_encoder
 
     if isinstance(model, (str, Path)):
         name = name or str(model)
         model = MultiVectorEncoder(str(model), trust_remote_code=True)
     elif isinstance(model, MetaEmbedModel):
         name = name or getattr(model, "name_or_path", None)
-        model = model.to_sentence_transformer()
+        model = to_multi_vector_encoder(model)
     elif not isinstance(model, MultiVectorEncoder):
         raise ValueError(f"model must be a MetaEmbedModel, a MultiVectorEncoder or a path, got {type(model).__name__}")
     module = model[0]
