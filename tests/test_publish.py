@@ -223,13 +223,17 @@ USER_MACHINE = textwrap.dedent(
     from sentence_transformers import MultiVectorEncoder
     from transformers import AutoModel
 
-    repo_id, out = sys.argv[1:3]
+    repo_id, out, again = sys.argv[1:4]
     model = AutoModel.from_pretrained(repo_id, trust_remote_code=True)
+    # A fine-tuner's save: still a sentence-transformers checkpoint. Before the encoder loads, whose module file
+    # would then sit in the same code cache as the model's.
+    model.save_pretrained(again)
     encoder = MultiVectorEncoder(repo_id, trust_remote_code=True)
     texts = ["a query about cats", "a second, longer query about dogs"]
     torch.save({
         "model": model.encode(texts, role="query"),
         "encoder": torch.stack(encoder.encode_query(texts)),
+        "saved again": torch.stack(MultiVectorEncoder(again, trust_remote_code=True).encode_query(texts)),
         "card": model.model_card,
     }, out)
     """
@@ -248,7 +252,7 @@ def test_users_load_a_published_checkpoint_by_repo_id_from_the_hub_cache_offline
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(home / "modules")}
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [sys.executable, "-c", USER_MACHINE, "org/metaembed-7b", str(tmp_path / "out.pt")],
+        [sys.executable, "-c", USER_MACHINE, "org/metaembed-7b", str(tmp_path / "out.pt"), str(tmp_path / "again")],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -262,7 +266,9 @@ def test_users_load_a_published_checkpoint_by_repo_id_from_the_hub_cache_offline
     )
     torch.testing.assert_close(out["model"], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["encoder"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["saved again"], expected, atol=1e-5, rtol=0)
     assert out["card"] == (staged / "README.md").read_text()
+    assert (tmp_path / "again" / "sentence_metaembed.py").read_text() == (staged / "sentence_metaembed.py").read_text()
 
 
 def test_card_of_a_text_only_backbone_is_a_text_feature_extractor(tiny_checkpoint):
