@@ -290,3 +290,100 @@ def test_trainer_step_on_two_processes_equals_one_process(tiny_checkpoint, tmp_p
             torch.testing.assert_close(
                 torch.from_numpy(update[name]), one_update[name], atol=1e-5, rtol=1e-4, msg=f"{name} (frozen {frozen})"
             )
+
+
+def _recorded_training(checkpoint, output_dir, resume=None) -> tuple:
+    """Two epochs of 4 steps, gradient accumulation over 3 (so each epoch ends on a partial accumulation), saving
+    every update. Returns, per micro-batch trained on, (record ids, tensors on the device, gradients synced there,
+    the accelerator at the end of the data), and the number of updates."""
+    from metaembed_training.data import ContrastiveDataset
+    from metaembed_training.synthetic import synthetic_records
+    from metaembed_training.trainer import MetaEmbedTrainer, MetaEmbedTrainingArguments
+    from modeling_metaembed import MetaEmbedModel
+
+    seen = []
+
+    class RecordingTrainer(MetaEmbedTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            tensors = [t for chunk in inputs["queries"] + inputs["candidates"] for t in chunk["inputs"].values()]
+            placed = all(t.device.type == self.args.device.type for t in tensors)
+            state = self.accelerator.gradient_state
+            seen.append((inputs["ids"], placed, state.sync_gradients, state.end_of_dataloader))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = MetaEmbedTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=3,
+        num_train_epochs=2,
+        dataloader_drop_last=False,
+        save_strategy="steps",
+        save_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        ddp_backend="gloo",
+    )
+    data = ContrastiveDataset(synthetic_records(21, seed=3, sources=2))
+    trainer = RecordingTrainer(model=MetaEmbedModel.from_pretrained(checkpoint), args=args, train_dataset=data)
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: {"ids": [row["id"] for row in rows], **collate(rows)}
+    trainer.train(resume_from_checkpoint=resume)
+    return seen, trainer.state.global_step
+
+
+def _loader_worker(rank, world, port, checkpoint, output_dir, queue):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    full, updates = _recorded_training(checkpoint, output_dir)
+    resumed, _ = _recorded_training(checkpoint, output_dir + "-resumed", resume=f"{output_dir}/checkpoint-1")
+    queue.put((rank, full, updates, resumed))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_take_the_same_steps_over_disjoint_records_with_short_batches(tiny_checkpoint, tmp_path):
+    """The trainer on two processes, 4 records each per step: two sources of 11 and 10 records give global batches
+    of 8, 8, 3 (shared 2 + 1) and 2 (1 + 1), one source per step. Both processes take the same steps, their shares
+    are disjoint and together hold every record once per epoch (no share dropped, padded or re-sharded), on the
+    device; the epoch's last, partial accumulation syncs the gradients on both; each epoch has its own order; and a
+    run resumed after the first update trains on the same batches as the uninterrupted one from there on."""
+    from metaembed_training.synthetic import synthetic_records
+
+    sources = {r["id"]: r["source"] for r in synthetic_records(21, seed=3, sources=2)}
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    checkpoint = str(tiny_checkpoint("qwen3"))
+    processes = [
+        context.Process(target=_loader_worker, args=(r, 2, port, checkpoint, str(tmp_path / "out"), queue))
+        for r in range(2)
+    ]
+    for p in processes:
+        p.start()
+    results = {rank: rest for rank, *rest in (queue.get(timeout=300) for _ in range(2))}
+    for p in processes:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    (full_0, updates_0, resumed_0), (full_1, updates_1, resumed_1) = results[0], results[1]
+    assert updates_0 == updates_1 == 4  # per epoch: 3 micro-batches, then 1
+    assert len(full_0) == len(full_1) == 8
+    orders = []
+    for epoch in range(2):
+        steps_0, steps_1 = full_0[4 * epoch : 4 * epoch + 4], full_1[4 * epoch : 4 * epoch + 4]
+        sizes = []
+        for (ids_0, placed_0, *_), (ids_1, placed_1, *_) in zip(steps_0, steps_1):
+            assert not set(ids_0) & set(ids_1) and placed_0 and placed_1
+            assert len({sources[i] for i in ids_0 + ids_1}) == 1  # one source per global batch
+            sizes.append((len(ids_0), len(ids_1)))
+        assert sorted(sizes) == [(1, 1), (2, 1), (4, 4), (4, 4)]
+        assert sorted(i for ids, *_ in steps_0 + steps_1 for i in ids) == sorted(sources)
+        for steps in (steps_0, steps_1):
+            assert [sync for _, _, sync, _ in steps] == [False, False, True, True]
+            assert [end for *_, end in steps] == [False, False, False, True]
+        orders.append([ids for ids, *_ in steps_0])
+    assert orders[0] != orders[1]
+    for resumed, full in ((resumed_0, full_0), (resumed_1, full_1)):
+        assert resumed == full[3:]
