@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.data_loader import prepare_data_loader
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
@@ -249,15 +250,21 @@ class MetaEmbedTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
         )
-        loader = self.accelerator.prepare(loader)
-        # The sampler already gives each process its share of one global batch: make accelerate's shard wrapper
-        # a pass-through (as the Trainer does for its own rank-aware sampler). Without a batch size it also passes
-        # on a share shorter than the per-device batch (a source's short last batch, split unevenly), which it
-        # would otherwise drop, or pad with repeated records, on that process alone: a step fewer there.
-        wrapper = getattr(loader, "batch_sampler", None)
-        if wrapper is not None and getattr(wrapper, "batch_sampler", None) is sampler:
-            wrapper.num_processes, wrapper.process_index, wrapper.batch_size = 1, 0, None
-        return loader
+        # The sampler already gives this process its share of one global batch, so accelerate is told of one
+        # process: nothing is re-sharded, and a share shorter than the per-device batch (a source's short last
+        # batch, split unevenly) is passed on, neither dropped nor padded on that process alone. Not listed in the
+        # accelerator's loaders, which only its save_state / load_state read; the Trainer calls neither.
+        return prepare_data_loader(
+            loader,
+            self.accelerator.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=self.accelerator.device_placement,
+            rng_types=list(self.accelerator.rng_types),
+            dispatch_batches=False,
+            non_blocking=self.accelerator.non_blocking,
+            use_stateful_dataloader=self.accelerator.use_stateful_dataloader,
+        )
 
     # ---------------------------------------------------------------------------------------------------- loss
     def _embed_chunk(self, model, chunk: dict, role: str) -> torch.Tensor:
