@@ -292,3 +292,19 @@ def test_saving_a_loaded_index_elsewhere_copies_its_segments(tmp_path):
     copied.verify()
     assert len(copied) == 43 and copied.num_segments == 2 and torch.equal(copied.vectors, loaded.vectors)
     assert len(MetaEmbedIndex.load(tmp_path / "a")) == 40  # the source is left as it was
+
+
+def test_a_repeated_id_in_the_saved_files_is_refused_and_a_loaded_index_holds_no_id_set(tmp_path):
+    index = MetaEmbedIndex(dim=8, num_vectors=1)
+    index.add(torch.randn(3, 1, 8), ids=["a", "b", "c"])
+    index.save(tmp_path / "index")
+    loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
+    assert loaded._id_set is None  # a search-only process holds the ids list alone
+    with pytest.raises(ValueError, match="'b' .* is already in the index"):
+        loaded.add(torch.randn(1, 1, 8), ids=["b"])
+    loaded.add(torch.randn(1, 1, 8), ids=["d"])
+    loaded.save(tmp_path / "index")
+    (second,) = (tmp_path / "index").glob("segment-000002")
+    (second / "ids.jsonl").write_text('"a"\n')  # the new segment now repeats the first one's id
+    with pytest.raises(IndexFileError, match="an id appears twice"):
+        MetaEmbedIndex.load(tmp_path / "index", verify_checksum=False)

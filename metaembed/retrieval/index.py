@@ -101,7 +101,7 @@ class MetaEmbedIndex:
         self._tail = Segment(dim, num_vectors, self.dtype_name, device, self.full_dtype_name)  # items added since
         self.dtype, self.full_dtype, self.device = self._tail.dtype, self._tail.full_dtype, self._tail.device
         self.ids: list = []  # every item's id, in order: the saved segments' then the new ones
-        self._id_set: set = set()
+        self._id_set: set | None = set()  # the ids as a set, for duplicate checks; built at the first add after load
 
     # ------------------------------------------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -165,7 +165,14 @@ class MetaEmbedIndex:
         self._check_new_ids(ids, count)
         self._tail.add(embeddings[:, : self.num_vectors].transpose(0, 1))  # [R_c, n, D]
         self.ids.extend(ids)
-        self._id_set.update(ids)
+        self._known_ids().update(ids)
+
+    def _known_ids(self) -> set:
+        """The ids as a set. A loaded index builds it only when items are added: a search-only process (a server)
+        holds the ids list alone, about half the memory of list and set (10M ids: 0.7 GB instead of 1.3 GB)."""
+        if self._id_set is None:
+            self._id_set = set(self.ids)
+        return self._id_set
 
     def _check_new_ids(self, ids: list, count: int) -> None:
         if len(ids) != count:
@@ -174,7 +181,7 @@ class MetaEmbedIndex:
         for position, item_id in enumerate(ids):
             if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
                 raise ValueError(f"id at position {position} must be a str or an int, got {item_id!r}")
-            if item_id in self._id_set or item_id in seen:
+            if item_id in self._known_ids() or item_id in seen:
                 raise ValueError(f"id {item_id!r} (position {position}) is already in the index")
             seen.add(item_id)
 
@@ -372,11 +379,11 @@ class MetaEmbedIndex:
                 index._tail.centers = segment.centers
             ids.extend(read_ids(folder, entry))
             index._saved.append(segment)
-        if len(set(ids)) != len(ids):
+        if len(set(ids)) != len(ids):  # a set for the check only: its table is freed, the strings are the list's
             raise IndexFileError(f"{directory}: an id appears twice in its segments")
         index._saved_count = len(ids)
         index.ids = ids
-        index._id_set = set(ids)
+        index._id_set = None  # built from the ids at the first add
         return index
 
 

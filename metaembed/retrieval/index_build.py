@@ -89,7 +89,7 @@ def build_index(
     compressed, binary = dtype in COMPRESSED, dtype == "binary"
     stored_dtype = COMPRESSED.get(dtype) or DTYPES[dtype]
     full_torch = DTYPES[full_dtype] if compressed else stored_dtype
-    existing = base._id_set if base is not None else set()
+    existing = base._known_ids() if base is not None else set()
     width = dim // 8 if binary else dim
     centers = base._tail.centers if base is not None and len(base) else None
     if binary and centers is None and count:
