@@ -138,10 +138,17 @@ def embeddings_info(path) -> dict:
 
 def iter_embeddings(path, dtype=torch.float32):
     """Yield (embeddings (n, k, D) in `dtype`, ids) shard by shard: one shard in memory at a time."""
+    for _, embeddings, ids in iter_embedding_shards(path, dtype):
+        yield embeddings, ids
+
+
+def iter_embedding_shards(path, dtype=torch.float32):
+    """`iter_embeddings` with each shard's file name first: (name, embeddings, ids), for messages that name the
+    shard (a single file of the earlier format is its own one shard)."""
     path = Path(path)
     if path.is_file():
         embeddings, ids = _load_single_file(path)
-        yield embeddings.to(dtype), ids
+        yield path.name, embeddings.to(dtype), ids
         return
     manifest = _read_manifest(path)
     tail = [manifest["num_vectors"], manifest["dim"]]
@@ -158,7 +165,7 @@ def iter_embeddings(path, dtype=torch.float32):
                 f"{vectors_path}: {len(ids)} ids in {shard['ids']} for embeddings of shape "
                 f"{tuple(embeddings.shape)}; the manifest says {shard['count']} x {tail}"
             )
-        yield embeddings.to(dtype), ids
+        yield shard["vectors"], embeddings.to(dtype), ids
 
 
 def load_embeddings(path) -> tuple:
@@ -227,6 +234,7 @@ __all__ = [
     "save_embeddings",
     "load_embeddings",
     "iter_embeddings",
+    "iter_embedding_shards",
     "embeddings_info",
     "write_shard",
     "read_json_lines",
