@@ -1,6 +1,7 @@
 """QdrantMetaEmbedIndex on two engines through one code path: qdrant-client's local mode (Python) and Qdrant's own
 Rust engine in-process (qdrant-edge-py). The same results as MetaEmbedIndex, persistence, quantization, bad input."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ pytest.importorskip("qdrant_client")  # declared test dependencies: these only g
 pytest.importorskip("qdrant_edge")
 from qdrant_client import QdrantClient
 
+from metaembed.retrieval.embeddings_file import save_embeddings
 from metaembed.retrieval.index import MetaEmbedIndex
 from metaembed.retrieval.qdrant import Edge, QdrantMetaEmbedIndex, point_id
 from modeling_metaembed.scoring_metaembed import maxsim
@@ -208,3 +210,142 @@ def test_bad_input_is_named(engine):
         client.create_collection("other", vectors_config={})
     with pytest.raises(ValueError, match="not written by QdrantMetaEmbedIndex"):
         QdrantMetaEmbedIndex.open(client, "other")
+
+
+# ---------------------------------------------------------------------------------------------------- bulk ingest
+def stored_vectors(store, item_id) -> dict:
+    """{field: float64 array} of one stored point, read back from the engine itself."""
+    pid = point_id(item_id)
+    if isinstance(store.client, Edge):
+        (record,) = store.client.shard(store.collection_name).retrieve([pid], False, True)
+    else:
+        (record,) = store.client.retrieve(store.collection_name, [pid], with_payload=False, with_vectors=True)
+    return {name: np.asarray(vector, dtype=np.float64) for name, vector in record.vector.items()}
+
+
+def embeddings_folder(path, candidates, ids, shard_rows=50, precision="float32"):
+    save_embeddings(path, candidates, ids, role="candidate", model="test", precision=precision, shard_rows=shard_rows)
+    return path
+
+
+def test_streaming_ingest_equals_add(engine, tmp_path):
+    candidates, ids = unit(130, 8, 16), [f"doc-{i}" for i in range(127)] + [7, 8, 9]  # str and int ids
+    folder = embeddings_folder(tmp_path / "docs.emb", candidates, ids)  # 3 shards: 50, 50, 30
+    added = QdrantMetaEmbedIndex.create(engine(), "added", dim=16, candidate_budgets=(4, 8))
+    added.add(candidates, ids=ids)
+    streamed = QdrantMetaEmbedIndex.create(engine(), "streamed", dim=16, candidate_budgets=(4, 8))
+    assert streamed.add_from_embeddings(folder, batch_size=32) == {"added": 130, "skipped": 0}
+    assert len(streamed) == len(added) == 130
+    queries = unit(5, 4, 16, seed=1)
+    for budget, shortlist in [((4, 8), None), ((2, 4), None), ((3, 1), None), ((4, 8), 20)]:
+        expected = added.search(queries, budget=budget, k=6, shortlist=shortlist, exact=True)
+        found = streamed.search(queries, budget=budget, k=6, shortlist=shortlist, exact=True)
+        assert found.ids == expected.ids
+        torch.testing.assert_close(found.scores, expected.scores, rtol=1e-5, atol=1e-5)
+    assert stored_vectors(streamed, 7).keys() == stored_vectors(added, 7).keys()
+
+
+@pytest.mark.parametrize("budgets", [(1, 4), (2, 3, 8)])
+def test_a_point_stores_the_chosen_budgets_only(engine, tmp_path, budgets):
+    """One field per budget above 1, holding that many of the item's first vectors; vector 0 as "coarse"; nothing
+    of the vectors beyond the largest budget."""
+    candidates = unit(20, 10, 16)
+    candidates[:, 9] = float("nan")  # beyond every budget: never read, so not refused
+    store = QdrantMetaEmbedIndex.create(engine(), "items", dim=16, candidate_budgets=budgets)
+    store.add_from_embeddings(embeddings_folder(tmp_path / "docs.emb", candidates, list(range(20))))
+    stored = stored_vectors(store, 3)
+    assert sorted(stored) == sorted(["coarse", *(f"maxsim_{r}" for r in budgets if r > 1)])
+    item = candidates[3].double().numpy()
+    np.testing.assert_allclose(stored["coarse"], item[0], rtol=0, atol=1e-7)
+    for r_c in budgets:
+        if r_c > 1:
+            np.testing.assert_allclose(stored[f"maxsim_{r_c}"], item[:r_c], rtol=0, atol=1e-7)
+    floats = sum(v.size for v in stored.values())
+    assert floats == (1 + sum(r for r in budgets if r > 1)) * 16
+
+
+def test_float16_storage_keeps_scores_within_its_rounding(engine, tmp_path):
+    """Qdrant's float16 storage (the embedded engine; local mode ignores it): stored values are the float16
+    roundings, and each score is within r_q * 2^-10 of float32 MaxSim (unit vectors: each of the r_q maxima moves
+    by at most |q| |c - fp16(c)| <= 2^-11, and the engine may round the query too)."""
+    candidates, queries = unit(200, 8, 32), unit(6, 4, 32, seed=1)
+    folder = embeddings_folder(tmp_path / "docs.emb", candidates, list(range(200)), precision="float16")
+    store = QdrantMetaEmbedIndex.create(engine(), "items", dim=32, candidate_budgets=(8,), datatype="float16")
+    store.add_from_embeddings(folder)
+    store.optimize()
+    reopened = QdrantMetaEmbedIndex.open(store.client, "items")
+    assert reopened.datatype == "float16" and "float16" in repr(reopened)
+    # The folder holds float16 already: the stored values are exactly its values, whatever the engine stores.
+    half = candidates.half().double()
+    np.testing.assert_allclose(stored_vectors(store, 5)["maxsim_8"], half[5].numpy(), rtol=0, atol=0)
+    # A float32 item: the engine stores its float16 rounding; local mode stores float32.
+    store.add(unit(1, 8, 32, seed=9), ids=["f32"])
+    item = unit(1, 8, 32, seed=9)[0]
+    kept = item.half() if engine.name == "edge" else item
+    np.testing.assert_allclose(stored_vectors(store, "f32")["maxsim_8"], kept.double().numpy(), rtol=0, atol=0)
+    exact = maxsim(queries, torch.cat([candidates, item[None]]), budget=(4, 8))
+    found = store.search(queries, budget=(4, 8), k=10)
+    positions = torch.tensor([[200 if i == "f32" else i for i in row] for row in found.ids])
+    hits = exact.gather(1, positions)
+    bound = 4 * 2**-10
+    assert (found.scores - hits).abs().max() <= bound
+    kth = exact.topk(10, dim=1).values[:, -1:]
+    assert (hits >= kth - 2 * bound).all()  # the top-10 but for near ties
+
+
+def test_skip_existing_resumes_an_interrupted_ingest(engine, tmp_path):
+    candidates, ids = unit(120, 4, 8), list(range(120))
+    folder = embeddings_folder(tmp_path / "docs.emb", candidates, ids)
+    store = QdrantMetaEmbedIndex.create(engine(), "items", dim=8, candidate_budgets=(4,))
+    store.add(candidates[:70], ids=ids[:70])  # the first shard and part of the second, as an interruption leaves
+    assert store.add_from_embeddings(folder, batch_size=16, skip_existing=True) == {"added": 50, "skipped": 70}
+    assert store.add_from_embeddings(folder, batch_size=16) == {"added": 120, "skipped": 0}  # idempotent
+    full = QdrantMetaEmbedIndex.create(engine(), "full", dim=8, candidate_budgets=(4,))
+    full.add(candidates, ids=ids)
+    queries = unit(3, 2, 8, seed=4)
+    assert len(store) == 120
+    assert store.search(queries, k=10).ids == full.search(queries, k=10).ids
+
+
+def test_a_bad_shard_is_refused_with_its_name(engine, tmp_path):
+    candidates, ids = unit(120, 4, 8), [f"doc-{i}" for i in range(120)]
+    store = QdrantMetaEmbedIndex.create(engine(), "items", dim=8, candidate_budgets=(2, 4), datatype="float16")
+    # Refused before anything is written: the folder's role, dimension or number of vectors.
+    queries = tmp_path / "queries.emb"
+    save_embeddings(queries, candidates, ids, role="query", model="test")
+    with pytest.raises(ValueError, match="queries.emb: holds query embeddings, expected candidate"):
+        store.add_from_embeddings(queries)
+    with pytest.raises(ValueError, match="dimension 6, but collection 'items' holds dimension 8"):
+        store.add_from_embeddings(embeddings_folder(tmp_path / "d6.emb", unit(10, 4, 6), list(range(10))))
+    with pytest.raises(ValueError, match="3 vectors per item, but collection 'items' stores .* up to r_c=4"):
+        store.add_from_embeddings(embeddings_folder(tmp_path / "r3.emb", unit(10, 3, 8), list(range(10))))
+    with pytest.raises(ValueError, match="not a MetaEmbed embeddings folder"):
+        store.add_from_embeddings(tmp_path)
+    assert len(store) == 0
+
+    # A bad item in the second shard: named with its shard; the first shard is in, and a fixed re-run completes.
+    bad = candidates.clone()
+    bad[73, 1, 2] = float("nan")
+    folder = embeddings_folder(tmp_path / "docs.emb", bad, ids)
+    with pytest.raises(ValueError, match=r"chunk-000001\.safetensors: item 'doc-73' \(position 23\) has non-finite"):
+        store.add_from_embeddings(folder)
+    assert len(store) == 50
+    bad[73, 3, 0] = float("nan")  # beyond budget 2 but within 4: still refused
+    bad[73, :2] = candidates[73, :2]
+    with pytest.raises(ValueError, match="doc-73.*non-finite.*the 50 items before it are in"):
+        store.add_from_embeddings(embeddings_folder(tmp_path / "docs.emb", bad, ids))
+    big = candidates.clone()
+    big[101, 0, 0] = 7e4  # beyond float16: this collection stores float16
+    with pytest.raises(ValueError, match=r"chunk-000002\.safetensors: item 'doc-101' .*magnitude 70000.*float16"):
+        store.add_from_embeddings(embeddings_folder(tmp_path / "docs.emb", big, ids))
+    repeated = ids[:99] + ["doc-3"] + ids[100:]
+    with pytest.raises(ValueError, match=r"chunk-000001\.safetensors: id 'doc-3' appears more than once"):
+        store.add_from_embeddings(embeddings_folder(tmp_path / "docs.emb", candidates, repeated))
+    folder = embeddings_folder(tmp_path / "docs.emb", candidates, ids)
+    (folder / "chunk-000002.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"cannot read shard chunk-000002\.safetensors"):
+        store.add_from_embeddings(folder)
+    assert store.add_from_embeddings(embeddings_folder(tmp_path / "docs.emb", candidates, ids))["added"] == 120
+    assert len(store) == 120
+    with pytest.raises(ValueError, match="datatype must be one of"):
+        QdrantMetaEmbedIndex.create(store.client, "other", dim=8, datatype="uint8")

@@ -12,29 +12,38 @@ candidates, then MaxSim on "maxsim_<r_c>" with the query's first r_q vectors re-
 `MetaEmbedIndex.search_two_stage` run by the database. Without a shortlist the MaxSim field is scanned in full
 (`MetaEmbedIndex.search`). The query side's budget r_q is free at search time; r_c is one of the fields created.
 
-Two engines, one code path: everything above is written once against a small backend (create, upsert, count,
+Qdrant scores a multivector field whole (its MAX_SIM has no "first r_c vectors" option), so each budget needs its
+own field: a point stores (1 + the budgets above 1) x D values, nothing beyond the chosen budgets, in float32 or,
+with `datatype="float16"`, Qdrant's float16 storage (half the bytes; scores within r_q * 2^-10 for unit vectors).
+
+Two engines, one code path: everything above is written once against a small backend (create, write, count,
 query), implemented for `qdrant_client.QdrantClient` (a server or cluster by URL, or its Python local mode,
 `QdrantClient(":memory:")` / `QdrantClient(path=...)`) and for `Edge`, Qdrant's own Rust engine running in this
-process (`qdrant-edge-py`: the server's segment code, HNSW, MAX_SIM and quantization, without a server). Point ids
-are UUIDs derived from the item ids (kept in the payload), so re-adding an item replaces it: an interrupted upload
-can be re-run from the start.
+process (`qdrant-edge-py`: the server's segment code, HNSW, MAX_SIM and quantization, without a server). Writes go
+in batches: qdrant-client's `upload_collection` with numpy arrays (over gRPC it sends their bytes, no per-float
+conversion), the embedded engine's `upsert_points` with one list conversion per batch that every field shares.
+`add_from_embeddings` streams an embeddings folder shard by shard. Point ids are UUIDs derived from the item ids
+(kept in the payload), so re-adding an item replaces it: an interrupted upload can be re-run from the start.
 """
 
 import json
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from modeling_metaembed.hub_metaembed import write_atomic
 from modeling_metaembed.scoring_metaembed import check_budget
 
-from .index import SearchResult, as_query_batch, check_candidate_embeddings
+from .index import SearchResult, as_query_batch
 
 FORMAT = "metaembed-qdrant/1"
 COARSE = "coarse"
 ID_KEY = "metaembed_id"
 QUANTIZATIONS = ("int8", "binary")
+DATATYPES = ("float32", "float16")  # Qdrant's vector storage types that keep a float embedding (uint8 takes integers)
+FLOAT16_MAX = 65504.0
 # Qdrant caps one point's multivector at this many floats in total (r_c * dim); the embedded engine does not check
 # it, a server rejects the point: we refuse such a field when the collection is created.
 MULTIVECTOR_FLOAT_CAP = 1_048_576
@@ -114,7 +123,7 @@ class _Backend:
     """What both backends do alike; each translates a field, a request and a search into its engine's own types."""
 
     def create(self, fields: dict, metadata: dict, on_disk: bool) -> None:
-        """`fields`: {name: (dim, multivector, quantization or None)}."""
+        """`fields`: {name: (dim, multivector, quantization or None, datatype)}."""
         vectors = {field: self.vector_params(*spec, on_disk) for field, spec in fields.items()}
         self.create_collection(vectors, metadata, fields)
 
@@ -138,15 +147,13 @@ class _ClientBackend(_Backend):
     def exists(self) -> bool:
         return self.client.collection_exists(self.name)
 
-    def vector_params(self, dim: int, multivector: bool, quantization, on_disk: bool):
+    def vector_params(self, dim: int, multivector: bool, quantization, datatype: str, on_disk: bool):
         models = _client_models()
-        extra = {}
+        extra = {"datatype": models.Datatype.FLOAT16} if datatype == "float16" else {}  # local mode stores float32
         if multivector:
             comparator = models.MultiVectorComparator.MAX_SIM
-            extra = {
-                "multivector_config": models.MultiVectorConfig(comparator=comparator),
-                "hnsw_config": models.HnswConfigDiff(m=0),
-            }
+            extra["multivector_config"] = models.MultiVectorConfig(comparator=comparator)
+            extra["hnsw_config"] = models.HnswConfigDiff(m=0)
         if quantization == "int8":
             extra["quantization_config"] = models.ScalarQuantization(
                 scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
@@ -165,10 +172,19 @@ class _ClientBackend(_Backend):
         fields = info.config.params.vectors
         return info.config.metadata or {}, set(fields) if isinstance(fields, dict) else fields
 
-    def upsert(self, points: list) -> None:
-        models = _client_models()
-        structs = [models.PointStruct(id=pid, vector=vector, payload=payload) for pid, vector, payload in points]
-        self.client.upsert(self.name, points=structs, wait=True)
+    def write(self, point_ids: list, vectors: np.ndarray, payloads: list, budgets: tuple) -> None:
+        """Upsert one batch: `vectors` [n, max(budgets), D] float32. The fields are views of it, handed to the
+        client's batch upload as numpy arrays: its gRPC uploader sends their bytes; REST and local mode convert
+        them to lists once, inside the client."""
+        columns = {COARSE: vectors[:, 0]}
+        columns.update({maxsim_field(r_c): vectors[:, :r_c] for r_c in budgets if r_c > 1})
+        self.client.upload_collection(
+            self.name, vectors=columns, payload=payloads, ids=point_ids, batch_size=len(point_ids), wait=True
+        )
+
+    def existing(self, point_ids: list) -> set:
+        found = self.client.retrieve(self.name, point_ids, with_payload=False, with_vectors=False)
+        return {str(point.id) for point in found}
 
     def count(self) -> int:
         return self.client.count(self.name, exact=True).count
@@ -204,13 +220,13 @@ class _EdgeBackend(_Backend):
     def exists(self) -> bool:
         return self.edge.collection_exists(self.name)
 
-    def vector_params(self, dim: int, multivector: bool, quantization, on_disk: bool):
+    def vector_params(self, dim: int, multivector: bool, quantization, datatype: str, on_disk: bool):
         qe = _edge()
-        extra = {}
+        extra = {"datatype": qe.VectorStorageDatatype.Float16} if datatype == "float16" else {}
         if multivector:
             hnsw = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)  # re-rank only: no graph
-            multivector = qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim)
-            extra = {"multivector_config": multivector, "hnsw_config": hnsw}
+            extra["multivector_config"] = qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim)
+            extra["hnsw_config"] = hnsw
         if quantization == "int8":
             extra["quantization_config"] = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, always_ram=True)
         elif quantization == "binary":
@@ -236,11 +252,19 @@ class _EdgeBackend(_Backend):
         metadata = json.loads(path.read_text(encoding="utf-8"))
         return metadata, set(metadata.pop("fields", []))
 
-    def upsert(self, points: list) -> None:
+    def write(self, point_ids: list, vectors: np.ndarray, payloads: list, budgets: tuple) -> None:
+        """Upsert one batch in one engine operation. The engine takes Python lists only: the batch becomes lists
+        once (`ndarray.tolist`, max(budgets) x D floats per item) and every field is a prefix of the same rows."""
         qe = _edge()
-        shard = self.edge.shard(self.name)
-        built = [qe.Point(pid, vector, payload) for pid, vector, payload in points]
-        shard.update(qe.UpdateOperation.upsert_points(built))
+        fields = [(maxsim_field(r_c), r_c) for r_c in budgets if r_c > 1]
+        points = [
+            qe.Point(pid, {COARSE: rows[0], **{name: rows[:r_c] for name, r_c in fields}}, payload)
+            for pid, rows, payload in zip(point_ids, vectors.tolist(), payloads)
+        ]
+        self.edge.shard(self.name).update(qe.UpdateOperation.upsert_points(points))
+
+    def existing(self, point_ids: list) -> set:
+        return {str(record.id) for record in self.edge.shard(self.name).retrieve(point_ids, False, False)}
 
     def count(self) -> int:
         return self.edge.shard(self.name).count(_edge().CountRequest(exact=True))
@@ -286,9 +310,18 @@ class QdrantMetaEmbedIndex:
         collection_name: the collection holding the items.
     """
 
-    def __init__(self, client, collection_name: str, dim: int, candidate_budgets: tuple, quantization=None):
+    def __init__(
+        self,
+        client,
+        collection_name: str,
+        dim: int,
+        candidate_budgets: tuple,
+        quantization=None,
+        datatype: str = "float32",
+    ):
         self.client, self.collection_name = client, collection_name
         self.dim, self.candidate_budgets, self.quantization = dim, tuple(candidate_budgets), quantization
+        self.datatype = datatype
         self._backend = _backend(client, collection_name)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -301,11 +334,15 @@ class QdrantMetaEmbedIndex:
         candidate_budgets=(64,),
         on_disk: bool = False,
         quantization: str | None = None,
+        datatype: str = "float32",
     ):
         """A new collection for `dim`-dimensional items searchable at the candidate budgets `candidate_budgets`
         (each stored as its own MaxSim field; r_c = 1 needs none: it is the "coarse" field). `quantization`
         ("int8": Qdrant's scalar quantization, "binary": its binary quantization) compresses the MaxSim fields;
-        searches then score the compressed vectors and re-score with the originals (`search(rescore=...)`)."""
+        searches then score the compressed vectors and re-score with the originals (`search(rescore=...)`).
+        `datatype="float16"` stores every field in Qdrant's float16 (half the bytes; local mode ignores it): a
+        score moves by at most r_q * 2^-10 for unit vectors, and an embeddings folder written in float16 or
+        bfloat16 loses nothing more (bfloat16 converts exactly, but for magnitudes below 6.1e-5: 3e-8 at most)."""
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         budgets = tuple(candidate_budgets)
@@ -313,17 +350,25 @@ class QdrantMetaEmbedIndex:
             raise ValueError(f"candidate_budgets must be positive integers, got {candidate_budgets!r}")
         if quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {quantization!r}")
+        if datatype not in DATATYPES:
+            raise ValueError(f"datatype must be one of {DATATYPES}, got {datatype!r}")
         budgets = tuple(sorted(set(budgets)))
         for r_c in budgets:
             check_multivector_cap(r_c, dim)
         backend = _backend(client, collection_name)
         if backend.exists():
             raise ValueError(f"collection {collection_name!r} already exists: open it with QdrantMetaEmbedIndex.open")
-        fields = {COARSE: (dim, False, None)}
-        fields.update({maxsim_field(r_c): (dim, True, quantization) for r_c in budgets if r_c > 1})
-        metadata = {"format": FORMAT, "dim": dim, "candidate_budgets": list(budgets), "quantization": quantization}
+        fields = {COARSE: (dim, False, None, datatype)}
+        fields.update({maxsim_field(r_c): (dim, True, quantization, datatype) for r_c in budgets if r_c > 1})
+        metadata = {
+            "format": FORMAT,
+            "dim": dim,
+            "candidate_budgets": list(budgets),
+            "quantization": quantization,
+            "datatype": datatype,
+        }
         backend.create(fields, metadata, on_disk)
-        return cls(client, collection_name, dim, budgets, quantization)
+        return cls(client, collection_name, dim, budgets, quantization, datatype)
 
     @classmethod
     def open(cls, client, collection_name: str):
@@ -342,7 +387,8 @@ class QdrantMetaEmbedIndex:
         if not isinstance(fields, set) or fields != expected:
             found = sorted(fields) if isinstance(fields, set) else fields
             raise ValueError(f"collection {collection_name!r} has vector fields {found}, expected {sorted(expected)}")
-        return cls(client, collection_name, dim, budgets, metadata.get("quantization"))
+        datatype = metadata.get("datatype", "float32")  # collections written before the option: float32
+        return cls(client, collection_name, dim, budgets, metadata.get("quantization"), datatype)
 
     def __len__(self) -> int:
         return self._backend.count()
@@ -350,7 +396,7 @@ class QdrantMetaEmbedIndex:
     def __repr__(self) -> str:
         return (
             f"QdrantMetaEmbedIndex({self.collection_name!r}, {self.dim} dims, "
-            f"candidate budgets {self.candidate_budgets}, quantization {self.quantization})"
+            f"candidate budgets {self.candidate_budgets}, quantization {self.quantization}, {self.datatype})"
         )
 
     def optimize(self) -> None:
@@ -361,34 +407,120 @@ class QdrantMetaEmbedIndex:
     # ------------------------------------------------------------------------------------------------ writing
     def add(self, embeddings: torch.Tensor, ids: list, batch_size: int = 256, show_progress_bar: bool = False):
         """Upsert items: `embeddings` [N, R, D] with R >= the largest candidate budget, `ids` one per item (str or
-        int, kept in the payload under "metaembed_id"). An item whose id is already stored is replaced."""
-        largest = max(self.candidate_budgets)
-        check_candidate_embeddings(embeddings, self.dim, largest, f"this collection (budgets {self.candidate_budgets})")
+        int, kept in the payload under "metaembed_id"). An item whose id is already stored is replaced. Every item
+        is checked before any is written."""
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 3:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise ValueError(f"embeddings must be a tensor of shape (items, vectors, dim), got {shape}")
         count = embeddings.shape[0]
         ids = list(ids)
         if len(ids) != count:
             raise ValueError(f"got {len(ids)} ids for {count} items: give one id per item")
-        for position, item_id in enumerate(ids):
-            if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
-                raise ValueError(f"id at position {position} must be a str or an int, got {item_id!r}")
-        if len(set(ids)) != len(ids):
-            duplicate = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"id {duplicate!r} appears more than once in this batch")
+        self._check_items(embeddings, ids, "", set())
 
         from tqdm.auto import tqdm
 
+        largest = max(self.candidate_budgets)
         with tqdm(total=count, desc="Upserting", unit="item", disable=not show_progress_bar) as progress:
             for start in range(0, count, batch_size):
-                chunk = embeddings[start : start + batch_size, :largest].detach().float().cpu()
-                points = []
-                for item_id, item in zip(ids[start : start + batch_size], chunk):
-                    vector = {COARSE: item[0].tolist()}
-                    for r_c in self.candidate_budgets:
-                        if r_c > 1:
-                            vector[maxsim_field(r_c)] = item[:r_c].tolist()
-                    points.append((point_id(item_id), vector, {ID_KEY: item_id}))
-                self._backend.upsert(points)
-                progress.update(len(points))
+                chunk = embeddings[start : start + batch_size, :largest].detach().to("cpu", torch.float32)
+                self._write(chunk.numpy(), ids[start : start + batch_size])
+                progress.update(chunk.shape[0])
+
+    def add_from_embeddings(
+        self, path, batch_size: int = 256, skip_existing: bool = False, show_progress_bar: bool = False
+    ) -> dict:
+        """Upsert every item of a candidate embeddings folder (what `metaembed encode` and `save_embeddings` write),
+        shard by shard: one shard in memory at a time, sent in batches of `batch_size` by the engine's batch write.
+        Only the first max(candidate_budgets) vectors of an item are read into the batch. Returns
+        {"added": items written, "skipped": items left as stored}.
+
+        A shard with a bad item (non-finite values, a bad or repeated id, a value float16 cannot hold) is refused
+        with a ValueError naming the shard file and the item; the shards before it are already written. Re-running
+        after an interruption or a fix is safe: point ids derive from item ids, so an item written again replaces
+        itself. `skip_existing=True` makes that re-run cheaper: items whose id is already in the collection are not
+        converted or sent again (it trusts that a stored id holds the same vectors)."""
+        from tqdm.auto import tqdm
+
+        from .embeddings_file import embeddings_info, iter_embedding_shards
+
+        path = Path(path)
+        info = embeddings_info(path)
+        largest = max(self.candidate_budgets)
+        holder = f"collection {self.collection_name!r}"
+        if info.get("role") != "candidate":
+            raise ValueError(f"{path}: holds {info.get('role')} embeddings, expected candidate embeddings")
+        if info["dim"] != self.dim:
+            raise ValueError(f"{path}: embeddings of dimension {info['dim']}, but {holder} holds dimension {self.dim}")
+        if info["num_vectors"] < largest:
+            raise ValueError(
+                f"{path}: {info['num_vectors']} vectors per item, but {holder} stores candidate budgets up to "
+                f"r_c={largest} ({self.candidate_budgets})"
+            )
+        counts = {"added": 0, "skipped": 0}
+        seen = set()
+        try:
+            with tqdm(total=info["count"], desc="Upserting", unit="item", disable=not show_progress_bar) as progress:
+                for shard, embeddings, ids in iter_embedding_shards(path):  # ValueError naming an unreadable shard
+                    self._check_items(embeddings, ids, f"{path / shard}: ", seen)
+                    vectors = embeddings[:, :largest].numpy()
+                    for start in range(0, len(ids), batch_size):
+                        part, part_ids = vectors[start : start + batch_size], ids[start : start + batch_size]
+                        if skip_existing:
+                            present = self._backend.existing([point_id(i) for i in part_ids])
+                            keep = [row for row, i in enumerate(part_ids) if point_id(i) not in present]
+                            counts["skipped"] += len(part_ids) - len(keep)
+                            part, part_ids = part[keep], [part_ids[row] for row in keep]
+                        if part_ids:
+                            self._write(part, part_ids)
+                            counts["added"] += len(part_ids)
+                        progress.update(min(batch_size, len(ids) - start))
+        except ValueError as error:
+            done = counts["added"] + counts["skipped"]
+            if done:
+                raise ValueError(
+                    f"{error} (the {done:,} items before it are in {holder}: fix the input and run again; an "
+                    f"item added again replaces itself)"
+                ) from error
+            raise
+        return counts
+
+    def _check_items(self, embeddings: torch.Tensor, ids: list, where: str, seen: set) -> None:
+        """ValueError starting with `where` and naming the item, unless every item can be stored: D = dim, enough
+        vectors, finite values (and within float16's range when stored as float16) in the vectors kept, ids str or
+        int and not in `seen` (which they join)."""
+        largest, holder = max(self.candidate_budgets), f"this collection (budgets {self.candidate_budgets})"
+        _, vectors, found = embeddings.shape
+        if found != self.dim:
+            raise ValueError(f"{where}embeddings have dimension {found} but {holder} holds dimension {self.dim}")
+        if vectors < largest:
+            raise ValueError(f"{where}embeddings have {vectors} vectors per item but {holder} keeps {largest}")
+        if not embeddings.is_floating_point():
+            raise ValueError(f"{where}embeddings must be floating point, got {embeddings.dtype}")
+        for row, item_id in enumerate(ids):
+            if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+                raise ValueError(f"{where}id at position {row} must be a str or an int, got {item_id!r}")
+            if item_id in seen:
+                raise ValueError(f"{where}id {item_id!r} appears more than once (again at position {row})")
+            seen.add(item_id)
+        kept = embeddings[:, :largest].detach().flatten(1)
+        finite = torch.isfinite(kept).all(dim=1)
+        if not finite.all():
+            row = int((~finite).nonzero()[0])
+            raise ValueError(f"{where}item {ids[row]!r} (position {row}) has non-finite values (NaN or inf)")
+        if self.datatype == "float16" and kept.numel():
+            magnitudes = kept.abs().amax(dim=1)
+            if magnitudes.max() > FLOAT16_MAX:
+                row = int((magnitudes > FLOAT16_MAX).nonzero()[0])
+                raise ValueError(
+                    f"{where}item {ids[row]!r} (position {row}) has a value of magnitude {float(magnitudes[row]):.6g}: "
+                    f"{self.collection_name!r} stores float16, whose largest is 65504 (create it with datatype='float32')"
+                )
+
+    def _write(self, vectors: np.ndarray, ids: list) -> None:
+        """One batch, checked: `vectors` [n, max(budgets), D] float32."""
+        payloads = [{ID_KEY: item_id} for item_id in ids]
+        self._backend.write([point_id(i) for i in ids], vectors, payloads, self.candidate_budgets)
 
     @classmethod
     def from_index(
@@ -479,4 +611,12 @@ class QdrantMetaEmbedIndex:
         return SearchResult(scores=scores.reshape(len(responses), -1), positions=None, ids=ids)
 
 
-__all__ = ["QdrantMetaEmbedIndex", "Edge", "point_id", "maxsim_field", "check_multivector_cap", "MULTIVECTOR_FLOAT_CAP"]
+__all__ = [
+    "QdrantMetaEmbedIndex",
+    "Edge",
+    "point_id",
+    "maxsim_field",
+    "check_multivector_cap",
+    "MULTIVECTOR_FLOAT_CAP",
+    "DATATYPES",
+]
