@@ -8,6 +8,8 @@
     metaembed convert OFFICIAL OUTPUT [--base BASE] [--num-query-vectors 16] [--num-candidate-vectors 64]
     metaembed index SOURCE INDEX [--model MODEL] [--num-vectors R_C] [--precision bfloat16] [--append]
     metaembed search INDEX QUERIES [--model MODEL] [--budget R_Q R_C] [--top-k K] [--shortlist S] [--mmap]
+    metaembed qdrant-ingest EMBEDDINGS COLLECTION (--edge DIR | --local DIR | --url URL) [--budgets R_C ...]
+                     [--datatype float32|float16] [--quantization int8|binary] [--batch-size N] [--skip-existing]
     metaembed evaluate {mmeb,vidore} MODEL --data SOURCE [--budgets R_Q R_C ...] [--output DIR]
 
 Exit codes: 0 success; 1 the work failed (an upload error, a conversion that does not reproduce the official
@@ -325,6 +327,72 @@ def run_search(args) -> None:
     _write_results(args.output, zip(query_ids, found.ids, found.scores.tolist()))
 
 
+def _qdrant_client(args):
+    """The Qdrant engine of --edge / --local / --url."""
+    from .retrieval.qdrant import Edge
+
+    if args.edge:
+        return Edge(args.edge)
+    try:
+        from qdrant_client import QdrantClient
+    except ImportError as error:
+        raise CommandFailed("--local and --url need qdrant-client: pip install 'metaembed[qdrant]'") from error
+    if args.local:
+        return QdrantClient(path=args.local)
+    return QdrantClient(url=args.url, prefer_grpc=args.grpc, api_key=os.environ.get("QDRANT_API_KEY"))
+
+
+def run_qdrant_ingest(args) -> None:
+    import time
+
+    from .retrieval.embeddings_file import embeddings_info
+    from .retrieval.qdrant import QdrantMetaEmbedIndex
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    info = embeddings_info(args.embeddings)  # ValueError naming the folder when it is not one
+    client = _qdrant_client(args)
+    try:
+        if QdrantMetaEmbedIndex.exists(client, args.collection):  # a re-run: same items, same point ids
+            store = QdrantMetaEmbedIndex.open(client, args.collection)
+            asked = {"budgets": args.budgets and tuple(sorted(set(args.budgets))), "datatype": args.datatype}
+            asked["quantization"] = args.quantization
+            held = {"budgets": store.candidate_budgets, "datatype": store.datatype, "quantization": store.quantization}
+            for key, value in asked.items():
+                if value is not None and value != held[key]:
+                    raise ValueError(
+                        f"collection {args.collection!r} exists with {key} {held[key]}, not {value}: choose another "
+                        f"collection, or leave --{key} out to add to this one"
+                    )
+        else:
+            # A 16-bit folder loses nothing in float16 storage; a float32 one keeps float32 unless asked.
+            sixteen = info.get("precision") in ("float16", "bfloat16")
+            datatype = args.datatype or ("float16" if sixteen else "float32")
+            budgets = tuple(args.budgets) if args.budgets else (info["num_vectors"],)
+            store = QdrantMetaEmbedIndex.create(
+                client, args.collection, info["dim"], budgets, quantization=args.quantization, datatype=datatype
+            )
+        start = time.perf_counter()
+        counts = store.add_from_embeddings(
+            args.embeddings,
+            batch_size=args.batch_size,
+            skip_existing=args.skip_existing,
+            show_progress_bar=not args.quiet,
+        )
+        seconds = time.perf_counter() - start
+        if not args.no_optimize:
+            store.optimize()
+        if not args.quiet:
+            rate = counts["added"] / seconds if seconds > 0 else float("inf")
+            skipped = f", {counts['skipped']:,} already stored" if counts["skipped"] else ""
+            print(
+                f"wrote {counts['added']:,} items{skipped} into {store!r} in {seconds:.1f} s ({rate:,.0f} items/s)",
+                file=sys.stderr,
+            )
+    finally:
+        client.close()
+
+
 def run_evaluate(args) -> None:
     from .evals import mmeb, vidore, write_report
 
@@ -485,6 +553,34 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", action="store_true", help="no progress bar")
     index.set_defaults(run=run_index)
     search.set_defaults(run=run_search)
+
+    qdrant = commands.add_parser(
+        "qdrant-ingest", help="stream a candidate embeddings folder into a Qdrant collection (created if missing)"
+    )
+    qdrant.add_argument("embeddings", help="candidate embeddings folder (metaembed encode)")
+    qdrant.add_argument("collection", help="collection name; an existing one is added to (re-running is safe)")
+    where = qdrant.add_mutually_exclusive_group(required=True)
+    where.add_argument("--edge", metavar="DIR", help="Qdrant's engine in this process (qdrant-edge-py), shards in DIR")
+    where.add_argument("--local", metavar="DIR", help="qdrant-client's local mode on disk (for tests: slow)")
+    where.add_argument("--url", help="a Qdrant server (API key from QDRANT_API_KEY)")
+    qdrant.add_argument("--grpc", action="store_true", help="with --url: upload over gRPC (numpy bytes, no lists)")
+    qdrant.add_argument(
+        "--budgets", type=int, nargs="+", default=None, metavar="R_C", help="candidate budgets stored (default: all)"
+    )
+    qdrant.add_argument(
+        "--datatype",
+        choices=("float32", "float16"),
+        default=None,
+        help="Qdrant storage type (default: float16 for a float16 / bfloat16 folder, else float32)",
+    )
+    qdrant.add_argument("--quantization", choices=("int8", "binary"), default=None)
+    qdrant.add_argument("--batch-size", type=int, default=256, help="points per write")
+    qdrant.add_argument(
+        "--skip-existing", action="store_true", help="resume: do not send items whose id is already stored"
+    )
+    qdrant.add_argument("--no-optimize", action="store_true", help="--edge: do not build HNSW / quantized vectors now")
+    qdrant.add_argument("--quiet", action="store_true", help="no progress bar")
+    qdrant.set_defaults(run=run_qdrant_ingest)
 
     evaluate = commands.add_parser("evaluate", help="MMEB or ViDoRe at a sweep of budgets: results.json + results.md")
     evaluate.add_argument("benchmark", choices=("mmeb", "vidore"))

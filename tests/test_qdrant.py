@@ -349,3 +349,25 @@ def test_a_bad_shard_is_refused_with_its_name(engine, tmp_path):
     assert len(store) == 120
     with pytest.raises(ValueError, match="datatype must be one of"):
         QdrantMetaEmbedIndex.create(store.client, "other", dim=8, datatype="uint8")
+
+
+def test_the_qdrant_ingest_command(engine, tmp_path, capsys):
+    from metaembed.cli import main
+
+    candidates, ids = unit(90, 8, 16), [f"doc-{i}" for i in range(90)]
+    folder = str(embeddings_folder(tmp_path / "docs.emb", candidates, ids, precision="bfloat16"))
+    where = ["--edge", str(tmp_path / "edge")] if engine.name == "edge" else ["--local", str(tmp_path / "local")]
+    assert main(["qdrant-ingest", folder, "pages", *where, "--budgets", "4", "1", "--quiet"]) == 0
+    assert main(["qdrant-ingest", folder, "pages", *where, "--skip-existing"]) == 0  # a re-run: nothing to send
+    assert "wrote 0 items, 90 already stored into QdrantMetaEmbedIndex('pages'" in capsys.readouterr().err
+    assert main(["qdrant-ingest", folder, "pages", *where, "--budgets", "8", "--quiet"]) == 2
+    assert "collection 'pages' exists with budgets (1, 4), not (8,)" in capsys.readouterr().err
+    assert main(["qdrant-ingest", str(tmp_path / "missing"), "other", *where]) == 2
+    assert "missing: not a MetaEmbed embeddings folder" in capsys.readouterr().err
+
+    client = Edge(tmp_path / "edge") if engine.name == "edge" else QdrantClient(path=str(tmp_path / "local"))
+    store = QdrantMetaEmbedIndex.open(client, "pages")
+    assert (store.candidate_budgets, store.datatype, len(store)) == ((1, 4), "float16", 90)  # a bf16 folder
+    found = store.search(candidates[[5, 17], :2], budget=(2, 4), k=1)
+    assert found.ids == [["doc-5"], ["doc-17"]]
+    client.close()

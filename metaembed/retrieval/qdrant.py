@@ -370,6 +370,11 @@ class QdrantMetaEmbedIndex:
         backend.create(fields, metadata, on_disk)
         return cls(client, collection_name, dim, budgets, quantization, datatype)
 
+    @staticmethod
+    def exists(client, collection_name: str) -> bool:
+        """Whether `client` holds a collection of this name (written by `create` or not: `open` checks that)."""
+        return _backend(client, collection_name).exists()
+
     @classmethod
     def open(cls, client, collection_name: str):
         """An existing collection written by `create`, checked to be one."""
