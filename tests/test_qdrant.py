@@ -116,6 +116,16 @@ def test_a_collection_on_disk_reopens_with_the_same_results(tmp_path, engine):
     client.close()
 
 
+def test_point_ids_are_the_uuid5_of_the_item_ids():
+    """Collections written before keep their point ids: `point_id` is still uuid5 of "<type>:<id>"."""
+    import uuid
+
+    from metaembed.retrieval.qdrant import _ID_NAMESPACE
+
+    for item_id in [0, 1, "1", "doc-7", "é 中", -5, 10**20, "", "x" * 500]:
+        assert point_id(item_id) == str(uuid.uuid5(_ID_NAMESPACE, f"{type(item_id).__name__}:{item_id}"))
+
+
 def test_re_adding_an_item_replaces_it(engine):
     store = QdrantMetaEmbedIndex.create(engine(), "items", dim=8, candidate_budgets=(4,))
     candidates = unit(10, 4, 8)
