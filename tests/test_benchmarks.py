@@ -228,3 +228,15 @@ def test_index_build_memory():
     out = run("index_build_memory.py", "--items", "300", "--shard-items", "64", "--dim", "32")
     assert re.search(r"\| build_index \(streamed\) \| [\d.]+ MB \| [\d.]+ \|", out)
     assert re.search(r"\| load\(mmap=True\) \| [\d.]+ MB of [\d.]+ MB \|", out)
+
+
+def test_qdrant_ingest():
+    out = run(
+        "qdrant_ingest.py",
+        *("--items", "600", "--memory-items", "300", "--disk-items", "60", "--shard-items", "128"),
+        *("--dim", "32", "--repeats", "1", "--queries", "5"),
+    )
+    rows = [line for line in out.splitlines() if line.startswith(("| embedded", "| local"))]
+    assert len(rows) == 4
+    assert all(float(row.split("|")[6]) > 0 for row in rows)  # a ratio was measured for each engine
+    assert out.count("equal to the old path's: True") == 4
