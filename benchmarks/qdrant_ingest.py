@@ -33,14 +33,14 @@ from metaembed.retrieval.qdrant import _ID_NAMESPACE, COARSE, ID_KEY, Edge, Qdra
 
 
 def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers (one name covers several virtualised CPUs)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            fields = dict(line.split(":", 1) for line in file.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
 
 
 def old_point_id(item_id) -> str:
