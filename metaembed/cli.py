@@ -565,7 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--url", help="a Qdrant server (API key from QDRANT_API_KEY)")
     qdrant.add_argument("--grpc", action="store_true", help="with --url: upload over gRPC (numpy bytes, no lists)")
     qdrant.add_argument(
-        "--budgets", type=int, nargs="+", default=None, metavar="R_C", help="candidate budgets stored (default: all)"
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="R_C",
+        help="candidate budgets stored (default: one, every vector in the folder)",
     )
     qdrant.add_argument(
         "--datatype",

@@ -21,7 +21,7 @@ query), implemented for `qdrant_client.QdrantClient` (a server or cluster by URL
 `QdrantClient(":memory:")` / `QdrantClient(path=...)`) and for `Edge`, Qdrant's own Rust engine running in this
 process (`qdrant-edge-py`: the server's segment code, HNSW, MAX_SIM and quantization, without a server). Writes go
 in batches: qdrant-client's `upload_collection` with numpy arrays (over gRPC it sends their bytes, no per-float
-conversion), the embedded engine's `upsert_points` with one list conversion per batch that every field shares.
+conversion), the embedded engine's `upsert_points` with each row a memoryview of the batch that every field shares.
 `add_from_embeddings` streams an embeddings folder shard by shard. Point ids are UUIDs derived from the item ids
 (kept in the payload), so re-adding an item replaces it: an interrupted upload can be re-run from the start.
 """
