@@ -240,3 +240,9 @@ def test_qdrant_ingest():
     assert len(rows) == 4
     assert all(float(row.split("|")[6]) > 0 for row in rows)  # a ratio was measured for each engine
     assert out.count("equal to the old path's: True") == 4
+
+
+def test_pipeline_at_scale():
+    out = run("pipeline_at_scale.py", "--items", "3000", "--dim", "32")
+    assert re.search(r"\| append 10 % \| [\d.]+ \| [\d,]+ MB \| [\d.]+ GB \|", out)
+    assert re.search(r"\| search \(4, 4\) \(3 segments\) \| [\d.]+ / [\d.]+ \| [\d,]+ MB \|", out)
