@@ -133,3 +133,15 @@ def test_a_kill_at_any_step_of_a_replacing_save_leaves_old_or_new_embeddings(tmp
     seen = json.loads(result.stdout)
     assert all(found[:2] in (["old-4", 0.0], ["new-2", 6.0]) for found in seen), seen
     assert len(seen) > 5 and seen[-1] == ["new-2", 6.0, False]
+
+
+def test_an_ids_file_with_a_bad_line_is_refused_naming_the_line(tmp_path):
+    from metaembed.retrieval.embeddings_file import read_json_lines
+
+    path = tmp_path / "ids.jsonl"
+    path.write_text('"a"\n"b\\nc"\n7\n"é"\n')
+    assert read_json_lines(path) == ["a", "b\nc", 7, "é"]
+    for text, line in (('"a"\n"b", "c"\n', 2), ('"a"\n\n"b"\n', 2), ('"a"\n"b\n', 2)):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"line {line}"):
+            read_json_lines(path)

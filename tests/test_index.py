@@ -123,10 +123,11 @@ def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
     index.add(embeddings[10:])
     expected = embeddings.bfloat16().float().norm(dim=-1).amax(dim=0)
     torch.testing.assert_close(index._tail.max_norms, expected)
+    norms = index._tail.max_norms.clone()
     folder = tmp_path / "index"
     index.save(folder)
     (segment,) = MetaEmbedIndex.load(folder, mmap=mmap)._saved  # one saved segment, its norms
-    assert torch.equal(segment.max_norms, index._tail.max_norms)
+    assert torch.equal(segment.max_norms, norms)
 
     def rewrite(max_norms):
         path = folder / "segment-000001" / "vectors.safetensors"
@@ -144,7 +145,7 @@ def test_tier_norms_follow_adds_round_trip_and_are_checked(tmp_path, mmap):
     if mmap:
         assert earlier._saved[0].max_norms is None
     else:  # computed over all 30 items at once, the index's over its two adds: equal up to float32 rounding
-        torch.testing.assert_close(earlier._saved[0].max_norms, index._tail.max_norms, rtol=0, atol=1e-6)
+        torch.testing.assert_close(earlier._saved[0].max_norms, norms, rtol=0, atol=1e-6)
     queries = unit(3, 4, 16, seed=1)
     assert earlier.search(queries, k=5).ids == index.search(queries, k=5).ids
     for bad in (torch.full((4,), -1.0), torch.tensor([1.0, float("nan"), 1.0, 1.0])):
@@ -348,7 +349,11 @@ def test_compressed_index_files_round_trip_and_are_checked(tmp_path, dtype):
     index = MetaEmbedIndex(16, 4, dtype=dtype)
     index.add(unit(40, 4, 16), ids=[f"p{i}" for i in range(40)])
     index.save(tmp_path / "index")
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["index.json", "segment-000001"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        ".metaembed-index.lock",
+        "index.json",
+        "segment-000001",
+    ]
     assert sorted(p.name for p in (tmp_path / "index" / "segment-000001").iterdir()) == [
         "full.safetensors",
         "ids.jsonl",

@@ -48,7 +48,12 @@ def test_a_streamed_build_and_append_equal_adds(tmp_path, dtype, monkeypatch):
         norms = torch.stack([segment.max_norms for segment in built._saved]).amax(dim=0)
         torch.testing.assert_close(norms, reference._tail.max_norms, rtol=0, atol=0)
     # The append wrote a segment of its own, and left the first one as it was (its files untouched).
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["index.json", "segment-000001", "segment-000002"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        ".metaembed-index.lock",
+        "index.json",
+        "segment-000001",
+        "segment-000002",
+    ]
     assert [segment.count for segment in built._saved] == [500, 130] and built.num_segments == 2
     queries = torch.randn(4, 2, 32)
     assert built.search(queries, k=5).ids == reference.search(queries, k=5).ids

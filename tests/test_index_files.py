@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,9 +71,10 @@ def test_a_wrong_stored_norm_is_caught_before_the_scan_trusts_it(tmp_path, monke
     embeddings = torch.nn.functional.normalize(torch.randn(2000, 2, 32), dim=-1) * 3
     index = MetaEmbedIndex(dim=32, num_vectors=2)
     index.add(embeddings)
+    norms = index._tail.max_norms.clone()
     index.save(tmp_path / "index")
     MetaEmbedIndex.load(tmp_path / "index", mmap=True).verify()  # what was saved passes
-    _rewrite_norms(tmp_path / "index", index._tail.max_norms / 2)  # too small: the two-part certificate would be void
+    _rewrite_norms(tmp_path / "index", norms / 2)  # too small: the two-part certificate would be void
 
     with pytest.raises(IndexFileError, match="max_norms' is smaller than the stored vectors"):
         MetaEmbedIndex.load(tmp_path / "index", mmap=True).verify()
@@ -83,7 +85,7 @@ def test_a_wrong_stored_norm_is_caught_before_the_scan_trusts_it(tmp_path, monke
         with pytest.raises(IndexFileError, match="max_norms"):
             loaded.search(queries, k=3)
     # Larger norms than the data's only make the certificate conservative: accepted.
-    _rewrite_norms(tmp_path / "index", index._tail.max_norms * 2)
+    _rewrite_norms(tmp_path / "index", norms * 2)
     loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
     loaded.verify()
     assert loaded.search(queries, k=3).ids == index.search(queries, k=3).ids
@@ -308,3 +310,74 @@ def test_a_repeated_id_in_the_saved_files_is_refused_and_a_loaded_index_holds_no
     (second / "ids.jsonl").write_text('"a"\n')  # the new segment now repeats the first one's id
     with pytest.raises(IndexFileError, match="an id appears twice"):
         MetaEmbedIndex.load(tmp_path / "index", verify_checksum=False)
+
+
+def test_saving_again_writes_only_what_was_added_since_the_last_save(tmp_path):
+    index = MetaEmbedIndex(dim=16, num_vectors=2)
+    index.add(torch.randn(1000, 2, 16))
+    index.save(tmp_path / "index")
+    first = tmp_path / "index" / "segment-000001" / "vectors.safetensors"
+    stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
+    index.add(torch.randn(1, 2, 16))
+    index.save(tmp_path / "index")
+    index.save(tmp_path / "index")  # nothing new: the manifest is rewritten, no segment
+    manifest = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert [entry["count"] for entry in manifest["segments"]] == [1000, 1]
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp
+    assert MetaEmbedIndex.load(tmp_path / "index", verify_checksum=True).ids == list(range(1001))
+
+
+def test_an_index_loaded_before_another_writer_saved_is_refused_not_merged_away(tmp_path):
+    index = MetaEmbedIndex(dim=16, num_vectors=2)
+    index.add(torch.randn(10, 2, 16), ids=[f"a{i}" for i in range(10)])
+    index.save(tmp_path / "index")
+    first, second = MetaEmbedIndex.load(tmp_path / "index"), MetaEmbedIndex.load(tmp_path / "index", mmap=True)
+    second.add(torch.randn(3, 2, 16), ids=["b0", "b1", "b2"])
+    second.save(tmp_path / "index")
+    first.add(torch.randn(2, 2, 16), ids=["c0", "c1"])
+    with pytest.raises(IndexFileError, match="changed since this index was loaded"):
+        first.save(tmp_path / "index")
+    assert MetaEmbedIndex.load(tmp_path / "index", verify_checksum=True).ids[-3:] == ["b0", "b1", "b2"]
+    first.save(tmp_path / "elsewhere")  # saving it somewhere else is fine
+    assert len(MetaEmbedIndex.load(tmp_path / "elsewhere")) == 12
+
+
+def test_a_folder_removed_after_a_save_or_a_legacy_folder_saved_twice_keeps_every_item(tmp_path):
+    index = MetaEmbedIndex(dim=16, num_vectors=2, dtype="int8")
+    index.add(torch.randn(20, 2, 16))
+    index.save(tmp_path / "a")
+    loaded = MetaEmbedIndex.load(tmp_path / "a", mmap=True)
+    loaded.save(tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")  # both copies gone: the mapped tensors still hold the items
+    loaded.add(torch.randn(1, 2, 16))
+    loaded.save(tmp_path / "b")
+    loaded.save(tmp_path / "b")
+    again = MetaEmbedIndex.load(tmp_path / "b", verify_checksum=True)
+    assert len(again) == 21 and torch.equal(again.codes[:, :20], index.codes)
+
+
+def test_a_copy_checks_the_source_bytes_against_their_manifest(tmp_path):
+    index = MetaEmbedIndex(dim=16, num_vectors=2)
+    index.add(torch.randn(20, 2, 16))
+    index.save(tmp_path / "a")
+    loaded = MetaEmbedIndex.load(tmp_path / "a", mmap=True)
+    (path,) = (tmp_path / "a").glob("segment-*/ids.jsonl")
+    vectors = path.with_name("vectors.safetensors")
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF  # damaged after the mapped (unverified) load
+    vectors.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="does not match the checksum in its manifest: not copied"):
+        loaded.save(tmp_path / "b")
+
+
+def test_chunks_walk_every_segment_without_joining_them(tmp_path):
+    index = MetaEmbedIndex(dim=16, num_vectors=2)
+    index.add(torch.randn(30, 2, 16))
+    index.save(tmp_path / "index")
+    loaded = MetaEmbedIndex.load(tmp_path / "index", mmap=True)
+    loaded.add(torch.randn(7, 2, 16))
+    pieces = list(loaded.chunks(size=8))
+    assert [v.shape[1] for v, _ in pieces] == [8, 8, 8, 6, 7]  # never across a segment's end
+    assert torch.equal(torch.cat([v for v, _ in pieces], dim=1), loaded.vectors)
+    assert [i for _, ids in pieces for i in ids] == loaded.ids

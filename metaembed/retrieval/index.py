@@ -24,7 +24,7 @@ import torch
 
 from modeling_metaembed.scoring_metaembed import DEFAULT_MAX_WORK_BYTES, check_budget
 
-from .index_files import COMPRESSED, FORMAT, IndexFileError, read_ids, read_manifest, save_segments
+from .index_files import COMPRESSED, FORMAT, IndexFileError, checksummed_files, read_ids, read_manifest, save_segments
 from .segment import Segment, dtype_name, joined, quantize
 
 # Items re-scored exactly per query after a compressed scan, unless `shortlist` says otherwise.
@@ -120,8 +120,20 @@ class MetaEmbedIndex:
 
     @property
     def num_segments(self) -> int:
-        """Saved segments this index was loaded from, plus one if items were added since (`save` writes them)."""
-        return len(self._saved) + (1 if self._tail.count else 0)
+        """Segments holding items: the saved ones, plus one if items were added since the last save or load."""
+        return len(self._segments())
+
+    def chunks(self, size: int = 4096):
+        """Yield (full vectors [R_c, n, D], ids) of up to `size` items at a time, in order, segment by segment:
+        views of the stored (or mapped) tensors, never a copy of the whole index (unlike `vectors` when the index
+        spans several segments). For a compressed index, the full vectors kept for re-scoring."""
+        offset = 0
+        for segment in self._segments():
+            rows = segment.rows(full=True)
+            for start in range(0, segment.count, size):
+                stop = min(start + size, segment.count)
+                yield rows[:, start:stop], self.ids[offset + start : offset + stop]
+            offset += segment.count
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -224,7 +236,8 @@ class MetaEmbedIndex:
         first r_c stored matrices; all temporaries together stay under `max_work_bytes`.
 
         Float storage: the exact top-k. int8 / binary storage: the `shortlist` (default 100) best items by the
-        compressed scan are re-scored exactly from the full vectors and the top-k of those returned."""
+        compressed scan are re-scored exactly from the full vectors and the top-k of those returned; the shortlist
+        is per segment (an index appended to S times re-scores up to S + 1 shortlists: never fewer candidates)."""
         queries, (r_q, r_c) = self._check_search(queries, budget, k)
         if not isinstance(query_batch_size, int) or isinstance(query_batch_size, bool) or query_batch_size < 1:
             raise ValueError(f"query_batch_size must be positive, got {query_batch_size!r}")
@@ -252,8 +265,9 @@ class MetaEmbedIndex:
     ) -> SearchResult:
         """Coarse-to-fine search: a scan at budget (1, 1) (one vector per side, N * D values read; compressed
         codes for an int8 / binary index) keeps the best `shortlist` items per query, then exact MaxSim at `budget`
-        re-ranks them (from the full vectors). Reads N * D + shortlist * r_c * D values per query instead of
-        N * r_c * D; recall against `search` is measured by `benchmarks/two_stage_recall.py`."""
+        re-ranks them (from the full vectors). Reads N * D + shortlist * r_c * D values per query (per segment:
+        shortlist items from each) instead of N * r_c * D; recall against `search` is measured by
+        `benchmarks/two_stage_recall.py`."""
         queries, (r_q, r_c) = self._check_search(queries, budget, k)
         if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < 1:
             raise ValueError(f"shortlist must be a positive integer, got {shortlist!r}")
@@ -317,21 +331,41 @@ class MetaEmbedIndex:
         go into a new segment; the segments it was loaded from are kept where they already lie in `directory`, or
         copied in file by file from elsewhere. `index.json` then switches to the new list atomically: the old index
         or the new one, complete, is at `directory` at every instant, whatever happens. Saving after an append thus
-        writes the new items only."""
+        writes the new items only.
+
+        Afterwards the index is the one at `directory`: its segments are those just listed there (the new items
+        become a saved segment, still in memory), so a later save writes only what is added after this one. One
+        writer per folder: a save from an index loaded before another writer saved to `directory` raises
+        `IndexFileError` instead of dropping that writer's items."""
         directory = Path(directory)
         kept = self._saved_segments()
         write = None
         if self._tail.count or not kept:  # the new items (or, for an empty index, an empty segment to hold its shape)
             write = lambda folder: self._tail.write(folder, self.ids[self._saved_count :])  # noqa: E731
-        save_segments(directory, kept, write, self._manifest_fields())
+        listed = save_segments(directory, kept, write, self._manifest_fields())
+        # Adopt what was written: each saved segment now lives where the manifest lists it, the new items too.
+        segments = [*self._saved, self._tail] if write is not None else list(self._saved)
+        for segment, (folder, entry) in zip(segments, listed, strict=True):
+            segment.folder, segment.entry, segment.files = folder, entry, checksummed_files(folder, entry)
+        if write is not None:
+            self._saved.append(self._tail)
+            self._saved_count += self._tail.count
+            self._tail = Segment(self.dim, self.num_vectors, self.dtype_name, self.device, self.full_dtype_name)
+            self._tail.centers = next((s.centers for s in self._saved if s.centers is not None), None)
         return directory
 
     def _saved_segments(self) -> list:
-        """(folder, manifest entry, ids) of each segment this index was loaded from, in order."""
+        """(folder, manifest entry, ids, rewrite) of each saved segment, in order: what `save_segments` keeps, copies
+        or (its files gone) rewrites from the tensors held."""
         kept, offset = [], 0
         for segment in self._saved:
-            kept.append((segment.folder, segment.entry, self.ids[offset : offset + segment.count]))
-            offset += segment.count
+            start, stop = offset, offset + segment.count
+
+            def rewrite(folder, segment=segment, start=start, stop=stop) -> int:
+                return segment.write(folder, self.ids[start:stop])
+
+            kept.append((segment.folder, segment.entry, lambda start=start, stop=stop: self.ids[start:stop], rewrite))
+            offset = stop
         return kept
 
     def _manifest_fields(self) -> dict:

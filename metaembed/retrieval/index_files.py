@@ -6,6 +6,7 @@
                               the one file that says which segments, in which order, are the index
       segment-000001/        vectors.safetensors, full.safetensors (int8 / binary), ids.jsonl (one JSON id a line)
       segment-000004/        the items of a later append
+      .metaembed-index.lock  what writers of the folder take turns on (never removed: see `save_segments`)
 
 A segment is written once and never changed. Saving writes only what is new: the items added since the index was
 loaded go into a new segment (in a hidden staging folder, flushed to disk, then renamed); the segments already in
@@ -20,6 +21,7 @@ segment, named by "segment", its checksums at the top) and "metaembed-index/1" (
 `index.json` at the top of the folder).
 """
 
+import contextlib
 import hashlib
 import json
 import re
@@ -45,6 +47,7 @@ FULL_NAME = "full.safetensors"
 IDS_NAME = "ids.jsonl"
 SEGMENT = re.compile(r"segment-(\d{6,})")
 STAGING_PREFIX = ".segment-"
+LOCK_NAME = ".metaembed-index.lock"  # writers of one folder take turns on it (save_segments)
 # The checksum keys of a segment entry and the file each one covers.
 CHECKSUMS = {"sha256": VECTORS_NAME, "full_sha256": FULL_NAME, "ids_sha256": IDS_NAME}
 
@@ -71,7 +74,7 @@ def _owned(entry: Path) -> bool:
         SEGMENT.fullmatch(entry.name) is not None
         or entry.name.startswith(STAGING_PREFIX)
         or entry.name.startswith(f".{MANIFEST_NAME}.")
-        or entry.name in (VECTORS_NAME, FULL_NAME)
+        or entry.name in (VECTORS_NAME, FULL_NAME, LOCK_NAME)
     )
 
 
@@ -87,57 +90,114 @@ def check_writable(directory: Path) -> None:
             )
 
 
-def save_segments(directory: Path, kept: list, write_new, manifest: dict) -> None:
-    """Make `directory/index.json` list the segments `kept` then, when `write_new` is given, a new one.
+def save_segments(directory: Path, kept: list, write_new, manifest: dict) -> list:
+    """Make `directory/index.json` list the segments `kept` then, when `write_new` is given, a new one; returns the
+    (folder, entry) of each segment it now lists, in order.
 
-    `kept`: (folder, entry, ids) of segments already saved (`entry` as `read_manifest` gives it); one that lies in
-    `directory` is kept as it is, any other (another folder's, or a legacy layout) is copied in as a new segment.
-    `write_new(folder) -> count` writes the new segment's files. `manifest`: the index-wide fields."""
+    `kept`: (folder, entry, ids, rewrite) of segments already saved (`entry` as `read_manifest` gives it; `ids` a
+    function returning the segment's ids; `rewrite(folder) -> count` writes its files from the tensors held). One
+    that lies in `directory` is kept as it is; any other (another folder's, or a legacy layout) is copied in as a
+    new segment, its bytes checked against its entry's checksums on the way, or rewritten from the tensors when its
+    files are gone (a folder removed since it was loaded or saved: mapped files stay readable until closed).
+    `write_new(folder) -> count` writes the new segment's files. `manifest`: the index-wide fields.
+
+    Writers of one folder take turns (an OS lock on `.metaembed-index.lock`, where the system has `fcntl`). An index
+    loaded from `directory` is saved there only if `index.json` still lists what it loaded: a save from a stale
+    index (another writer appended since) would drop that writer's segments, so it raises instead."""
     check_writable(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for e in directory.iterdir() if (m := SEGMENT.fullmatch(e.name))]
-    next_number = max(numbers, default=0) + 1
-    entries = []
+    with _writer_lock(directory):
+        _check_not_stale(directory, kept)
+        numbers = [int(m.group(1)) for e in directory.iterdir() if (m := SEGMENT.fullmatch(e.name))]
+        next_number = max(numbers, default=0) + 1
+        listed = []
 
-    def new_segment(write) -> dict:
-        nonlocal next_number
-        name, next_number = f"segment-{next_number:06d}", next_number + 1
-        found = {}
-        # Staged as `.segment-NNNNNN.*` beside the segments (a leftover `_owned` recognises), flushed, renamed in.
-        save_folder_atomically(lambda staging: found.update(count=write(staging)), directory / name)
-        entry = {"name": name, "count": found["count"]}
-        for key, file_name in CHECKSUMS.items():
-            if (directory / name / file_name).is_file():
-                entry[key] = sha256_file(directory / name / file_name)
-        return entry
+        def new_segment(write, known: dict) -> tuple:
+            nonlocal next_number
+            name, next_number = f"segment-{next_number:06d}", next_number + 1
+            found = {}
+            # Staged as `.segment-NNNNNN.*` beside the segments (a leftover `_owned` recognises), flushed, renamed in.
+            save_folder_atomically(lambda staging: found.update(count=write(staging)), directory / name)
+            entry = {"name": name, "count": found["count"]}
+            for key, file_name in CHECKSUMS.items():
+                if (directory / name / file_name).is_file():
+                    entry[key] = known.get(key) or sha256_file(directory / name / file_name)
+            return directory / name, entry
 
-    for folder, entry, ids in kept:
-        if folder.parent.resolve() == directory.resolve() and SEGMENT.fullmatch(folder.name):
-            if not folder.is_dir():
-                raise IndexFileError(f"{folder} is missing: it was removed since the index was loaded")
-            entries.append(entry)
-            continue
+        for folder, entry, ids, rewrite in kept:
+            if SEGMENT.fullmatch(folder.name) and _lies_in(folder, directory) and folder.is_dir():
+                listed.append((folder, entry))
+                continue
+            if not all(path.is_file() for path, _ in checksummed_files(folder, entry)):
+                listed.append(new_segment(rewrite, {}))
+                continue
+            known = {}
 
-        def copy(staging: Path, folder=folder, ids=ids) -> int:
-            for file_name in (VECTORS_NAME, FULL_NAME):
-                if (folder / file_name).is_file():
+            def copy(staging: Path, folder=folder, entry=entry, ids=ids, known=known) -> int:
+                for key, file_name in CHECKSUMS.items():
+                    if key == "ids_sha256" or not isinstance(entry.get(key), str):
+                        continue
                     shutil.copyfile(folder / file_name, staging / file_name)  # the kernel copies; no bytes held here
-            write_ids(staging / IDS_NAME, ids)
-            return len(ids)
+                    known[key] = sha256_file(staging / file_name)
+                    if known[key] != entry[key]:
+                        raise IndexFileError(
+                            f"{folder / file_name} does not match the checksum in its manifest: not copied"
+                        )
+                segment_ids = ids()
+                write_ids(staging / IDS_NAME, segment_ids)
+                return len(segment_ids)
 
-        entries.append(new_segment(copy))
-    if write_new is not None:
-        entries.append(new_segment(write_new))
-    manifest = {"format": FORMAT, **manifest, "segments": entries}
-    write_atomic(directory / MANIFEST_NAME, json.dumps(manifest) + "\n")  # the switch: old index, then new
-    named = {entry["name"] for entry in entries}
-    for entry in directory.iterdir():  # what the manifest no longer names; best effort (a mapped file on Windows
-        if _owned(entry) and entry.name not in named:  # cannot be removed: the next save removes it)
-            try:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            except OSError:
-                pass
-    fsync_folder(directory)
+            listed.append(new_segment(copy, known))
+        if write_new is not None:
+            listed.append(new_segment(write_new, {}))
+        entries = [entry for _, entry in listed]
+        manifest = {"format": FORMAT, **manifest, "segments": entries}
+        write_atomic(directory / MANIFEST_NAME, json.dumps(manifest) + "\n")  # the switch: old index, then new
+        named = {entry["name"] for entry in entries}
+        for entry in directory.iterdir():  # what the manifest no longer names; best effort (a mapped file on Windows
+            if _owned(entry) and entry.name not in named and entry.name != LOCK_NAME:  # cannot be removed: the next
+                try:  # save removes it)
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                except OSError:
+                    pass
+        fsync_folder(directory)
+    return listed
+
+
+@contextlib.contextmanager
+def _writer_lock(directory: Path):
+    """Hold an exclusive lock on the folder's lock file for one save (no-op where `fcntl` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one writer at a time is the user's to ensure
+        yield
+        return
+    with open(directory / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_not_stale(directory: Path, kept: list) -> None:
+    """Refuse to save an index loaded from `directory` when `index.json` no longer lists what it loaded."""
+    here = [entry for folder, entry, _, _ in kept if _lies_in(folder, directory)]
+    if not here or not (directory / MANIFEST_NAME).is_file():
+        return
+    current = [entry for _, entry in read_manifest(directory)[1]]
+    if [(e.get("name"), e.get("count")) for e in current] != [(e.get("name"), e.get("count")) for e in here]:
+        raise IndexFileError(
+            f"{directory / MANIFEST_NAME} changed since this index was loaded (another writer saved to it): saving "
+            "would drop its items. Load the index again, add the items, and save."
+        )
+
+
+def _lies_in(folder: Path, directory: Path) -> bool:
+    """Whether a loaded segment's `folder` is part of the index at `directory` (a segment, or a legacy folder)."""
+    if folder.resolve() == directory.resolve():
+        return True
+    return SEGMENT.fullmatch(folder.name) is not None and folder.parent.resolve() == directory.resolve()
 
 
 def read_manifest(directory: Path) -> tuple:
@@ -255,7 +315,7 @@ def read_ids(folder: Path, entry: dict) -> list:
     else:
         try:
             ids = read_json_lines(path)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (OSError, ValueError) as error:  # JSON and encoding errors are ValueErrors
             raise IndexFileError(f"{path} is missing or unreadable: {error}") from error
     if not isinstance(ids, list) or len(ids) != entry["count"]:
         raise IndexFileError(f"{path}: ids must be a list of {entry['count']} entries")

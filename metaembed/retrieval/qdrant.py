@@ -558,12 +558,8 @@ class QdrantMetaEmbedIndex:
         index gives its full vectors)."""
         budgets = candidate_budgets or (index.num_vectors,)
         store = cls.create(client, collection_name, index.dim, budgets, quantization=quantization)
-        vectors = index.vectors  # [R_c, N, D]
-        for start in range(0, len(index), 4096):
-            chunk = vectors[:, start : start + 4096].transpose(0, 1)  # [n, R_c, D]
-            store.add(
-                chunk, index.ids[start : start + 4096], batch_size=batch_size, show_progress_bar=show_progress_bar
-            )
+        for vectors, ids in index.chunks(4096):  # [R_c, n, D] views, segment by segment: never the whole index
+            store.add(vectors.transpose(0, 1), ids, batch_size=batch_size, show_progress_bar=show_progress_bar)
         return store
 
     # ------------------------------------------------------------------------------------------------ search

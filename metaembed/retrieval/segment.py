@@ -343,6 +343,9 @@ class Segment:
         count = self.count
         tensors = {"vectors": self.vectors[:, :count].contiguous().cpu()}
         if not self.compressed:
+            if self.max_norms is None:  # read from a file saved without them: one pass, as the write reads anyway
+                self.max_norms, self.norms_checked = tier_max_norms(self.rows()), self.num_vectors
+            self.checked_max_norms(self.num_vectors)  # never write norms read unverified without checking them
             tensors["max_norms"] = self.max_norms.contiguous()
         else:
             tensors["scales"] = self.scales[:, :count].contiguous().cpu()
