@@ -6,7 +6,7 @@
     metaembed card CHECKPOINT [--results FILE] [--repo-id ID] ...
     metaembed publish CHECKPOINT --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--dry-run DIR]
     metaembed convert OFFICIAL OUTPUT [--base BASE] [--num-query-vectors 16] [--num-candidate-vectors 64]
-    metaembed index SOURCE INDEX [--model MODEL] [--num-vectors R_C] [--precision bfloat16] [--append]
+    metaembed index SOURCE INDEX [--model MODEL] [--num-vectors R_C] [--precision bfloat16|...|int8|binary] [--append]
     metaembed search INDEX QUERIES [--model MODEL] [--budget R_Q R_C] [--top-k K] [--shortlist S] [--mmap]
     metaembed qdrant-ingest EMBEDDINGS COLLECTION (--edge DIR | --local DIR | --url URL) [--budgets R_C ...]
                      [--datatype float32|float16] [--quantization int8|binary] [--batch-size N] [--skip-existing]
@@ -286,6 +286,17 @@ def run_index(args) -> None:
     from .retrieval.index import MetaEmbedIndex
     from .retrieval.index_build import build_index
 
+    base = None  # checked first: a refused append costs no encoding
+    if args.append:
+        base = MetaEmbedIndex.load(args.index, mmap=True)
+        for flag, given, kept in (
+            ("--precision", args.precision, base.dtype_name),
+            ("--num-vectors", args.num_vectors, base.num_vectors),
+        ):
+            if given is not None and given != kept:
+                raise ValueError(f"{args.index} holds {flag.lstrip('-')} {kept}; --append keeps it, got {flag} {given}")
+    elif Path(args.index, "index.json").exists():
+        raise ValueError(f"{args.index}: an index is already there; pass --append to add to it")
     if args.model is None:  # an embeddings folder: written shard by shard, never all of it in memory
         info = embeddings_info(args.source)
         if info.get("role") != "candidate":
@@ -298,15 +309,8 @@ def run_index(args) -> None:
     else:
         embeddings, ids = _embeddings_or_encoded(args.source, args.model, "candidate", args)
         chunks, count, dim, stored = [(embeddings, ids)], len(ids), embeddings.shape[-1], embeddings.shape[1]
-    base = None
-    if args.append:
-        base = MetaEmbedIndex.load(args.index, mmap=True)
-        dim, num_vectors = base.dim, base.num_vectors
-    else:
-        if Path(args.index, "index.json").exists():
-            raise ValueError(f"{args.index}: an index is already there; pass --append to add to it")
-        num_vectors = args.num_vectors or stored
-    build_index(args.index, chunks, count, dim, num_vectors, args.precision, base=base)
+    num_vectors = base.num_vectors if base is not None else args.num_vectors or stored
+    build_index(args.index, chunks, count, dim, num_vectors, args.precision or "bfloat16", base=base)
     if not args.quiet:
         print(f"wrote {args.index}: {MetaEmbedIndex.load(args.index, mmap=True)}", file=sys.stderr)
 
@@ -533,7 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("index", help="index folder to write (index.json + a segment folder)")
     index.add_argument("--model", default=None, help="encode SOURCE (.jsonl, .txt, images folder) with this checkpoint")
     index.add_argument("--num-vectors", type=int, default=None, help="R_c vectors kept per item (default: all given)")
-    index.add_argument("--precision", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    index.add_argument(
+        "--precision",
+        choices=("bfloat16", "float16", "float32", "int8", "binary"),
+        default=None,
+        help="stored dtype (default bfloat16; with --append, the index's own)",
+    )
     index.add_argument("--append", action="store_true", help="add to the index already in INDEX")
 
     search = commands.add_parser("search", help="top-k of each query in a saved index, as JSON lines")

@@ -194,6 +194,9 @@ def test_index_and_search_commands_match_the_python_index(tiny_checkpoint, input
     assert main(["index", str(more), str(index_dir), "--model", checkpoint, "--append", "--quiet"]) == 2
     assert "id '1' (position 0) is already in the index" in capsys.readouterr().err
     assert len(MetaEmbedIndex.load(index_dir)) == 5
+    # --append keeps the index's dtype: another one given is refused, not silently ignored
+    assert main(["index", str(more), str(index_dir), "--model", checkpoint, "--append", "--precision", "int8"]) == 2
+    assert "holds precision float32; --append keeps it, got --precision int8" in capsys.readouterr().err
 
 
 def test_search_names_bad_input(tiny_checkpoint, inputs_file, tmp_path, capsys):
