@@ -25,6 +25,11 @@ BIDIRECTIONAL_FAMILIES = ("bert", "paligemma", "litevl")
 
 POOLINGS = ("meta_tokens", "last_token", "mean", "segment_mean")
 META_ATTENTIONS = ("backbone", "segments")
+# Where the meta tokens sit in position: "after_content" (the official layout: positions after the prompt) or
+# "spread" (meta token j of a segment of R takes the position of content token floor((j + 1/2) C / R), C the
+# content's length), only where MetaEmbed passes the positions of a backbone with absolute position embeddings.
+META_POSITIONS = ("after_content", "spread")
+SPREAD_POSITION_FAMILIES = ("bert", "litevl")
 # Bidirectional families that take an explicit [B, 1, L, L] attention mask, so "segments" can be applied.
 SEGMENT_MASK_FAMILIES = ("bert", "litevl")
 
@@ -65,6 +70,12 @@ class MetaEmbedConfig(PreTrainedConfig):
             encoders: bert, litevl) masks it by segment as a causal backbone would: content tokens do not see
             the meta tokens (they keep their pretrained states), M_q does not see M_c, so queries are exactly
             `[content; M_q]`. Defaults to "segments" for litevl, "backbone" otherwise.
+        meta_positions (`str`, defaults to "after_content"): the position ids of the meta tokens. "after_content"
+            numbers them after the prompt (the official layout). "spread" (bert, litevl: absolute position
+            embeddings) gives meta token j of a segment of R tokens the position of content token
+            floor((j + 1/2) C / R), C the content's length, so that position-sensitive attention heads anchor each
+            meta token at a different place of the content; the token order (and so the attention mask) is
+            unchanged.
         pooling (`str`, defaults to "meta_tokens"): how states become vectors. "meta_tokens" is MetaEmbed. The
             paper's Table 5 baselines append no meta tokens: "last_token" and "mean" (one vector per input: set
             R_q = R_c = 1) and "segment_mean" (the real tokens cut into R_q or R_c contiguous segments, each
@@ -90,6 +101,7 @@ class MetaEmbedConfig(PreTrainedConfig):
     padding_side: str = "right"
     pooling: str = "meta_tokens"
     meta_attention: str | None = None
+    meta_positions: str = "after_content"
     initializer_range: float = 0.02
     reasoning_template: str = "{text}\nReasoning: {trace}"
     reasoning_roles: list | None = None
@@ -127,6 +139,12 @@ class MetaEmbedConfig(PreTrainedConfig):
         if self.meta_attention == "segments" and family not in SEGMENT_MASK_FAMILIES:
             raise ValueError(
                 f"meta_attention='segments' needs a bidirectional encoder {SEGMENT_MASK_FAMILIES}, not {family}"
+            )
+        if self.meta_positions not in META_POSITIONS:
+            raise ValueError(f"meta_positions must be one of {META_POSITIONS}, got {self.meta_positions!r}")
+        if self.meta_positions == "spread" and family not in SPREAD_POSITION_FAMILIES:
+            raise ValueError(
+                f"meta_positions='spread' needs absolute position embeddings {SPREAD_POSITION_FAMILIES}, not {family}"
             )
         if self.query_layout is None:
             # Segment masking makes M_c invisible to M_q, as causal attention does.

@@ -175,7 +175,10 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         family = self.config.vlm_config.model_type
         if family not in FAMILIES_WITH_OWN_POSITIONS and "position_ids" not in backbone_inputs:
             first = FIRST_POSITION.get(family, 0)
-            backbone_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1 + first).clamp(min=first)
+            positions = (attention_mask.long().cumsum(-1) - 1 + first).clamp(min=first)
+            if self.config.meta_positions == "spread" and self.config.pooling == "meta_tokens":
+                positions = self._spread_meta_positions(input_ids, attention_mask, positions)
+            backbone_inputs["position_ids"] = positions
         pixel_values = backbone_inputs.get("pixel_values")
         if pixel_values is not None and pixel_values.is_floating_point():  # processors give float32 pixels
             backbone_inputs["pixel_values"] = pixel_values.to(self.dtype)
@@ -194,6 +197,34 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             states = self.output_projection(states)
         embeddings = nn.functional.normalize(states.float(), p=2, dim=-1)  # [B, R, D] float32
         return MetaEmbedOutput(embeddings=embeddings, last_hidden_state=hidden if output_hidden_states else None)
+
+    def _spread_meta_positions(self, input_ids, attention_mask, positions) -> torch.Tensor:
+        """meta_positions="spread": meta token j of each meta segment (M_q, M_c) of R tokens takes the position of
+        content token floor((j + 1/2) C / R), C the row's real tokens before its first meta token."""
+        positions = positions.clone()
+        is_meta = torch.zeros_like(input_ids, dtype=torch.bool)
+        for role in ("query", "candidate"):
+            role_ids = self._role_token_ids(role, input_ids.device)
+            matches = input_ids.unsqueeze(-1) == role_ids  # [B, L, R]
+            is_meta |= matches.any(-1)
+        before = (is_meta.long().cummax(dim=1).values == 0) & attention_mask.bool()  # content: before any meta token
+        content = before.sum(dim=1)  # [B]
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        for role in ("query", "candidate"):
+            role_ids = self._role_token_ids(role, input_ids.device)
+            matches = input_ids.unsqueeze(-1) == role_ids  # [B, L, R]
+            present = matches.any(dim=1)  # [B, R]
+            if not bool(present.any()):
+                continue
+            where = matches.int().argmax(dim=1)  # [B, R] position of meta token j in each row
+            count = len(role_ids)
+            j = torch.arange(count, device=input_ids.device)
+            target = ((2 * j + 1).unsqueeze(0) * content.unsqueeze(1)) // (2 * count)  # [B, R] content index
+            # content index -> its position id (the position of the row's target-th real token)
+            first_real = attention_mask.long().argmax(dim=1)  # left padding: real tokens start here
+            spread = positions[rows.unsqueeze(1), (first_real.unsqueeze(1) + target).clamp(max=input_ids.shape[1] - 1)]
+            positions[rows.unsqueeze(1).expand_as(where)[present], where[present]] = spread[present]
+        return positions
 
     def _segment_mask(self, input_ids, attention_mask) -> torch.Tensor:
         """[B, 1, L, L] attention mask of meta_attention="segments": a token sees the real tokens of its own segment

@@ -261,3 +261,37 @@ def test_the_image_cap_can_be_raised_after_a_save(tiny_checkpoint, tmp_path):
     assert visual_tokens_of_a_large_image(raised) == full
     again = MetaEmbedModel.from_pretrained(tmp_path / "saved")
     assert visual_tokens_of_a_large_image(again) <= 4  # the saved config still caps it
+
+
+def test_spread_meta_positions_place_meta_tokens_over_the_content_and_round_trip(tmp_path):
+    backbone_dir = make_tiny_backbone(tmp_path / "backbone", family="litevl")
+    model = MetaEmbedModel.from_vlm(backbone_dir, num_query_vectors=2, num_candidate_vectors=4).eval()
+    inputs = mixed_inputs("litevl")
+    after = model.encode(inputs)
+    model.config.meta_positions = "spread"
+    spread = model.encode(inputs)
+    assert (after - spread).abs().max() > 1e-3  # the positions reach the backbone
+    # meta token j of a segment of R takes the position of content token floor((2j + 1) C / 2R)
+    batch = model.processor(inputs, role="candidate")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    counted = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = model._spread_meta_positions(ids, mask, counted)
+    for row in range(ids.shape[0]):
+        for role_ids in (model.config.query_meta_token_ids, model.config.candidate_meta_token_ids):
+            where = [ids[row].tolist().index(i) for i in role_ids]
+            first_meta = min(
+                ids[row].tolist().index(i)
+                for i in model.config.query_meta_token_ids + model.config.candidate_meta_token_ids
+            )
+            content = first_meta - int(mask[row].long().argmax())
+            for j, position in enumerate(where):
+                assert int(positions[row, position]) == (2 * j + 1) * content // (2 * len(role_ids))
+    # batch and padding invariance hold as for the official positions
+    alone = torch.cat([model.encode([item]) for item in inputs])
+    assert (spread - alone).abs().max() <= TOL
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["meta_positions"] == "spread"
+    reloaded = MetaEmbedModel.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(reloaded.encode(inputs), spread, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="meta_positions"):
+        MetaEmbedConfig(vlm_config={"model_type": "qwen3"}, meta_positions="spread")

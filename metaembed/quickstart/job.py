@@ -58,6 +58,7 @@ def build_model(settings: QuickstartSettings, work_dir: Path) -> MetaEmbedModel:
         matryoshka_groups=groups,
         pooling=settings.pooling,
         query_layout=settings.query_layout,
+        meta_positions=settings.meta_positions,
         seed=settings.seed,
         attn_implementation="sdpa",
     )

@@ -21,6 +21,9 @@ class QuickstartSettings:
     # Queries as [content; M_q]: under LiteVL's bidirectional attention this differs from the official
     # [content; M_q; M_c] layout, but training and inference agree and a query row is R_c tokens shorter.
     query_layout: str = "query_only"
+    # Position ids of the meta tokens: "after_content" (the official layout) or "spread" over the content's positions
+    # (config.meta_positions; docs/measurements/quickstart.md, "Why the meta vectors do not keep the items apart").
+    meta_positions: str = "after_content"
     bf16: bool = False  # bf16 autocast in training (on CPU it pays off only where the CPU has AMX)
     # pages: 192 px = a 6x6 feature grid, 3x3 tokens per item of a 2x2 page; emoji: 96 px = one page cell alone.
     image_size: int | None = None
