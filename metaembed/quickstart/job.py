@@ -106,6 +106,16 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
         meta_rows = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
         meta_rows[model.config.query_meta_token_ids + model.config.candidate_meta_token_ids] = 1
         hooks.append(embeddings.register_hook(lambda grad: grad * meta_rows))  # only the meta rows learn
+    if settings.attention_learning_rate is not None:  # where every token looks: the attention's queries and keys
+        attention = [
+            p
+            for name, p in model.vlm.language_model.named_parameters()
+            if p.requires_grad and (".attention.self.query." in name or ".attention.self.key." in name)
+        ]
+        if not attention:
+            raise ValueError("attention_learning_rate: no attention query/key projections found in the text encoder")
+        groups.append({"params": attention, "lr": settings.attention_learning_rate})
+        own_rate_ids.update(id(p) for p in attention)
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own_rate_ids]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": settings.learning_rate}, *groups], weight_decay=0.01)
     # the Trainer adds its warmup-and-cosine schedule to every group

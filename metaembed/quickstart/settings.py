@@ -39,6 +39,9 @@ class QuickstartSettings:
     # The meta tokens' embedding rows, new like the projector, at their own rate (the vocabulary's rows stay
     # frozen); None: they learn with the text encoder at `learning_rate`, which left a page's vectors near-copies.
     meta_learning_rate: float | None = 1e-2
+    # The text encoder's attention query and key projections, at their own rate (None: with the encoder at
+    # `learning_rate`): where the meta tokens look is set by them (docs/measurements/quickstart.md, issue 32).
+    attention_learning_rate: float | None = None
     # 0.1, not the paper's 0.03: from fresh meta vectors that are near-copies across inputs, 0.03 drives this
     # small model to the uniform loss log(batch) before it learns anything (docs/measurements/quickstart.md, measured).
     temperature: float = 0.1
