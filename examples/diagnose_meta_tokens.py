@@ -454,7 +454,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a quickstart checkpoint folder (its summary.json is one level up)")
     parser.add_argument("--rounds", type=int, default=1, help="held-out rounds of pages to measure (default 1)")
-    parser.add_argument("--batches", type=int, default=3, help="training batches for the gradient report")
+    parser.add_argument("--batches", type=int, default=3, help="training batches for the gradient report (0: none)")
     parser.add_argument("--no-start", action="store_true", help="skip the untrained (start) model")
     parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--name", help="the checkpoint's label in the output (default: its run folder's name)")
@@ -482,7 +482,8 @@ def main(argv=None) -> None:
         for name, model in models:
             assert model.config.vlm_config._attn_implementation == "eager", "attention probabilities need eager"
             output[name] = measure(name, model, settings, test_pairs, rounds)
-            output[name]["gradients"] = gradient_report(name, model, settings, train_pairs, args.batches)
+            if args.batches:
+                output[name]["gradients"] = gradient_report(name, model, settings, train_pairs, args.batches)
     if args.json:
         Path(args.json).write_text(json.dumps(output, indent=1, default=str) + "\n")
 
