@@ -177,3 +177,20 @@ def test_items_alone_probe_equals_the_page_whole_when_a_page_holds_one_item(tmp_
     for budget, by_kind in results.items():
         for kind, (whole, alone) in by_kind.items():
             assert 1 / 12 <= whole <= 1 and abs(whole - alone) < 1e-6, (budget, kind, whole, alone)
+
+
+def test_the_quickstart_flags_for_the_meta_token_studies_parse_and_reach_the_model(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quickstart_cli", Path(__file__).parents[1] / "examples/quickstart.py"
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    defaults = cli.parse_settings([])
+    assert defaults.meta_positions == "after_content" and defaults.attention_learning_rate is None
+    chosen = cli.parse_settings(["--meta-positions", "spread", "--attention-learning-rate", "1e-4"])
+    assert chosen.meta_positions == "spread" and chosen.attention_learning_rate == 1e-4
+    assert cli.parse_settings(["--attention-learning-rate", "none"]).attention_learning_rate is None
+    model = build_model(QuickstartSettings(meta_positions="spread", train_pairs=8), tmp_path)
+    assert model.config.meta_positions == "spread"
