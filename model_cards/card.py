@@ -114,6 +114,7 @@ def render_model_card(
                     task_name=benchmark["task"]["name"],
                     dataset_type=benchmark["dataset"]["type"],
                     dataset_name=benchmark["dataset"]["name"],
+                    dataset_config=benchmark["dataset"].get("config"),
                     dataset_split=benchmark["dataset"].get("split"),
                     metric_type=benchmark["metric"]["type"],
                     metric_value=value,

@@ -9,7 +9,7 @@ Format (JSON, written by the evaluation code, read by the card renderer):
         {
           "name": "Twemoji text-to-image",                       # a column of the card's budget table
           "task": {"type": "image-retrieval", "name": "Text-to-image retrieval"},
-          "dataset": {"name": "Twemoji", "type": "twemoji", "split": "test"},
+          "dataset": {"name": "Twemoji", "type": "twemoji", "split": "test"},  # optional "config": a subset
           "metric": {"type": "recall_at_1", "name": "Recall@1"},
           "scores": {"1x1": 0.41, "2x4": 0.52, "16x64": 0.60}  # budget "r_qxr_c" -> value
         }

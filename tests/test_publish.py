@@ -276,3 +276,33 @@ def test_card_of_a_text_only_backbone_is_a_text_feature_extractor(tiny_checkpoin
     metadata = huggingface_hub.ModelCard(card).data.to_dict()
     assert metadata["pipeline_tag"] == "feature-extraction" and "multimodal" not in metadata["tags"]
     assert '"a document"' in card and "image" not in card.split("## Usage")[1].split("### sentence")[0]
+
+
+def test_the_quickstart_card_gives_each_query_kind_its_own_task_entry(tiny_checkpoint):
+    from metaembed.quickstart.evaluation import METRIC_NAMES
+    from metaembed.quickstart.report import results_benchmarks
+
+    kinds = ("one item", "two items", "picture")
+    summary = {
+        "settings": {"task": "pages", "page_grid": 2, "test_rounds": 2},
+        "test_pairs": 368,
+        "quality": {
+            kind: {m: {"1x1": 0.1 + i / 10, "4x16": 0.2 + i / 10} for m in METRIC_NAMES} for i, kind in enumerate(kinds)
+        },
+    }
+    results = {"format": "metaembed-results/1", "benchmarks": results_benchmarks(summary)}
+    card = render_model_card(MetaEmbedConfig.from_pretrained(tiny_checkpoint("qwen2_5_vl")), load_results_dict(results))
+    entries = huggingface_hub.ModelCard(card).data.to_dict()["model-index"][0]["results"]
+    # The Hub merges results of one task type and dataset: before, every kind's metrics sat under the first kind.
+    assert [entry["dataset"]["config"] for entry in entries] == ["one-item", "two-items", "picture"]
+    assert entries[2]["task"]["name"] == "Picture-to-page retrieval, queries showing one item's picture"
+    assert entries[0]["task"]["name"] == "Text-to-page retrieval, queries naming one item"
+    assert all(len(entry["metrics"]) == 2 * len(METRIC_NAMES) for entry in entries)
+    picture = {m["value"] for m in entries[2]["metrics"]}
+    assert picture == {0.1 + 2 / 10, 0.2 + 2 / 10}  # the picture kind's own numbers
+
+
+def load_results_dict(results: dict) -> dict:
+    from metaembed_model_cards.results import check_results
+
+    return check_results(results, "results")

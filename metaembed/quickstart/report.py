@@ -44,11 +44,18 @@ def results_benchmarks(summary: dict) -> list:
                 }
                 title = f"Twemoji {group} {metric_name}"
             else:
-                task = {"type": "image-retrieval", "name": f"Text-to-page retrieval, queries naming {group}"}
+                # One task entry per query kind: the Hub's model-index merges results that share task type and
+                # dataset (type, config, split), so each kind is its own dataset config.
+                if group == "picture":
+                    task_name = "Picture-to-page retrieval, queries showing one item's picture"
+                else:
+                    task_name = f"Text-to-page retrieval, queries naming {group}"
+                task = {"type": "visual-document-retrieval", "name": task_name}
                 dataset = {
                     "name": f"Twemoji pages ({candidate_count(summary)} held-out pages per round, "
                     f"{summary['settings']['test_rounds']} rounds)",
                     "type": "twemoji-pages",
+                    "config": group.replace(" ", "-"),
                     "split": "test",
                 }
                 title = f"Twemoji pages, {group} {metric_name}"
