@@ -133,3 +133,28 @@ def test_bad_loss_settings_and_inputs():
         loss_fn(unit(0, 8, 16), unit(0, 16, 16))
     with pytest.raises(ValueError, match="largest group"):
         loss_fn(unit(2, 4, 16), unit(2, 16, 16))
+
+
+def test_vector_redundancy_is_one_for_copies_and_near_zero_for_unrelated_vectors():
+    from metaembed_training.loss import MatryoshkaContrastiveLoss, vector_redundancy
+
+    generator = torch.Generator().manual_seed(0)
+    pages, offsets = torch.randn(64, 1, 32, generator=generator), torch.randn(1, 8, 32, generator=generator)
+    assert vector_redundancy(pages.expand(-1, 8, -1)).item() == pytest.approx(1.0, abs=1e-5)  # 8 copies
+    copies = pages + 3 * offsets  # every vector: the page's content plus a large constant per vector k
+    assert vector_redundancy(copies).item() > 0.95  # the constants are removed; the rest is one content
+    unrelated = torch.randn(64, 8, 32, generator=generator)
+    assert abs(vector_redundancy(unrelated).item()) < 0.05
+    # In the loss: off by default (the paper's loss), a weighted term with its own entry when on.
+    queries = torch.randn(4, 2, 32, generator=generator)
+    positives = copies[:4].clone().requires_grad_()
+    plain, groups = MatryoshkaContrastiveLoss([(1, 1), (2, 8)], temperature=0.1)(queries, positives)
+    assert "redundancy" not in groups
+    weighted, groups = MatryoshkaContrastiveLoss([(1, 1), (2, 8)], temperature=0.1, redundancy_weight=0.5)(
+        queries, positives
+    )
+    torch.testing.assert_close(weighted, plain + 0.5 * groups["redundancy"])
+    weighted.backward()
+    assert positives.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="redundancy_weight"):
+        MatryoshkaContrastiveLoss([(1, 1)], redundancy_weight=-1)

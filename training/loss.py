@@ -29,6 +29,21 @@ def group_name(group) -> str:
     return f"{group[0]}x{group[1]}"
 
 
+def vector_redundancy(embeddings: torch.Tensor) -> torch.Tensor:
+    """How alike the R vectors of one input are in what they say about that input: each vector k's mean over the
+    batch is removed (a constant offset per k carries nothing about any one input), then the mean cosine between
+    different vectors of the same input, averaged over the batch. 1: every vector holds the same input-specific
+    content (R copies of one vector); about 0: unrelated. `embeddings` [B, R, D], B >= 2 and R >= 2."""
+    batch, vectors = embeddings.shape[0], embeddings.shape[1]
+    if batch < 2 or vectors < 2:
+        return embeddings.sum() * 0.0
+    unit = nn.functional.normalize(embeddings.float(), dim=-1)
+    specific = nn.functional.normalize(unit - unit.mean(dim=0, keepdim=True), dim=-1)  # [B, R, D]
+    gram = specific @ specific.transpose(1, 2)  # [B, R, R]
+    off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=-1)
+    return (off_diagonal / (vectors * (vectors - 1))).mean()
+
+
 class MatryoshkaContrastiveLoss(nn.Module):
     """InfoNCE at every Matryoshka group, weighted and summed.
 
@@ -50,6 +65,9 @@ class MatryoshkaContrastiveLoss(nn.Module):
             at every group (default: `matryoshka_maxsim`); `MetaEmbedTrainer` passes its `similarity` method.
         paired_similarity: `(queries, candidates, owners, groups) -> (G, K)` scores of each hard negative against
             its own query (default: `paired_matryoshka_maxsim`).
+        redundancy_weight: adds this weight times `vector_redundancy` of this process's candidates (positives and
+            hard negatives) to the loss (default 0: the paper's loss): a push for a candidate's vectors to hold
+            different parts of it, where training leaves them near-copies (docs/measurements/quickstart.md).
 
     Inputs (forward):
         queries (B, R_q, D), positives (B, R_c, D): row u of positives is query u's positive.
@@ -71,8 +89,12 @@ class MatryoshkaContrastiveLoss(nn.Module):
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
         similarity=None,
         paired_similarity=None,
+        redundancy_weight: float = 0.0,
     ):
         super().__init__()
+        if not isinstance(redundancy_weight, (int, float)) or redundancy_weight < 0:
+            raise ValueError(f"redundancy_weight must be a non-negative number, got {redundancy_weight!r}")
+        self.redundancy_weight = float(redundancy_weight)
         self.groups = check_groups(groups)
         if weights is None:
             weights = [1.0] * len(self.groups)
@@ -140,6 +162,11 @@ class MatryoshkaContrastiveLoss(nn.Module):
             loss_g = nn.functional.cross_entropy(scores[g] / divisor, targets, reduction="sum") * scale
             per_group[group_name(group)] = loss_g
             total = total + self.weights[g] * loss_g
+        if self.redundancy_weight:
+            local = torch.cat([positives, negatives]) if has_negatives else positives
+            redundancy = vector_redundancy(local)
+            per_group["redundancy"] = redundancy
+            total = total + self.redundancy_weight * redundancy
         return total, per_group
 
     def _own_negative_scores(self, queries, negatives, owners) -> torch.Tensor:
@@ -159,4 +186,4 @@ class MatryoshkaContrastiveLoss(nn.Module):
         return padded
 
 
-__all__ = ["MatryoshkaContrastiveLoss", "group_name", "HARD_NEGATIVE_SCOPES"]
+__all__ = ["MatryoshkaContrastiveLoss", "vector_redundancy", "group_name", "HARD_NEGATIVE_SCOPES"]

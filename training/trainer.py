@@ -62,6 +62,12 @@ class MetaEmbedTrainingArguments(TrainingArguments):
         },
     )
     max_negatives: int | None = field(default=None, metadata={"help": "Hard negatives kept per record (None: all)."})
+    redundancy_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a penalty on how alike a candidate's vectors are (loss.vector_redundancy; 0: off)."
+        },
+    )
     similarity_block_mb: int = field(default=128, metadata={"help": "Bound on one block of token similarities."})
     eval_retrieval: bool = field(
         default=True, metadata={"help": "Also report recall@1 / MRR at every group on the eval set."}
@@ -183,6 +189,7 @@ class MetaEmbedTrainer(Trainer):
                 max_block_bytes=args.similarity_block_mb * 1024 * 1024,
                 similarity=self.similarity,
                 paired_similarity=self.paired_similarity,
+                redundancy_weight=args.redundancy_weight,
             )
         self.loss_fn = loss
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)

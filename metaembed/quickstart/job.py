@@ -84,6 +84,7 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
         lr_scheduler_type="cosine",
         temperature=settings.temperature,
         score_normalization=settings.score_normalization,
+        redundancy_weight=settings.redundancy_weight,
         seed=settings.seed,
         data_seed=settings.seed,
         logging_steps=10,

@@ -45,6 +45,9 @@ class QuickstartSettings:
     # 0.1, not the paper's 0.03: from fresh meta vectors that are near-copies across inputs, 0.03 drives this
     # small model to the uniform loss log(batch) before it learns anything (docs/measurements/quickstart.md, measured).
     temperature: float = 0.1
+    # Weight of a penalty on how alike a page's vectors are in what they say about it (training.loss.vector_redundancy;
+    # 0: the paper's loss). Issue 32: trained, a page's 16 vectors are near-copies (docs/measurements/quickstart.md).
+    redundancy_weight: float = 0.0
     # Logits = MaxSim / (r_q * tau): every group gets the logit range of (1,1) (see docs/training.md).
     score_normalization: str = "mean"
     warmup_ratio: float = 0.1
