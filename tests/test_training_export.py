@@ -117,7 +117,10 @@ def test_fsdp_export_peak_memory_on_rank_0_is_one_copy_of_the_weights(big_checkp
         f"rank 0's peak grew by {growth / 1e6:.0f} MB during the export, {growth / weights:.2f} x the weights "
         f"({weights / 1e6:.0f} MB); the bound is {1 + MARGIN:.2f} x"
     )
-    assert growth >= 0.9 * weights, growth  # the gathered state itself: the measurement sees the export's memory
+    # The measurement sees the export's memory: the gathered state, less what lands in pages the process already
+    # holds (heap malloc_trim cannot return). Measured 0.89 to 1.0 x the weights on this Xeon; without the gather,
+    # about 0. A floor at half keeps that distinction without failing on the allocator's reuse.
+    assert growth >= 0.5 * weights, growth
 
 
 # ------------------------------------------------------------------------------------- same files as a full build
