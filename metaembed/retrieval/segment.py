@@ -204,9 +204,7 @@ class Segment:
 
     def verify(self) -> None:
         """The files against the SHA-256 in the manifest, and the stored norms against the vectors."""
-        for path, expected in self.files:
-            if sha256_file(path) != expected:
-                raise IndexFileError(f"{path} does not match the checksum in its manifest: it was changed or truncated")
+        _check_checksums(self.files)
         if self.max_norms is not None and self.count:
             self.checked_max_norms(self.num_vectors)
 
@@ -367,11 +365,7 @@ class Segment:
             if not path.is_file():
                 raise IndexFileError(f"{path} is missing: the index's manifest names it")
         if verify_checksum:
-            for path, expected in files:
-                if sha256_file(path) != expected:
-                    raise IndexFileError(
-                        f"{path} does not match the checksum in its manifest: it was changed or truncated"
-                    )
+            _check_checksums(files)
         segment = cls(like.dim, like.num_vectors, like.dtype_name, like.device, like.full_dtype_name)
         count, num_vectors, dim, dtype = entry["count"], like.num_vectors, like.dim, like.dtype_name
         width = dim // 8 if dtype == "binary" else dim
@@ -402,6 +396,13 @@ class Segment:
         segment.files, segment.count = files, count
         segment.folder, segment.entry = folder, entry
         return segment
+
+
+def _check_checksums(files: list) -> None:
+    """IndexFileError naming the first of `files` ((path, SHA-256 in the manifest) pairs) whose bytes differ."""
+    for path, expected in files:
+        if sha256_file(path) != expected:
+            raise IndexFileError(f"{path} does not match the checksum in its manifest: it was changed or truncated")
 
 
 def _grown(tensor: torch.Tensor, count: int, capacity: int) -> torch.Tensor:
