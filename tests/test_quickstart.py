@@ -121,6 +121,36 @@ def test_main_job_saves_a_checkpoint_that_reloads_to_the_reported_numbers(main_j
     assert min(meta_ids) >= pretrained.shape[0]
 
 
+def test_the_main_jobs_card_reads_back_as_one_task_per_query_kind(main_job):
+    # Read as the Hub reads it: huggingface_hub's own model-card parser turns the model-index into EvalResults.
+    # Each query kind is its own task and dataset config, and every reported score is there, at its budget.
+    import huggingface_hub
+
+    checkpoint = main_job / "checkpoint"
+    card = huggingface_hub.ModelCard.load(checkpoint / "README.md")
+    parsed = card.data.eval_results
+    benchmarks = json.loads((checkpoint / "eval_results.json").read_text())["benchmarks"]
+    assert len(parsed) == sum(len(b["scores"]) for b in benchmarks)
+    names = {"one-item": "naming one item", "two-items": "naming two items", "picture": "showing one item's picture"}
+    for benchmark in benchmarks:
+        kind = benchmark["dataset"]["config"]
+        assert names[kind] in benchmark["task"]["name"], benchmark["task"]
+        for budget, value in benchmark["scores"].items():
+            r_q, r_c = budget.split("x")
+            found = [
+                r
+                for r in parsed
+                if r.dataset_config == kind
+                and r.metric_type == benchmark["metric"]["type"]
+                and r.metric_name.endswith(f"at budget ({r_q}, {r_c})")
+            ]
+            assert len(found) == 1, (kind, benchmark["metric"], budget)
+            assert found[0].task_name == benchmark["task"]["name"] and found[0].task_type == benchmark["task"]["type"]
+            assert found[0].metric_value == value
+    picture = {r.task_name for r in parsed if r.dataset_config == "picture"}
+    assert picture == {"Picture-to-page retrieval, queries showing one item's picture"}
+
+
 def test_the_probe_reads_the_main_jobs_checkpoint(main_job):
     # Its "page whole" column is the reported MRR again, its "items alone" column the per-item encoding of the same
     # pages. The first table is for queries naming one item.
