@@ -30,6 +30,8 @@ META_ATTENTIONS = ("backbone", "segments")
 # content's length), only where MetaEmbed passes the positions of a backbone with absolute position embeddings.
 META_POSITIONS = ("after_content", "spread")
 SPREAD_POSITION_FAMILIES = ("bert", "litevl")
+META_REGIONS = (None, "pyramid")
+REGION_FAMILIES = ("litevl",)  # a fixed square grid of image tokens per image
 # Bidirectional families that take an explicit [B, 1, L, L] attention mask, so "segments" can be applied.
 SEGMENT_MASK_FAMILIES = ("bert", "litevl")
 
@@ -76,6 +78,13 @@ class MetaEmbedConfig(PreTrainedConfig):
             floor((j + 1/2) C / R), C the content's length, so that position-sensitive attention heads anchor each
             meta token at a different place of the content; the token order (and so the attention mask) is
             unchanged.
+        meta_regions (`str`, *optional*): None: every candidate meta token may read the whole input (the paper).
+            "pyramid" (litevl, with meta_attention="segments"): candidate meta token k reads the text and region
+            k of each image's token grid only, the regions a spatial pyramid in order: the whole image, then its
+            2 x 2 tiles, 3 x 3 tiles, 4 x 4 tiles, ... (row-major within a level); tokens past the regions read the
+            whole image. Vector 1 stays a summary, and larger budgets add vectors that each hold one part of the
+            image. Query meta tokens read everything. Issue 32: free meta tokens all read the whole page evenly,
+            so a page's vectors were copies (docs/measurements/quickstart.md).
         pooling (`str`, defaults to "meta_tokens"): how states become vectors. "meta_tokens" is MetaEmbed. The
             paper's Table 5 baselines append no meta tokens: "last_token" and "mean" (one vector per input: set
             R_q = R_c = 1) and "segment_mean" (the real tokens cut into R_q or R_c contiguous segments, each
@@ -102,6 +111,7 @@ class MetaEmbedConfig(PreTrainedConfig):
     pooling: str = "meta_tokens"
     meta_attention: str | None = None
     meta_positions: str = "after_content"
+    meta_regions: str | None = None
     initializer_range: float = 0.02
     reasoning_template: str = "{text}\nReasoning: {trace}"
     reasoning_roles: list | None = None
@@ -145,6 +155,13 @@ class MetaEmbedConfig(PreTrainedConfig):
         if self.meta_positions == "spread" and family not in SPREAD_POSITION_FAMILIES:
             raise ValueError(
                 f"meta_positions='spread' needs absolute position embeddings {SPREAD_POSITION_FAMILIES}, not {family}"
+            )
+        if self.meta_regions not in META_REGIONS:
+            raise ValueError(f"meta_regions must be one of {META_REGIONS}, got {self.meta_regions!r}")
+        if self.meta_regions is not None and (family not in REGION_FAMILIES or self.meta_attention != "segments"):
+            raise ValueError(
+                f"meta_regions={self.meta_regions!r} needs a backbone with a fixed image-token grid {REGION_FAMILIES} "
+                f"and meta_attention='segments' (got {family}, {self.meta_attention!r})"
             )
         if self.query_layout is None:
             # Segment masking makes M_c invisible to M_q, as causal attention does.

@@ -75,6 +75,27 @@ class MetaEmbedOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
 
 
+def region_pyramid(grid: int, count: int) -> torch.Tensor:
+    """[count, grid*grid] the regions of meta_regions="pyramid": True where an image token (row-major over a grid x
+    grid feature map) lies in region k. Level n splits the grid into n x n tiles (row-major); levels 1, 2, 3, ...
+    follow one another until there are `count` regions, and a level finer than the grid is the whole image."""
+    index = torch.arange(grid * grid)
+    rows, columns = index // grid, index % grid
+    regions, level = [], 1
+    while len(regions) < count:
+        if level > grid:
+            regions += [torch.ones(grid * grid, dtype=torch.bool)] * (count - len(regions))
+            break
+        edges = [i * grid // level for i in range(level + 1)]
+        for r in range(level):
+            for c in range(level):
+                regions.append(
+                    (rows >= edges[r]) & (rows < edges[r + 1]) & (columns >= edges[c]) & (columns < edges[c + 1])
+                )
+        level += 1
+    return torch.stack(regions[:count])
+
+
 class MetaEmbedPreTrainedModel(PreTrainedModel):
     config_class = MetaEmbedConfig
     base_model_prefix = "vlm"
@@ -238,6 +259,8 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
         segment[is_query_meta] = 1
         segment[is_candidate_meta] = 2
         visible = (segment.unsqueeze(2) >= segment.unsqueeze(1)) & attention_mask.bool().unsqueeze(1)  # [B, Lq, Lk]
+        if self.config.meta_regions is not None:
+            visible &= ~self._outside_region(input_ids, is_candidate_meta)
         if self.config.vlm_config._attn_implementation == "sdpa":
             return visible.unsqueeze(1)  # boolean: True attends
         dtype = self.vlm.get_input_embeddings().weight.dtype  # eager adds the mask to the scores
@@ -246,6 +269,19 @@ class MetaEmbedModel(MetaEmbedPreTrainedModel):
             .masked_fill(~visible, torch.finfo(dtype).min)
             .unsqueeze(1)
         )
+
+    def _outside_region(self, input_ids, is_candidate_meta) -> torch.Tensor:
+        """[B, L, L] True where candidate meta token k may not look under meta_regions="pyramid": the image tokens
+        outside region k of their image's grid (`region_pyramid`)."""
+        vlm = self.config.vlm_config
+        tokens = vlm.num_image_tokens
+        regions = region_pyramid(int(round(tokens**0.5)), self.config.num_candidate_vectors).to(input_ids.device)
+        is_image = input_ids == vlm.image_token_id
+        within_image = (is_image.long().cumsum(dim=1) - 1) % tokens  # [B, L] index in its image's grid
+        rank = is_candidate_meta.long().cumsum(dim=1) - 1  # [B, L] k of each candidate meta token
+        allowed = regions[rank.clamp(min=0)]  # [B, Lq, T]: row k's region, for every query position
+        inside = allowed.gather(2, within_image.unsqueeze(1).expand(-1, input_ids.shape[1], -1))  # [B, Lq, Lk]
+        return is_candidate_meta.unsqueeze(2) & is_image.unsqueeze(1) & ~inside
 
     def _meta_states(self, hidden, input_ids, role: str) -> torch.Tensor:
         # Find each meta token of the role in each row: robust to padding on either side and to suffixes that

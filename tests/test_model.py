@@ -295,3 +295,62 @@ def test_spread_meta_positions_place_meta_tokens_over_the_content_and_round_trip
     torch.testing.assert_close(reloaded.encode(inputs), spread, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="meta_positions"):
         MetaEmbedConfig(vlm_config={"model_type": "qwen3"}, meta_positions="spread")
+
+
+def test_region_pyramid_tiles_the_grid_level_by_level():
+    from modeling_metaembed.modeling_metaembed import region_pyramid
+
+    regions = region_pyramid(6, 16)
+    assert regions.shape == (16, 36) and bool(regions[0].all())  # vector 1 reads the whole image
+    for level, members in ((2, regions[1:5]), (3, regions[5:14])):
+        assert torch.equal(members.sum(0), torch.ones(36, dtype=torch.long))  # each level partitions the grid
+        assert all(int(region.sum()) == 36 // level**2 for region in members)
+    assert regions[1].view(6, 6)[:3, :3].all() and not regions[1].view(6, 6)[3:].any()  # top-left quadrant
+    assert bool(region_pyramid(2, 8)[5:].all())  # past the grid's finest level: the whole image
+
+
+def test_pyramid_regions_limit_what_each_candidate_meta_token_reads(tmp_path):
+    from modeling_metaembed.modeling_metaembed import region_pyramid
+
+    backbone_dir = make_tiny_backbone(tmp_path / "backbone", family="litevl")
+    model = MetaEmbedModel.from_vlm(backbone_dir, num_query_vectors=2, num_candidate_vectors=6).eval()
+    inputs = mixed_inputs("litevl")
+    free = {role: model.encode(inputs, role=role) for role in ("query", "candidate")}
+    model.config.meta_regions = "pyramid"
+    pyramid = {role: model.encode(inputs, role=role) for role in ("query", "candidate")}
+    assert torch.equal(pyramid["query"], free["query"])  # query meta tokens read everything
+    assert (pyramid["candidate"] - free["candidate"]).abs().max() > 1e-3  # the regions reach the backbone
+
+    # The mask: candidate meta token k sees the image tokens of region k, and all it saw before otherwise.
+    batch = model.processor(inputs, role="candidate")
+    ids = batch["input_ids"]
+    mask = model._segment_mask(ids, batch["attention_mask"]).squeeze(1)
+    model.config.meta_regions = None
+    unrestricted = model._segment_mask(ids, batch["attention_mask"]).squeeze(1)
+    if mask.dtype != torch.bool:  # eager: additive masks
+        mask, unrestricted = mask == 0, unrestricted == 0
+    tokens = model.config.vlm_config.num_image_tokens
+    regions = region_pyramid(int(tokens**0.5), 6)
+    is_image = ids == model.config.vlm_config.image_token_id
+    checked = 0
+    for row in range(ids.shape[0]):
+        images = is_image[row].nonzero().squeeze(-1)
+        for k, token in enumerate(model.config.candidate_meta_token_ids):
+            where = int((ids[row] == token).nonzero())
+            expected = unrestricted[row, where].clone()
+            expected[images] &= regions[k].repeat(len(images) // tokens)
+            assert torch.equal(mask[row, where], expected)
+            checked += len(images) > 0
+    assert checked  # some rows hold images
+
+    model.config.meta_regions = "pyramid"
+    alone = torch.cat([model.encode([item]) for item in inputs])
+    assert (pyramid["candidate"] - alone).abs().max() <= TOL  # batch and padding invariant
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = MetaEmbedModel.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.meta_regions == "pyramid"
+    torch.testing.assert_close(reloaded.encode(inputs), pyramid["candidate"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="meta_regions"):
+        MetaEmbedConfig(vlm_config={"model_type": "qwen3"}, meta_regions="pyramid")
+    with pytest.raises(ValueError, match="meta_regions must be one of"):
+        MetaEmbedConfig(vlm_config=model.config.vlm_config.to_dict(), meta_regions="grid")

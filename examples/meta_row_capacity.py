@@ -1,0 +1,281 @@
+"""Can a meta token's input row alone make it read one part of the page? A capacity probe on a quickstart checkpoint.
+
+    python examples/meta_row_capacity.py runs/quickstart/checkpoint
+
+Issue 32 found that every trained candidate meta token spreads its last-layer attention evenly over the page, so a
+page's vectors are copies of one summary. This probe asks whether that is a limit of what the meta rows *can* do
+with this backbone, or of what training *finds*. Everything stays frozen except the R_c candidate meta rows of the
+embedding table; they are optimised (Adam, their training rate) on training pages to put meta token k's last-layer
+attention on page cell k mod 4, a target that uses the layout the model never gets. Then, on held-out pages and
+with no other change:
+
+- where the tokens look (last layer, averaged over heads): the target cell's share of the image attention;
+- how alike a page's vectors are (mean cosine, each vector k's mean over pages removed first);
+- picture-query MRR at (1,1) and (4,16) against the same held-out pages as the quickstart's first test round.
+
+If rows alone reach selective attention and a budget that pays, the backbone can express per-cell vectors and the
+missing piece is the training signal; if not, the backbone's attention cannot be steered by a meta token's row.
+"""
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModel
+
+from metaembed.quickstart import QuickstartSettings, load_data
+from metaembed.quickstart.evaluation import held_out_pages
+from metaembed.quickstart.pages import training_records
+from metaembed_training.evaluation import positive_ranks
+
+
+def cell_of_token(grid: int, page_grid: int) -> torch.Tensor:
+    per_cell = grid // page_grid
+    index = torch.arange(grid * grid)
+    return (index // grid // per_cell) * page_grid + (index % grid) // per_cell
+
+
+class LastLayerAttention:
+    """Keeps the last text-encoder layer's attention probabilities, with their graph (eager attention)."""
+
+    def __init__(self, model):
+        self.value = None
+        layer = model.vlm.language_model.encoder.layer[-1].attention.self
+        self.handle = layer.register_forward_hook(lambda module, args, output: setattr(self, "value", output[1]))
+
+
+def candidate_attention(model, batch, hook, cells: torch.Tensor, num_cells: int):
+    """-> ([B, R, cells] attention mass per page cell from each candidate meta token, [B, R, D] embeddings)."""
+    output = model(**batch, role="candidate")
+    ids = batch["input_ids"]
+    meta_ids = torch.tensor(model.config.candidate_meta_token_ids)
+    meta_positions = (ids.unsqueeze(-1) == meta_ids).int().argmax(dim=1)  # [B, R]
+    is_image = ids == model.config.vlm_config.image_token_id
+    count = int(is_image[0].sum())
+    image_positions = is_image.int().argsort(dim=1, descending=True, stable=True)[:, :count]  # [B, T]
+    attention = hook.value.mean(1)  # [B, L, L] averaged over heads
+    rows = torch.arange(ids.shape[0]).unsqueeze(-1)
+    from_meta = attention[rows, meta_positions]  # [B, R, L]
+    to_image = from_meta.gather(2, image_positions.unsqueeze(1).expand(-1, from_meta.shape[1], -1))  # [B, R, T]
+    per_cell = torch.stack([to_image[..., cells == c].sum(-1) for c in range(num_cells)], -1)  # [B, R, cells]
+    return per_cell, output.embeddings
+
+
+@torch.no_grad()
+def evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells) -> dict:
+    masses, embeddings = [], []
+    for start in range(0, len(pages), 32):
+        batch = model.processor(pages[start : start + 32], role="candidate")
+        per_cell, emb = candidate_attention(model, batch, hook, cells, num_cells)
+        masses.append(per_cell)
+        embeddings.append(emb)
+    per_cell, pages_emb = torch.cat(masses), torch.cat(embeddings)  # [N, R, cells], [N, R, D]
+    share = per_cell / per_cell.sum(-1, keepdim=True)
+    target = torch.arange(per_cell.shape[1]) % num_cells
+    target_share = share.gather(2, target.view(1, -1, 1).expand(share.shape[0], -1, 1)).mean()
+    centred = pages_emb - pages_emb.mean(0, keepdim=True)
+    centred = torch.nn.functional.normalize(centred, dim=-1)
+    gram = centred @ centred.transpose(1, 2)
+    n = gram.shape[-1]
+    within = float((gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)).mean() / (n * n - n))
+    queries = model.encode_queries(picture_queries, batch_size=32)
+    targets = torch.tensor(picture_targets)
+    mrr = {}
+    for budget in ((1, 1), (2, 4), (4, 16)):
+        ranks = positive_ranks(model.similarity(queries, pages_emb, budget=budget), targets)
+        mrr[f"{budget[0]}x{budget[1]}"] = float((1.0 / ranks.float()).mean())
+    return {
+        "target cell's share": float(target_share),
+        "top cell's share": float(share.max(-1).values.mean()),
+        "mass on image": float(per_cell.sum(-1).mean()),
+        "within-page cosine, k's mean removed": within,
+        "picture MRR": mrr,
+    }
+
+
+def tiling(grid: int, levels: list) -> torch.Tensor:
+    """[regions, grid*grid] True where a token lies in the region: for each level n, the n x n tiles of the grid
+    (row-major), levels in order; n = 1 is the whole image."""
+    index = torch.arange(grid * grid)
+    rows, columns = index // grid, index % grid
+    regions = []
+    for n in levels:
+        edges = [round(i * grid / n) for i in range(n + 1)]
+        for r in range(n):
+            for c in range(n):
+                regions.append(
+                    (rows >= edges[r]) & (rows < edges[r + 1]) & (columns >= edges[c]) & (columns < edges[c + 1])
+                )
+    return torch.stack(regions)
+
+
+@torch.no_grad()
+def cell_restricted_mrr(model, pages, picture_queries, picture_targets, regions, layers: int = 1) -> dict:
+    """The value of vectors that read one region each, on this model as trained: in its last `layers` layers,
+    candidate meta token k may attend to the image tokens of region k mod len(regions) only (other tokens as
+    before); no weight changes. Picture MRR per budget against the same pages."""
+    state = {}
+
+    def restrict(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        blocked = state["blocked"]  # [B, L, L] True: meta row k may not see that image token
+        if mask.dtype == torch.bool:
+            kwargs["attention_mask"] = mask & ~blocked.unsqueeze(1)
+        else:
+            kwargs["attention_mask"] = mask.masked_fill(blocked.unsqueeze(1), torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    encoder_layers = model.vlm.language_model.encoder.layer
+    handles = [
+        layer.attention.self.register_forward_pre_hook(restrict, with_kwargs=True) for layer in encoder_layers[-layers:]
+    ]
+    meta_ids = torch.tensor(model.config.candidate_meta_token_ids)
+    embeddings = []
+    try:
+        for start in range(0, len(pages), 32):
+            batch = model.processor(pages[start : start + 32], role="candidate")
+            ids = batch["input_ids"]
+            is_image = ids == model.config.vlm_config.image_token_id
+            meta_positions = (ids.unsqueeze(-1) == meta_ids).int().argmax(dim=1)  # [B, R]
+            blocked = torch.zeros(ids.shape[0], ids.shape[1], ids.shape[1], dtype=torch.bool)
+            rows = torch.arange(ids.shape[0])
+            for k in range(len(meta_ids)):
+                outside = torch.zeros(ids.shape, dtype=torch.bool)
+                outside[is_image] = (~regions[k % len(regions)]).repeat(ids.shape[0])
+                blocked[rows, meta_positions[:, k]] = outside
+            state["blocked"] = blocked
+            embeddings.append(model(**batch, role="candidate").embeddings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pages_emb = torch.cat(embeddings)
+    queries = model.encode_queries(picture_queries, batch_size=32)
+    targets = torch.tensor(picture_targets)
+    result = {}
+    for budget in ((1, 1), (2, 4), (4, 16)):
+        ranks = positive_ranks(model.similarity(queries, pages_emb, budget=budget), targets)
+        result[f"{budget[0]}x{budget[1]}"] = float((1.0 / ranks.float()).mean())
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument(
+        "--layer-position-scale",
+        type=float,
+        help="load the checkpoint with positions in every layer at this gain (LiteVLConfig.layer_position_scale)",
+    )
+    parser.add_argument(
+        "--start", action="store_true", help="probe the model training starts from (the checkpoint's settings)"
+    )
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    print("command: python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
+    torch.manual_seed(0)
+    checkpoint = Path(args.checkpoint)
+    settings = QuickstartSettings(**json.loads((checkpoint.parent / "summary.json").read_text())["settings"])
+    train_pairs, test_pairs = load_data(settings)
+    if args.start:
+        import tempfile
+
+        from metaembed.quickstart.job import build_model, warm_start_projector
+
+        work = tempfile.TemporaryDirectory()
+        model = build_model(settings, Path(work.name))
+        warm_start_projector(model, train_pairs, settings)
+        model.set_attn_implementation("eager")
+        model.eval()
+    elif args.layer_position_scale is None:
+        model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, attn_implementation="eager").eval()
+    else:  # this repository's LiteVL, which has the option, with the checkpoint's weights
+        from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel
+
+        config = MetaEmbedConfig.from_pretrained(checkpoint)
+        config.vlm_config.layer_position_scale = args.layer_position_scale
+        model = MetaEmbedModel.from_pretrained(checkpoint, config=config, attn_implementation="eager").eval()
+        print("layer position gains:", model.vlm.layer_position_gain.tolist())
+    hook = LastLayerAttention(model)
+    grid = int(math.isqrt(model.config.vlm_config.num_image_tokens))
+    num_cells = settings.page_grid**2
+    cells = cell_of_token(grid, settings.page_grid)
+
+    round_ = held_out_pages(test_pairs, settings)[0]
+    pages = [Image.open(io.BytesIO(png)) for png in round_["pages"]]
+    picture_queries, picture_targets = [], []
+    for query, target, kind in zip(round_["queries"], round_["targets"], round_["kinds"]):
+        if kind == "picture":
+            picture_queries.append(Image.open(io.BytesIO(query)))
+            picture_targets.append(target)
+    results = {"before": evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells)}
+    print("before:", json.dumps(results["before"]))
+    all_layers = len(model.vlm.language_model.encoder.layer)
+    page_cells = torch.stack([cells == c for c in range(num_cells)])
+    for label, regions, layers in (
+        ("page cells", page_cells, 1),
+        ("page cells", page_cells, all_layers),
+        ("tiles 1, 2x2, 3x3", tiling(grid, [1, 2, 3]), all_layers),
+        ("tiles 1, 3x3", tiling(grid, [1, 3]), all_layers),
+        ("tiles 1, 3x3, 4x4", tiling(grid, [1, 3, 4]), all_layers),
+    ):
+        mrr = cell_restricted_mrr(model, pages, picture_queries, picture_targets, regions, layers)
+        results[f"{label}, last {layers} layers"] = mrr
+        print(f"meta token k reads region k ({label}) in the last {layers} layer(s): picture MRR", json.dumps(mrr))
+    if args.steps == 0:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        return
+
+    train_pages = [r["positive"]["image"]["bytes"] for r in training_records(train_pairs, settings.layout, 1, 0)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    table = model.vlm.get_input_embeddings().weight
+    rows = torch.tensor(model.config.candidate_meta_token_ids)
+    meta = torch.nn.Parameter(table[rows].detach().clone())
+    optimizer = torch.optim.Adam([meta], lr=args.learning_rate)
+    target = torch.arange(len(rows)) % num_cells
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for step in range(args.steps):
+        chosen = torch.randint(len(train_pages), (args.batch_size,), generator=generator).tolist()
+        batch = model.processor([Image.open(io.BytesIO(train_pages[i])) for i in chosen], role="candidate")
+        with torch.no_grad():
+            table[rows] = meta.detach()
+        # route the gradient to `meta`: the rows enter as meta + (table row - meta), the second term constant
+        embed = model.vlm.get_input_embeddings()
+        handle = embed.register_forward_hook(
+            lambda module, inputs, output: (
+                output + (inputs[0].unsqueeze(-1) == rows).float() @ (meta - meta.detach())
+            )  # [B, L, H]
+        )
+        try:
+            per_cell, _ = candidate_attention(model, batch, hook, cells, num_cells)
+        finally:
+            handle.remove()
+        on_target = per_cell.gather(2, target.view(1, -1, 1).expand(per_cell.shape[0], -1, 1)).squeeze(-1)
+        loss = -(on_target.clamp_min(1e-6).log()).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"step {step}: loss {loss.item():.3f}, mass on target cell {on_target.mean().item():.3f}")
+    with torch.no_grad():
+        table[rows] = meta.detach()
+    print(f"optimised {args.steps} steps in {time.perf_counter() - started:.0f} s")
+    results["after"] = evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells)
+    print("after:", json.dumps(results["after"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
