@@ -171,11 +171,6 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument(
-        "--layer-position-scale",
-        type=float,
-        help="load the checkpoint with positions in every layer at this gain (LiteVLConfig.layer_position_scale)",
-    )
-    parser.add_argument(
         "--start", action="store_true", help="probe the model training starts from (the checkpoint's settings)"
     )
     parser.add_argument("--json")
@@ -195,15 +190,8 @@ def main(argv=None) -> None:
         warm_start_projector(model, train_pairs, settings)
         model.set_attn_implementation("eager")
         model.eval()
-    elif args.layer_position_scale is None:
+    else:
         model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, attn_implementation="eager").eval()
-    else:  # this repository's LiteVL, which has the option, with the checkpoint's weights
-        from modeling_metaembed import MetaEmbedConfig, MetaEmbedModel
-
-        config = MetaEmbedConfig.from_pretrained(checkpoint)
-        config.vlm_config.layer_position_scale = args.layer_position_scale
-        model = MetaEmbedModel.from_pretrained(checkpoint, config=config, attn_implementation="eager").eval()
-        print("layer position gains:", model.vlm.layer_position_gain.tolist())
     hook = LastLayerAttention(model)
     grid = int(math.isqrt(model.config.vlm_config.num_image_tokens))
     num_cells = settings.page_grid**2

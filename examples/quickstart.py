@@ -29,14 +29,9 @@ def parse_settings(argv=None) -> QuickstartSettings:
             parser.add_argument(flag, choices=TASKS, default=default, help=f"default: {default}")
         else:
             kind = int if item.name in ("train_pairs", "test_pairs", "image_size") else type(default)
-            if item.name in (
-                "meta_learning_rate",
-                "attention_learning_rate",
-                "layer_position_scale",
-                "image_token_norm",
-            ):  # "none": unset
+            if item.name in ("meta_learning_rate", "attention_learning_rate"):  # "none": with the text encoder
                 kind = lambda value: None if value.lower() == "none" else float(value)  # noqa: E731
-            if item.name == "meta_regions":
+            if item.name == "meta_regions":  # "none": every meta token reads the whole page
                 kind = lambda value: None if value.lower() == "none" else value  # noqa: E731
             shown = "per task: 192 (pages), 96 (emoji)" if item.name == "image_size" else default
             parser.add_argument(flag, type=kind, default=default, help=f"default: {shown}")

@@ -77,17 +77,6 @@ class LiteVLConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`): the text encoder's configuration (a BERT-style encoder).
         vision_config (`dict` or `EfficientNetLiteConfig`): the image encoder's configuration.
         image_token_id (`int`): id of the image placeholder token in the text encoder's vocabulary.
-        layer_position_scale (`float`, *optional*): where the text encoder's positions reach. None: the input only,
-            as BERT has them; by its last layer a token's position is nearly gone (docs/measurements/quickstart.md,
-            issue 32). A number (0 included): every layer's attention also adds a position code (the encoder's own position
-            embedding of the token, normalised to unit RMS, times a learned gain per layer that starts at this
-            value) to the inputs of the image tokens' keys, so that where an image token sits stays readable to
-            every layer's attention, as rotary positions reach every layer in the paper's backbones (Qwen2.5-VL's
-            M-RoPE). Text tokens are read as the pretrained encoder reads them.
-        image_token_norm (`float`, *optional*): None: the projector's output enters the encoder as it is. A
-            number: each image token's projected features are rescaled to this L2 norm (about a word embedding's),
-            so that the position embedding added to them keeps its share however large the projector's output
-            grows in training (issue 32: it grew 16x, and the image tokens' positions faded with it).
     """
 
     model_type = "litevl"
@@ -99,8 +88,6 @@ class LiteVLConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
     image_token_id: int | None = None
-    layer_position_scale: float | None = None
-    image_token_norm: float | None = None
     initializer_range: float = 0.02
 
     @property

@@ -104,8 +104,6 @@ class LiteVLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
-        if isinstance(module, LiteVLModel) and hasattr(module, "layer_position_gain"):
-            module.layer_position_gain.fill_(float(module.config.layer_position_scale))
 
 
 class EfficientNetLite(LiteVLPreTrainedModel):
@@ -157,27 +155,7 @@ class LiteVLModel(LiteVLPreTrainedModel):
             nn.Linear(config.vision_config.hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden)
         )
         self.language_model = AutoModel.from_config(config.text_config)
-        self._position_code = None  # set for the length of one forward when positions reach every layer
-        if config.layer_position_scale is not None:
-            layers = self.language_model.encoder.layer
-            self.layer_position_gain = nn.Parameter(torch.full((len(layers),), float(config.layer_position_scale)))
-            for index, layer in enumerate(layers):
-                layer.attention.self.key.register_forward_pre_hook(self._add_position_code(index))
         self.post_init()
-
-    def _add_position_code(self, layer: int):
-        def hook(module, args):
-            if self._position_code is None:
-                return None
-            return (args[0] + self.layer_position_gain[layer].to(args[0].dtype) * self._position_code,)
-
-        return hook
-
-    def position_code(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, H]: the encoder's position embeddings, centred over all positions, at unit RMS."""
-        table = self.language_model.embeddings.position_embeddings.weight
-        code = table[position_ids] - table.mean(dim=0)
-        return code * code.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-12).rsqrt()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -188,10 +166,7 @@ class LiteVLModel(LiteVLPreTrainedModel):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] images -> [N, grid*grid, hidden] token embeddings (row-major over the grid)."""
         grid = self.vision_tower(pixel_values.to(self.projector[0].weight.dtype))  # [N, C, g, g]
-        features = self.projector(grid.flatten(2).transpose(1, 2))
-        if self.config.image_token_norm is not None:
-            features = self.config.image_token_norm * nn.functional.normalize(features, dim=-1)
-        return features
+        return self.projector(grid.flatten(2).transpose(1, 2))
 
     def forward(
         self,
@@ -214,21 +189,13 @@ class LiteVLModel(LiteVLPreTrainedModel):
             features = self.image_features(pixel_values).to(embeddings.dtype)  # [N, T, H]
             embeddings = embeddings.masked_scatter(is_image.unsqueeze(-1), features)
         kwargs.pop("use_cache", None)
-        if self.config.layer_position_scale is not None:
-            if position_ids is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            # the image tokens' keys only: text is read as the pretrained encoder reads it
-            self._position_code = self.position_code(position_ids).to(embeddings.dtype) * is_image.unsqueeze(-1)
-        try:
-            return self.language_model(
-                inputs_embeds=embeddings,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                token_type_ids=token_type_ids,
-                **kwargs,
-            )
-        finally:
-            self._position_code = None
+        return self.language_model(
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            **kwargs,
+        )
 
 
 AutoModel.register(LiteVLConfig, LiteVLModel, exist_ok=True)

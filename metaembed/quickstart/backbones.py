@@ -80,8 +80,6 @@ def build_litevl(
     vision_weights=None,
     image_size: int | None = None,
     seed: int = 0,
-    layer_position_scale: float | None = None,
-    image_token_norm: float | None = None,
 ) -> Path:
     """Write a LiteVL backbone folder (config, safetensors, tokenizer with [IMG], processor) to `output_dir`.
 
@@ -91,8 +89,6 @@ def build_litevl(
         vision_weights: the variant's ImageNet state dict (default: the packaged one).
         image_size: input resolution (default: the variant's training resolution; 224 for lite0).
         seed: seed of the new projector's initialisation.
-        layer_position_scale: `LiteVLConfig.layer_position_scale` (None: positions at the encoder's input only).
-        image_token_norm: `LiteVLConfig.image_token_norm` (None: image tokens as the projector gives them).
     """
     text_model = Path(text_model) if text_model is not None else minilm_path()
     vision_weights = vision_weights if vision_weights is not None else efficientnet_lite_weights(vision_variant)
@@ -106,8 +102,6 @@ def build_litevl(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        layer_position_scale=layer_position_scale,
-        image_token_norm=image_token_norm,
     )
     torch.manual_seed(seed)
     model = LiteVLModel(config)

@@ -49,13 +49,7 @@ def load_data(settings: QuickstartSettings) -> tuple:
 
 
 def build_model(settings: QuickstartSettings, work_dir: Path) -> MetaEmbedModel:
-    backbone = build_litevl(
-        work_dir / "backbone",
-        image_size=settings.image_size,
-        seed=settings.seed,
-        layer_position_scale=settings.layer_position_scale,
-        image_token_norm=settings.image_token_norm,
-    )
+    backbone = build_litevl(work_dir / "backbone", image_size=settings.image_size, seed=settings.seed)
     groups = None if settings.mmr else [[settings.num_query_vectors, settings.num_candidate_vectors]]
     model = MetaEmbedModel.from_vlm(
         backbone,
@@ -103,10 +97,8 @@ def train(model, train_pairs: list, settings: QuickstartSettings, work_dir: Path
         dataloader_num_workers=0,
         bf16=settings.bf16,
     )
-    # The new image projector (and the gains of positions in every layer, also new) learn at their own, higher rate.
+    # The new image projector learns at its own, higher rate.
     projector = [p for p in model.vlm.projector.parameters() if p.requires_grad]
-    if hasattr(model.vlm, "layer_position_gain"):
-        projector.append(model.vlm.layer_position_gain)
     own_rate_ids = {id(p) for p in projector}
     groups, hooks = [{"params": projector, "lr": settings.projector_learning_rate}], []
     if settings.meta_learning_rate is not None:

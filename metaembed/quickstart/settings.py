@@ -27,11 +27,6 @@ class QuickstartSettings:
     # None: every candidate meta token reads the whole page (the paper). "pyramid": candidate meta token k reads region
     # k of a spatial pyramid over the image grid (config.meta_regions; docs/measurements/quickstart.md, issue 32).
     meta_regions: str | None = None
-    # Positions in every layer of the text encoder, not only at its input (LiteVLConfig.layer_position_scale: the
-    # gain the position code starts at; None: off). Issue 32: by the last layer an image token's position is nearly gone.
-    layer_position_scale: float | None = None
-    # Image tokens rescaled to this L2 norm before the encoder (LiteVLConfig.image_token_norm; None: as projected).
-    image_token_norm: float | None = None
     bf16: bool = False  # bf16 autocast in training (on CPU it pays off only where the CPU has AMX)
     # pages: 192 px = a 6x6 feature grid, 3x3 tokens per item of a 2x2 page; emoji: 96 px = one page cell alone.
     image_size: int | None = None
