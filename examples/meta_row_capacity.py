@@ -1,20 +1,20 @@
-"""Can a meta token's input row alone make it read one part of the page? A capacity probe on a quickstart checkpoint.
+"""Where can a checkpoint's candidate meta tokens look, and what would reading one region each be worth?
 
-    python examples/meta_row_capacity.py runs/quickstart/checkpoint
+    python examples/meta_row_capacity.py runs/quickstart/checkpoint            # about 3 minutes on 2 cores
+    python examples/meta_row_capacity.py runs/quickstart/checkpoint --start    # the model training starts from
+    python examples/meta_row_capacity.py runs/quickstart/checkpoint --steps 0  # the first two parts only
 
-Issue 32 found that every trained candidate meta token spreads its last-layer attention evenly over the page, so a
-page's vectors are copies of one summary. This probe asks whether that is a limit of what the meta rows *can* do
-with this backbone, or of what training *finds*. Everything stays frozen except the R_c candidate meta rows of the
-embedding table; they are optimised (Adam, their training rate) on training pages to put meta token k's last-layer
-attention on page cell k mod 4, a target that uses the layout the model never gets. Then, on held-out pages and
-with no other change:
+Issue 32 found that every trained free meta token spreads its last-layer attention evenly over the page, so a
+page's vectors are copies of one summary. On the held-out pages of the quickstart's first test round, this prints:
 
-- where the tokens look (last layer, averaged over heads): the target cell's share of the image attention;
-- how alike a page's vectors are (mean cosine, each vector k's mean over pages removed first);
-- picture-query MRR at (1,1) and (4,16) against the same held-out pages as the quickstart's first test round.
-
-If rows alone reach selective attention and a budget that pays, the backbone can express per-cell vectors and the
-missing piece is the training signal; if not, the backbone's attention cannot be steered by a meta token's row.
+1. where the image tokens sit, read back per layer: a ridge classifier's accuracy for each image token's page cell
+   and grid index from its state, and the share of the states' variance that is the position;
+2. the value of vectors that read one region each, with no weight changed: candidate meta token k masked to
+   region k (the page's cells; or tiles of the image that ignore the layout), picture MRR per budget;
+3. whether a meta token's row alone can steer it to one cell: everything frozen except the R_c candidate meta rows,
+   which Adam (their training rate) pushes to put meta token k's last-layer attention on page cell k mod 4, a
+   target that uses the layout the model never gets; then the target cell's share of the image attention, how
+   alike a page's vectors are (each vector k's mean over pages removed), and picture MRR.
 """
 
 import argparse
@@ -164,6 +164,41 @@ def cell_restricted_mrr(model, pages, picture_queries, picture_targets, regions,
     return result
 
 
+@torch.no_grad()
+def position_readability(model, fit_pages: list, test_pages: list, grid: int, page_grid: int) -> list:
+    """Per layer: how well a ridge classifier reads each image token's page cell and its index in the grid back
+    from its state (fitted on `fit_pages`, scored on `test_pages`), and the share of the states' variance that is
+    the same for every page at that grid position."""
+    from diagnose_meta_tokens import trace  # examples/, beside this script
+
+    fit, test = (
+        trace(model, fit_pages, "candidate")["image_states"],
+        trace(model, test_pages, "candidate")["image_states"],
+    )
+    tokens = fit.shape[2]
+    labels = {"cell": cell_of_token(grid, page_grid), "index": torch.arange(tokens)}
+    rows = []
+    for layer in range(fit.shape[0]):
+        x_fit, x_test = fit[layer].reshape(-1, fit.shape[-1]).double(), test[layer].reshape(-1, fit.shape[-1]).double()
+        mean = x_fit.mean(0)
+        x_fit, x_test = x_fit - mean, x_test - mean
+        row = {"layer": layer}
+        for name, label in labels.items():
+            targets = torch.nn.functional.one_hot(label.repeat(fit.shape[1]), int(label.max()) + 1).double()
+            weight = torch.linalg.solve(
+                x_fit.T @ x_fit + torch.eye(x_fit.shape[1], dtype=x_fit.dtype), x_fit.T @ targets
+            )
+            row[f"{name} accuracy"] = float(
+                ((x_test @ weight).argmax(-1) == label.repeat(test.shape[1])).double().mean()
+            )
+        states = test[layer].double()  # [N, T, H]
+        per_position = states.mean(0)
+        total = ((states - states.mean((0, 1))) ** 2).sum()
+        row["position share"] = float(states.shape[0] * ((per_position - per_position.mean(0)) ** 2).sum() / total)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -204,7 +239,18 @@ def main(argv=None) -> None:
         if kind == "picture":
             picture_queries.append(Image.open(io.BytesIO(query)))
             picture_targets.append(target)
-    results = {"before": evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells)}
+    train_pages = [r["positive"]["image"]["bytes"] for r in training_records(train_pairs, settings.layout, 1, 0)]
+    readability = position_readability(
+        model, [Image.open(io.BytesIO(png)) for png in train_pages[:128]], pages, grid, settings.page_grid
+    )
+    print(f"where the image tokens sit, read back per layer (chance: cell 1/{num_cells}, index 1/{grid * grid}):")
+    for row in readability:
+        print(
+            f"  layer {row['layer']}: cell {row['cell accuracy']:.3f}, index {row['index accuracy']:.3f}, "
+            f"position's share of the variance {row['position share']:.3f}"
+        )
+    results = {"position readability": readability}
+    results["before"] = evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells)
     print("before:", json.dumps(results["before"]))
     all_layers = len(model.vlm.language_model.encoder.layer)
     page_cells = torch.stack([cells == c for c in range(num_cells)])
@@ -223,7 +269,6 @@ def main(argv=None) -> None:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
         return
 
-    train_pages = [r["positive"]["image"]["bytes"] for r in training_records(train_pairs, settings.layout, 1, 0)]
     for p in model.parameters():
         p.requires_grad_(False)
     table = model.vlm.get_input_embeddings().weight

@@ -194,3 +194,48 @@ def test_the_quickstart_flags_for_the_meta_token_studies_parse_and_reach_the_mod
     assert cli.parse_settings(["--attention-learning-rate", "none"]).attention_learning_rate is None
     model = build_model(QuickstartSettings(meta_positions="spread", train_pairs=8), tmp_path)
     assert model.config.meta_positions == "spread"
+    # region-anchored candidate meta tokens are the quickstart's default; "none" gives the paper's free ones
+    assert defaults.meta_regions == "pyramid" and model.config.meta_regions == "pyramid"
+    assert cli.parse_settings(["--meta-regions", "none"]).meta_regions is None
+    free = build_model(QuickstartSettings(meta_regions=None, train_pairs=8), tmp_path / "free")
+    assert free.config.meta_regions is None
+
+
+def test_the_capacity_probe_masks_each_meta_token_to_its_region_and_reads_positions(tmp_path):
+    # examples/meta_row_capacity.py's measurements on the untrained quickstart model (free meta tokens), 8 pages.
+    import io
+
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from meta_row_capacity import cell_of_token, cell_restricted_mrr, position_readability, tiling
+
+    from metaembed.quickstart.evaluation import held_out_pages
+
+    settings = QuickstartSettings(meta_regions=None, test_pairs=32, test_rounds=1, show_progress_bar=False)
+    model = build_model(settings, tmp_path).eval()
+    model.set_attn_implementation("eager")
+    _, test_pairs = load_data(settings)
+    round_ = held_out_pages(test_pairs, settings)[0]
+    pages = [Image.open(io.BytesIO(png)) for png in round_["pages"]]
+    pictures = [
+        (Image.open(io.BytesIO(q)), t)
+        for q, t, k in zip(*(round_[x] for x in ("queries", "targets", "kinds")))
+        if k == "picture"
+    ]
+    queries, targets = [q for q, _ in pictures], [t for _, t in pictures]
+    grid = int(model.config.vlm_config.num_image_tokens**0.5)
+    assert tiling(grid, [1, 2]).sum(1).tolist() == [36, 9, 9, 9, 9]
+
+    free = cell_restricted_mrr(model, pages, queries, targets, tiling(grid, [1]), layers=6)  # the whole image: no-op
+    plain_queries = model.encode_queries(queries)
+    plain = model.similarity(plain_queries, model.encode_candidates(pages), budget=(4, 16))
+    from metaembed_training.evaluation import positive_ranks
+
+    expected = float((1.0 / positive_ranks(plain, torch.tensor(targets)).float()).mean())
+    assert abs(free["4x16"] - expected) < 1e-6
+    cells = torch.stack([cell_of_token(grid, 2) == c for c in range(4)])
+    assert cell_restricted_mrr(model, pages, queries, targets, cells, layers=6)["4x16"] != free["4x16"]
+
+    rows = position_readability(model, pages, pages, grid, 2)  # at the input, where each token sits is exact
+    assert rows[0]["index accuracy"] > 0.9 and rows[0]["cell accuracy"] > 0.9 and len(rows) == 7
