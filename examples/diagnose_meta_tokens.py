@@ -462,7 +462,8 @@ def main(argv=None) -> None:
     print("command: python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     checkpoint = Path(args.checkpoint)
     summary = json.loads((checkpoint.parent / "summary.json").read_text())
-    settings = QuickstartSettings(**summary["settings"])
+    # a run from before meta_regions existed trained free meta tokens
+    settings = QuickstartSettings(**{"meta_regions": None, **summary["settings"]})
     if settings.task != "pages":
         raise SystemExit(
             f"{checkpoint}: the diagnostics read the pages task; this one was trained on {settings.task!r}"

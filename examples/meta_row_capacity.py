@@ -213,7 +213,8 @@ def main(argv=None) -> None:
     print("command: python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     torch.manual_seed(0)
     checkpoint = Path(args.checkpoint)
-    settings = QuickstartSettings(**json.loads((checkpoint.parent / "summary.json").read_text())["settings"])
+    ran = json.loads((checkpoint.parent / "summary.json").read_text())["settings"]
+    settings = QuickstartSettings(**{"meta_regions": None, **ran})  # runs from before meta_regions: free meta tokens
     train_pairs, test_pairs = load_data(settings)
     if args.start:
         import tempfile

@@ -58,7 +58,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     summary = json.loads((checkpoint.parent / "summary.json").read_text())
-    settings = QuickstartSettings(**summary["settings"])
+    # a run from before meta_regions existed trained free meta tokens
+    settings = QuickstartSettings(**{"meta_regions": None, **summary["settings"]})
     if settings.task != "pages":
         raise SystemExit(f"{checkpoint}: the probe reads the pages task; this one was trained on {settings.task!r}")
     model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()

@@ -109,6 +109,12 @@ def main(argv=None) -> None:
     parser.add_argument("--train-rounds", type=int, default=QuickstartSettings.train_rounds)
     parser.add_argument("--train-pairs", type=int, default=None)
     parser.add_argument("--test-pairs", type=int, default=None)
+    parser.add_argument(
+        "--meta-regions",
+        default=QuickstartSettings.meta_regions,
+        type=lambda value: None if value.lower() == "none" else value,
+        help='candidate meta tokens read regions ("pyramid", the default) or the whole input ("none")',
+    )
     args = parser.parse_args(argv)
     output = Path(args.output)
     base = QuickstartSettings(
@@ -117,6 +123,7 @@ def main(argv=None) -> None:
         train_rounds=args.train_rounds,
         train_pairs=args.train_pairs,
         test_pairs=args.test_pairs,
+        meta_regions=args.meta_regions,
         show_progress_bar=False,
     )
     variants, summaries = {}, {}
