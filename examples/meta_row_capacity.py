@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from diagnose_meta_tokens import cell_of_token, trace  # examples/, beside this script
 from PIL import Image
 from transformers import AutoModel
 
@@ -33,12 +34,7 @@ from metaembed.quickstart import QuickstartSettings, load_data
 from metaembed.quickstart.evaluation import held_out_pages
 from metaembed.quickstart.pages import training_records
 from metaembed_training.evaluation import positive_ranks
-
-
-def cell_of_token(grid: int, page_grid: int) -> torch.Tensor:
-    per_cell = grid // page_grid
-    index = torch.arange(grid * grid)
-    return (index // grid // per_cell) * page_grid + (index % grid) // per_cell
+from modeling_metaembed.modeling_metaembed import grid_tiles
 
 
 class LastLayerAttention:
@@ -68,7 +64,7 @@ def candidate_attention(model, batch, hook, cells: torch.Tensor, num_cells: int)
 
 
 @torch.no_grad()
-def evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells) -> dict:
+def evaluate(model, pages, queries, picture_targets, hook, cells, num_cells) -> dict:
     masses, embeddings = [], []
     for start in range(0, len(pages), 32):
         batch = model.processor(pages[start : start + 32], role="candidate")
@@ -84,42 +80,36 @@ def evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_ce
     gram = centred @ centred.transpose(1, 2)
     n = gram.shape[-1]
     within = float((gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)).mean() / (n * n - n))
-    queries = model.encode_queries(picture_queries, batch_size=32)
-    targets = torch.tensor(picture_targets)
-    mrr = {}
-    for budget in ((1, 1), (2, 4), (4, 16)):
-        ranks = positive_ranks(model.similarity(queries, pages_emb, budget=budget), targets)
-        mrr[f"{budget[0]}x{budget[1]}"] = float((1.0 / ranks.float()).mean())
     return {
         "target cell's share": float(target_share),
         "top cell's share": float(share.max(-1).values.mean()),
         "mass on image": float(per_cell.sum(-1).mean()),
         "within-page cosine, k's mean removed": within,
-        "picture MRR": mrr,
+        "picture MRR": picture_mrr(model, queries, pages_emb, picture_targets),
     }
 
 
 def tiling(grid: int, levels: list) -> torch.Tensor:
-    """[regions, grid*grid] True where a token lies in the region: for each level n, the n x n tiles of the grid
-    (row-major), levels in order; n = 1 is the whole image."""
-    index = torch.arange(grid * grid)
-    rows, columns = index // grid, index % grid
-    regions = []
-    for n in levels:
-        edges = [round(i * grid / n) for i in range(n + 1)]
-        for r in range(n):
-            for c in range(n):
-                regions.append(
-                    (rows >= edges[r]) & (rows < edges[r + 1]) & (columns >= edges[c]) & (columns < edges[c + 1])
-                )
-    return torch.stack(regions)
+    """[regions, grid*grid] the tiles of each level n in turn (`grid_tiles`: n x n, row-major); n = 1 is the whole
+    image."""
+    return torch.cat([grid_tiles(grid, n) for n in levels])
+
+
+def picture_mrr(model, queries: torch.Tensor, pages: torch.Tensor, targets: list) -> dict:
+    """Picture MRR per budget: encoded queries [Q, R_q, D] against encoded pages [N, R_c, D]."""
+    result = {}
+    for budget in ((1, 1), (2, 4), (4, 16)):
+        ranks = positive_ranks(model.similarity(queries, pages, budget=budget), torch.tensor(targets))
+        result[f"{budget[0]}x{budget[1]}"] = float((1.0 / ranks.float()).mean())
+    return result
 
 
 @torch.no_grad()
-def cell_restricted_mrr(model, pages, picture_queries, picture_targets, regions, layers: int = 1) -> dict:
+def cell_restricted_mrr(model, pages, queries, picture_targets, regions, layers: int = 1) -> dict:
     """The value of vectors that read one region each, on this model as trained: in its last `layers` layers,
     candidate meta token k may attend to the image tokens of region k mod len(regions) only (other tokens as
-    before); no weight changes. Picture MRR per budget against the same pages."""
+    before); no weight changes. Picture MRR per budget of the encoded queries against the same pages (the
+    mask does not touch the query side)."""
     state = {}
 
     def restrict(module, args, kwargs):
@@ -154,14 +144,7 @@ def cell_restricted_mrr(model, pages, picture_queries, picture_targets, regions,
     finally:
         for handle in handles:
             handle.remove()
-    pages_emb = torch.cat(embeddings)
-    queries = model.encode_queries(picture_queries, batch_size=32)
-    targets = torch.tensor(picture_targets)
-    result = {}
-    for budget in ((1, 1), (2, 4), (4, 16)):
-        ranks = positive_ranks(model.similarity(queries, pages_emb, budget=budget), targets)
-        result[f"{budget[0]}x{budget[1]}"] = float((1.0 / ranks.float()).mean())
-    return result
+    return picture_mrr(model, queries, torch.cat(embeddings), picture_targets)
 
 
 @torch.no_grad()
@@ -169,8 +152,6 @@ def position_readability(model, fit_pages: list, test_pages: list, grid: int, pa
     """Per layer: how well a ridge classifier reads each image token's page cell and its index in the grid back
     from its state (fitted on `fit_pages`, scored on `test_pages`), and the share of the states' variance that is
     the same for every page at that grid position."""
-    from diagnose_meta_tokens import trace  # examples/, beside this script
-
     fit, test = (
         trace(model, fit_pages, "candidate")["image_states"],
         trace(model, test_pages, "candidate")["image_states"],
@@ -240,6 +221,7 @@ def main(argv=None) -> None:
         if kind == "picture":
             picture_queries.append(Image.open(io.BytesIO(query)))
             picture_targets.append(target)
+    queries = model.encode_queries(picture_queries, batch_size=32)  # the probes below change candidates only
     train_pages = [r["positive"]["image"]["bytes"] for r in training_records(train_pairs, settings.layout, 1, 0)]
     readability = position_readability(
         model, [Image.open(io.BytesIO(png)) for png in train_pages[:128]], pages, grid, settings.page_grid
@@ -251,7 +233,7 @@ def main(argv=None) -> None:
             f"position's share of the variance {row['position share']:.3f}"
         )
     results = {"position readability": readability}
-    results["before"] = evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells)
+    results["before"] = evaluate(model, pages, queries, picture_targets, hook, cells, num_cells)
     print("before:", json.dumps(results["before"]))
     all_layers = len(model.vlm.language_model.encoder.layer)
     page_cells = torch.stack([cells == c for c in range(num_cells)])
@@ -262,7 +244,7 @@ def main(argv=None) -> None:
         ("tiles 1, 3x3", tiling(grid, [1, 3]), all_layers),
         ("tiles 1, 3x3, 4x4", tiling(grid, [1, 3, 4]), all_layers),
     ):
-        mrr = cell_restricted_mrr(model, pages, picture_queries, picture_targets, regions, layers)
+        mrr = cell_restricted_mrr(model, pages, queries, picture_targets, regions, layers)
         results[f"{label}, last {layers} layers"] = mrr
         print(f"meta token k reads region k ({label}) in the last {layers} layer(s): picture MRR", json.dumps(mrr))
     if args.steps == 0:
@@ -305,7 +287,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         table[rows] = meta.detach()
     print(f"optimised {args.steps} steps in {time.perf_counter() - started:.0f} s")
-    results["after"] = evaluate(model, pages, picture_queries, picture_targets, hook, cells, num_cells)
+    results["after"] = evaluate(model, pages, queries, picture_targets, hook, cells, num_cells)
     print("after:", json.dumps(results["after"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -75,24 +75,30 @@ class MetaEmbedOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
 
 
-def region_pyramid(grid: int, count: int) -> torch.Tensor:
-    """[count, grid*grid] the regions of meta_regions="pyramid": True where an image token (row-major over a grid x
-    grid feature map) lies in region k. Level n splits the grid into n x n tiles (row-major); levels 1, 2, 3, ...
-    follow one another until there are `count` regions, and a level finer than the grid is the whole image."""
+def grid_tiles(grid: int, level: int) -> torch.Tensor:
+    """[level * level, grid*grid] True where an image token (row-major over a grid x grid feature map) lies in tile
+    (r, c) of the level x level split of the grid, tiles row-major; edges at floor(i * grid / level)."""
     index = torch.arange(grid * grid)
     rows, columns = index // grid, index % grid
+    edges = [i * grid // level for i in range(level + 1)]
+    return torch.stack(
+        [
+            (rows >= edges[r]) & (rows < edges[r + 1]) & (columns >= edges[c]) & (columns < edges[c + 1])
+            for r in range(level)
+            for c in range(level)
+        ]
+    )
+
+
+def region_pyramid(grid: int, count: int) -> torch.Tensor:
+    """[count, grid*grid] the regions of meta_regions="pyramid": True where an image token lies in region k. Levels
+    1, 2, 3, ... of `grid_tiles` follow one another until there are `count` regions; past the grid's finest level,
+    the whole image."""
     regions, level = [], 1
-    while len(regions) < count:
-        if level > grid:
-            regions += [torch.ones(grid * grid, dtype=torch.bool)] * (count - len(regions))
-            break
-        edges = [i * grid // level for i in range(level + 1)]
-        for r in range(level):
-            for c in range(level):
-                regions.append(
-                    (rows >= edges[r]) & (rows < edges[r + 1]) & (columns >= edges[c]) & (columns < edges[c + 1])
-                )
+    while len(regions) < count and level <= grid:
+        regions += list(grid_tiles(grid, level))
         level += 1
+    regions += [torch.ones(grid * grid, dtype=torch.bool)] * (count - len(regions))
     return torch.stack(regions[:count])
 
 

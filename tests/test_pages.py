@@ -227,15 +227,15 @@ def test_the_capacity_probe_masks_each_meta_token_to_its_region_and_reads_positi
     grid = int(model.config.vlm_config.num_image_tokens**0.5)
     assert tiling(grid, [1, 2]).sum(1).tolist() == [36, 9, 9, 9, 9]
 
-    free = cell_restricted_mrr(model, pages, queries, targets, tiling(grid, [1]), layers=6)  # the whole image: no-op
     plain_queries = model.encode_queries(queries)
+    free = cell_restricted_mrr(model, pages, plain_queries, targets, tiling(grid, [1]), layers=6)  # whole image: no-op
     plain = model.similarity(plain_queries, model.encode_candidates(pages), budget=(4, 16))
     from metaembed_training.evaluation import positive_ranks
 
     expected = float((1.0 / positive_ranks(plain, torch.tensor(targets)).float()).mean())
     assert abs(free["4x16"] - expected) < 1e-6
     cells = torch.stack([cell_of_token(grid, 2) == c for c in range(4)])
-    assert cell_restricted_mrr(model, pages, queries, targets, cells, layers=6)["4x16"] != free["4x16"]
+    assert cell_restricted_mrr(model, pages, plain_queries, targets, cells, layers=6)["4x16"] != free["4x16"]
 
     rows = position_readability(model, pages, pages, grid, 2)  # at the input, where each token sits is exact
     assert rows[0]["index accuracy"] > 0.9 and rows[0]["cell accuracy"] > 0.9 and len(rows) == 7
